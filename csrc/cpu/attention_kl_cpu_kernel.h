@@ -1,0 +1,287 @@
+// Streaming attention-KL kernels for the CPU. Torch-free: the caller passes a parallel-for.
+//
+// Work is split into (batch, head, block of kRowBlock query rows) tasks. Each task walks the key tiles its
+// rows may see, computes the student and teacher score tiles into small fixed-size buffers, and feeds them
+// to the shared online two-softmax core. Nothing proportional to N_q * N_k is ever allocated: the scratch
+// per task is O((kRowBlock + D) * kKeyTile).
+//
+// The backward recomputes the score tiles from the saved log-sum-exps. dQ and dK are produced by two
+// sweeps (over row blocks, then over key blocks), so every output element has exactly one writer: no
+// atomics, deterministic results.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../kernels/attention_mask.h"
+#include "../kernels/attention_params.h"
+#include "../kernels/online_kl.h"
+
+namespace streamkl {
+namespace cpu {
+
+constexpr int kRowBlock = 32;
+constexpr int kKeyTile = 64;
+
+// Pointers of one (batch, head) slice of one side, typed.
+template <typename T>
+struct SideSlice {
+  const T* q;
+  const T* k;
+  int64_t q_row_stride, k_row_stride;
+  int dim;
+  T scale;
+
+  static SideSlice make(const AttentionSide& s, int b, int h, int num_heads) {
+    const int kv_head = h / (num_heads / s.num_kv_heads);
+    SideSlice out;
+    out.q = static_cast<const T*>(s.q) + b * s.q_batch_stride + h * s.q_head_stride;
+    out.k = static_cast<const T*>(s.k) + b * s.k_batch_stride + kv_head * s.k_head_stride;
+    out.q_row_stride = s.q_row_stride;
+    out.k_row_stride = s.k_row_stride;
+    out.dim = s.head_dim;
+    out.scale = static_cast<T>(s.scale);
+    return out;
+  }
+};
+
+// scores[r][c] = scale * <q[row0 + r], k[key0 + c]> for r < rows, c < cols. The key tile is transposed
+// first so the innermost loop runs over contiguous keys and vectorizes without reassociating a reduction.
+template <typename T>
+void score_tile(const SideSlice<T>& side, int row0, int rows, int key0, int cols, T* key_t /* [dim][kKeyTile] */,
+                T* scores /* [kRowBlock][kKeyTile] */) {
+  for (int c = 0; c < cols; ++c) {
+    const T* k_row = side.k + (key0 + c) * side.k_row_stride;
+    for (int d = 0; d < side.dim; ++d) key_t[d * kKeyTile + c] = k_row[d];
+  }
+  for (int r = 0; r < rows; ++r) {
+    const T* q_row = side.q + (row0 + r) * side.q_row_stride;
+    T* out = scores + r * kKeyTile;
+    for (int c = 0; c < cols; ++c) out[c] = T(0);
+    for (int d = 0; d < side.dim; ++d) {
+      const T qd = q_row[d];
+      const T* kt = key_t + d * kKeyTile;
+      for (int c = 0; c < cols; ++c) out[c] += qd * kt[c];
+    }
+    for (int c = 0; c < cols; ++c) out[c] *= side.scale;
+  }
+}
+
+// Per-task scratch: two score tiles and one transposed key tile sized for the wider side.
+template <typename T>
+struct TileScratch {
+  std::vector<T> student_scores, teacher_scores, key_t;
+  explicit TileScratch(int max_dim)
+      : student_scores(kRowBlock * kKeyTile), teacher_scores(kRowBlock * kKeyTile),
+        key_t(static_cast<size_t>(max_dim) * kKeyTile) {}
+};
+
+template <typename T>
+void attention_kl_forward(const AttentionKLParams& p, int64_t b, int64_t h, int row0, int rows,
+                          TileScratch<T>& scratch) {
+  const SideSlice<T> student = SideSlice<T>::make(p.student, b, h, p.num_heads);
+  const SideSlice<T> teacher = SideSlice<T>::make(p.teacher, b, h, p.num_heads);
+  const AttentionMask mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
+  const bool teacher_weights = teacher_is_weighting_side(p.divergence);
+
+  OnlineKLState<T> state[kRowBlock];
+  for (int r = 0; r < rows; ++r) state[r].init();
+
+  const KeyRange block_keys = mask.keys_for_rows(row0, row0 + rows);
+  for (int key0 = block_keys.begin; key0 < block_keys.end; key0 += kKeyTile) {
+    const int cols = std::min(kKeyTile, block_keys.end - key0);
+    score_tile(student, row0, rows, key0, cols, scratch.key_t.data(), scratch.student_scores.data());
+    score_tile(teacher, row0, rows, key0, cols, scratch.key_t.data(), scratch.teacher_scores.data());
+    for (int r = 0; r < rows; ++r) {
+      const KeyRange keys = mask.keys_for_row(row0 + r);
+      const int c_begin = std::max(keys.begin - key0, 0), c_end = std::min(keys.end - key0, cols);
+      if (c_begin >= c_end) continue;
+      const T* w = (teacher_weights ? scratch.teacher_scores : scratch.student_scores).data() + r * kKeyTile;
+      const T* o = (teacher_weights ? scratch.student_scores : scratch.teacher_scores).data() + r * kKeyTile;
+      T max_w = neg_infinity<T>(), max_o = neg_infinity<T>();
+      for (int c = c_begin; c < c_end; ++c) {
+        max_w = max_of(max_w, w[c]);
+        max_o = max_of(max_o, o[c]);
+      }
+      state[r].rescale(max_w, max_o);
+      for (int c = c_begin; c < c_end; ++c) state[r].add(w[c], o[c]);
+    }
+  }
+
+  T* kl = static_cast<T*>(p.kl);
+  T* lse_s = static_cast<T*>(p.lse_student);
+  T* lse_t = static_cast<T*>(p.lse_teacher);
+  for (int r = 0; r < rows; ++r) {
+    const int64_t idx = p.row_index(b, h, row0 + r);
+    kl[idx] = state[r].divergence();
+    lse_s[idx] = teacher_weights ? state[r].lse_o() : state[r].lse_w();
+    lse_t[idx] = teacher_weights ? state[r].lse_w() : state[r].lse_o();
+  }
+}
+
+// Gradient tiles dD/ds and dD/dt (times the row's incoming gradient) for rows [row0, row0+rows) x keys
+// [key0, key0+cols), written over the score buffers; masked entries become 0.
+template <typename T>
+void gradient_tiles(const AttentionKLParams& p, const SideSlice<T>& student, const SideSlice<T>& teacher,
+                    const AttentionMask& mask, int64_t b, int64_t h, int row0, int rows, int key0, int cols,
+                    TileScratch<T>& scratch) {
+  score_tile(student, row0, rows, key0, cols, scratch.key_t.data(), scratch.student_scores.data());
+  score_tile(teacher, row0, rows, key0, cols, scratch.key_t.data(), scratch.teacher_scores.data());
+  const bool teacher_weights = teacher_is_weighting_side(p.divergence);
+  const T* kl = static_cast<const T*>(p.kl);
+  const T* lse_s = static_cast<const T*>(p.lse_student);
+  const T* lse_t = static_cast<const T*>(p.lse_teacher);
+  const T* grad_kl = static_cast<const T*>(p.grad_kl);
+  for (int r = 0; r < rows; ++r) {
+    const int64_t idx = p.row_index(b, h, row0 + r);
+    const KeyRange keys = mask.keys_for_row(row0 + r);
+    T* s = scratch.student_scores.data() + r * kKeyTile;
+    T* t = scratch.teacher_scores.data() + r * kKeyTile;
+    const T lse_w = teacher_weights ? lse_t[idx] : lse_s[idx];
+    const T lse_o = teacher_weights ? lse_s[idx] : lse_t[idx];
+    for (int c = 0; c < cols; ++c) {
+      if (!keys.contains(key0 + c)) {
+        s[c] = t[c] = T(0);
+        continue;
+      }
+      T grad_w, grad_o;
+      const T w = teacher_weights ? t[c] : s[c];
+      const T o = teacher_weights ? s[c] : t[c];
+      divergence_score_grads<T>(w, o, lse_w, lse_o, kl[idx], grad_kl[idx], grad_w, grad_o);
+      s[c] = teacher_weights ? grad_o : grad_w;
+      t[c] = teacher_weights ? grad_w : grad_o;
+    }
+  }
+}
+
+// dq[row0 + r] += scale * sum_c grad[r][c] * k[key0 + c]
+template <typename T>
+void accumulate_dq(const SideSlice<T>& side, T* dq, int64_t dq_row_stride, int row0, int rows, int key0, int cols,
+                   const T* grad) {
+  for (int r = 0; r < rows; ++r) {
+    T* out = dq + (row0 + r) * dq_row_stride;
+    for (int c = 0; c < cols; ++c) {
+      const T g = grad[r * kKeyTile + c] * side.scale;
+      if (g == T(0)) continue;
+      const T* k_row = side.k + (key0 + c) * side.k_row_stride;
+      for (int d = 0; d < side.dim; ++d) out[d] += g * k_row[d];
+    }
+  }
+}
+
+// dk[key0 + c] += scale * sum_r grad[r][c] * q[row0 + r]
+template <typename T>
+void accumulate_dk(const SideSlice<T>& side, T* dk, int64_t dk_row_stride, int row0, int rows, int key0, int cols,
+                   const T* grad) {
+  for (int r = 0; r < rows; ++r) {
+    const T* q_row = side.q + (row0 + r) * side.q_row_stride;
+    for (int c = 0; c < cols; ++c) {
+      const T g = grad[r * kKeyTile + c] * side.scale;
+      if (g == T(0)) continue;
+      T* out = dk + (key0 + c) * dk_row_stride;
+      for (int d = 0; d < side.dim; ++d) out[d] += g * q_row[d];
+    }
+  }
+}
+
+template <typename T>
+T* side_grad_ptr(void* base, int64_t b_stride, int64_t h_stride, int64_t b, int64_t h) {
+  return static_cast<T*>(base) + b * b_stride + h * h_stride;
+}
+
+// Sweep 1 of the backward: dQ of both sides for one block of query rows (dq must start zeroed).
+template <typename T>
+void attention_kl_backward_dq(const AttentionKLParams& p, int64_t b, int64_t h, int row0, int rows,
+                              TileScratch<T>& scratch) {
+  const SideSlice<T> student = SideSlice<T>::make(p.student, b, h, p.num_heads);
+  const SideSlice<T> teacher = SideSlice<T>::make(p.teacher, b, h, p.num_heads);
+  const AttentionMask mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
+  T* dq_s = side_grad_ptr<T>(p.student.dq, p.student.dq_batch_stride, p.student.dq_head_stride, b, h);
+  T* dq_t = p.teacher_grad
+                ? side_grad_ptr<T>(p.teacher.dq, p.teacher.dq_batch_stride, p.teacher.dq_head_stride, b, h)
+                : nullptr;
+  const KeyRange block_keys = mask.keys_for_rows(row0, row0 + rows);
+  for (int key0 = block_keys.begin; key0 < block_keys.end; key0 += kKeyTile) {
+    const int cols = std::min(kKeyTile, block_keys.end - key0);
+    gradient_tiles(p, student, teacher, mask, b, h, row0, rows, key0, cols, scratch);
+    accumulate_dq(student, dq_s, p.student.dq_row_stride, row0, rows, key0, cols, scratch.student_scores.data());
+    if (dq_t)
+      accumulate_dq(teacher, dq_t, p.teacher.dq_row_stride, row0, rows, key0, cols, scratch.teacher_scores.data());
+  }
+}
+
+// Sweep 2 of the backward: dK of both sides for one block of kKeyTile keys (dk must start zeroed).
+// Requires num_kv_heads == num_heads (one writer per dK row); GQA reduces over the group in the caller.
+template <typename T>
+void attention_kl_backward_dk(const AttentionKLParams& p, int64_t b, int64_t h, int key0, int cols,
+                              TileScratch<T>& scratch) {
+  const SideSlice<T> student = SideSlice<T>::make(p.student, b, h, p.num_heads);
+  const SideSlice<T> teacher = SideSlice<T>::make(p.teacher, b, h, p.num_heads);
+  const AttentionMask mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
+  T* dk_s = side_grad_ptr<T>(p.student.dk, p.student.dk_batch_stride, p.student.dk_head_stride, b, h);
+  T* dk_t = p.teacher_grad
+                ? side_grad_ptr<T>(p.teacher.dk, p.teacher.dk_batch_stride, p.teacher.dk_head_stride, b, h)
+                : nullptr;
+  for (int row0 = 0; row0 < p.seqlen_q; row0 += kRowBlock) {
+    const int rows = std::min(kRowBlock, p.seqlen_q - row0);
+    const KeyRange block_keys = mask.keys_for_rows(row0, row0 + rows);
+    if (block_keys.end <= key0 || block_keys.begin >= key0 + cols) continue;
+    gradient_tiles(p, student, teacher, mask, b, h, row0, rows, key0, cols, scratch);
+    accumulate_dk(student, dk_s, p.student.dk_row_stride, row0, rows, key0, cols, scratch.student_scores.data());
+    if (dk_t)
+      accumulate_dk(teacher, dk_t, p.teacher.dk_row_stride, row0, rows, key0, cols, scratch.teacher_scores.data());
+  }
+}
+
+inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Entry points. ParallelFor: callable (int64_t begin, int64_t end, F body) running body(lo, hi) on
+// sub-ranges, e.g. a wrapper around at::parallel_for.
+template <typename T, typename ParallelFor>
+void run_attention_kl_forward(const AttentionKLParams& p, ParallelFor&& parallel_for) {
+  const int row_blocks = ceil_div(p.seqlen_q, kRowBlock);
+  const int64_t tasks = static_cast<int64_t>(p.batch) * p.num_heads * row_blocks;
+  const int max_dim = std::max(p.student.head_dim, p.teacher.head_dim);
+  parallel_for(int64_t(0), tasks, [&](int64_t lo, int64_t hi) {
+    TileScratch<T> scratch(max_dim);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int blk = static_cast<int>(task % row_blocks);
+      const int64_t bh = task / row_blocks;
+      const int row0 = blk * kRowBlock;
+      attention_kl_forward<T>(p, bh / p.num_heads, bh % p.num_heads, row0, std::min(kRowBlock, p.seqlen_q - row0),
+                              scratch);
+    }
+  });
+}
+
+template <typename T, typename ParallelFor>
+void run_attention_kl_backward(const AttentionKLParams& p, ParallelFor&& parallel_for) {
+  const int max_dim = std::max(p.student.head_dim, p.teacher.head_dim);
+  const int row_blocks = ceil_div(p.seqlen_q, kRowBlock);
+  const int64_t bh_count = static_cast<int64_t>(p.batch) * p.num_heads;
+  parallel_for(int64_t(0), bh_count * row_blocks, [&](int64_t lo, int64_t hi) {
+    TileScratch<T> scratch(max_dim);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int blk = static_cast<int>(task % row_blocks);
+      const int64_t bh = task / row_blocks;
+      const int row0 = blk * kRowBlock;
+      attention_kl_backward_dq<T>(p, bh / p.num_heads, bh % p.num_heads, row0,
+                                  std::min(kRowBlock, p.seqlen_q - row0), scratch);
+    }
+  });
+  const int key_blocks = ceil_div(p.seqlen_k, kKeyTile);
+  parallel_for(int64_t(0), bh_count * key_blocks, [&](int64_t lo, int64_t hi) {
+    TileScratch<T> scratch(max_dim);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int blk = static_cast<int>(task % key_blocks);
+      const int64_t bh = task / key_blocks;
+      const int key0 = blk * kKeyTile;
+      attention_kl_backward_dk<T>(p, bh / p.num_heads, bh % p.num_heads, key0,
+                                  std::min(kKeyTile, p.seqlen_k - key0), scratch);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace streamkl

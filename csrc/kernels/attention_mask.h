@@ -1,0 +1,49 @@
+// Which keys a query row may attend to. Every mask StreamKL supports (none, causal, sliding window)
+// allows one contiguous key range per row, and the range only moves right as the row index grows, so
+// kernels can skip whole tiles and mask only the tiles on a range edge.
+#pragma once
+
+#include "attention_params.h"
+#include "platform.h"
+
+namespace streamkl {
+
+struct KeyRange {
+  int begin;  // first allowed key
+  int end;    // one past the last allowed key; begin >= end means a fully masked row
+  SKL_HOST_DEVICE bool empty() const { return begin >= end; }
+  SKL_HOST_DEVICE bool contains(int j) const { return j >= begin && j < end; }
+};
+
+// Bottom-right aligned mask: row i of N_q sees keys up to i + (N_k - N_q) when causal, as in
+// FlashAttention >= 2.1 and SDPA with a bottom-right causal bias.
+struct AttentionMask {
+  int seqlen_q, seqlen_k;
+  int left, right;  // window extents; < 0 means unbounded
+
+  SKL_HOST_DEVICE static AttentionMask from_params(const AttentionKLParams& p, int seqlen_q, int seqlen_k) {
+    AttentionMask m;
+    m.seqlen_q = seqlen_q;
+    m.seqlen_k = seqlen_k;
+    m.left = p.window_left;
+    m.right = p.causal ? 0 : p.window_right;
+    return m;
+  }
+
+  SKL_HOST_DEVICE KeyRange keys_for_row(int i) const {
+    const long long diag = static_cast<long long>(i) + seqlen_k - seqlen_q;
+    long long begin = 0, end = seqlen_k;
+    if (left >= 0) begin = max_of<long long>(begin, diag - left);
+    if (right >= 0) end = min_of<long long>(end, diag + right + 1);
+    if (end < begin) end = begin;
+    return KeyRange{static_cast<int>(begin), static_cast<int>(end)};
+  }
+
+  // Union of the key ranges of rows [row_begin, row_end): ranges are monotone in the row index.
+  SKL_HOST_DEVICE KeyRange keys_for_rows(int row_begin, int row_end) const {
+    KeyRange first = keys_for_row(row_begin), last = keys_for_row(row_end - 1);
+    return KeyRange{first.begin, last.end};
+  }
+};
+
+}  // namespace streamkl

@@ -1,0 +1,69 @@
+// Plain parameter struct for the attention-KL kernels (CPU and CUDA), in the spirit of FlashAttention's
+// Flash_fwd_params: raw pointers, strides in elements, sizes and flags. Torch-free.
+//
+// Layout: q is [B, H, N_q, D], k is [B, H_kv, N_k, D] per side, last dim contiguous, any other strides.
+// Outputs (kl, lse_student, lse_teacher, grad_kl) are contiguous [B, H, N_q].
+// Fields for features that later kernels add (GQA, sliding windows, varlen) are here already so that
+// adding them does not change the struct's shape; kernels that do not support them check and refuse.
+#pragma once
+
+#include <cstdint>
+
+#include "online_kl.h"
+
+namespace streamkl {
+
+// One model's side of the comparison (student or teacher).
+struct AttentionSide {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  int64_t q_batch_stride = 0, q_head_stride = 0, q_row_stride = 0;
+  int64_t k_batch_stride = 0, k_head_stride = 0, k_row_stride = 0;
+  int head_dim = 0;
+  int num_kv_heads = 0;  // == num_heads without GQA; query head h reads key head h / (num_heads / num_kv_heads)
+  double scale = 1.0;    // softmax scale applied to <q, k> (kernels convert to their compute type)
+
+  // Backward outputs, same layouts as q / k, contiguous (strides given for clarity).
+  void* dq = nullptr;
+  void* dk = nullptr;
+  int64_t dq_batch_stride = 0, dq_head_stride = 0, dq_row_stride = 0;
+  int64_t dk_batch_stride = 0, dk_head_stride = 0, dk_row_stride = 0;
+};
+
+struct AttentionKLParams {
+  AttentionSide student, teacher;
+
+  int batch = 0;
+  int num_heads = 0;
+  int seqlen_q = 0;
+  int seqlen_k = 0;
+
+  // Masking. Query row i may see key j iff  i + offset - window_left <= j <= i + offset + window_right,
+  // with offset = seqlen_k - seqlen_q (bottom-right alignment); a negative window side means unbounded.
+  // causal == (window_right = 0).
+  bool causal = false;
+  int window_left = -1;
+  int window_right = -1;
+
+  // Varlen packing (FlashAttention conventions); null for the padded [B, H, N, D] layout.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+
+  Divergence divergence = Divergence::kForward;
+
+  // Per-row outputs of the forward (inputs of the backward); contiguous [B, H, N_q].
+  // Element type is float, or double for float64 inputs on the CPU.
+  void* kl = nullptr;
+  void* lse_student = nullptr;
+  void* lse_teacher = nullptr;
+
+  // Backward only.
+  const void* grad_kl = nullptr;
+  bool teacher_grad = false;  // also produce teacher.dq / teacher.dk
+
+  int64_t row_index(int b, int h, int i) const {
+    return (static_cast<int64_t>(b) * num_heads + h) * seqlen_q + i;
+  }
+};
+
+}  // namespace streamkl

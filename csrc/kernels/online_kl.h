@@ -1,0 +1,146 @@
+// The one online two-softmax core of StreamKL, shared by every CPU and CUDA kernel.
+//
+// A row compares two distributions over the same keys: P_w = softmax(w) (the "weighting" side, whose
+// probabilities weight the log-ratio) and P_o = softmax(o) (the "other" side):
+//     D(P_w || P_o) = sum_j p_w,j (w_j - o_j) - lse_w + lse_o.
+// Forward KL(P_t || P_s) has w = teacher scores, o = student scores; reverse KL(P_s || P_t) swaps them.
+// Keeping the state in (w, o) terms means one piece of code serves both divergences.
+//
+// The state is O(1) per row and is updated tile by tile (rescale to the new maxima, then add elements),
+// and two partial states over disjoint key sets can be merged (used for thread-level partial rows on
+// the GPU and for split key ranges).
+//
+// Scores may be fed in natural units (Base = NaturalBase) or pre-multiplied by log2(e) (Base = Base2,
+// which lets CUDA kernels use the ex2 instruction directly); results are always returned in natural units.
+#pragma once
+
+#include "platform.h"
+
+namespace streamkl {
+
+enum class Divergence : int {
+  kForward = 0,  // KL(P_teacher || P_student): weighting side = teacher
+  kReverse = 1,  // KL(P_student || P_teacher): weighting side = student
+};
+
+SKL_HOST_DEVICE bool teacher_is_weighting_side(Divergence d) { return d == Divergence::kForward; }
+
+// Exponential base used for the scores handed to the state.
+template <typename T>
+struct NaturalBase {
+  static SKL_HOST_DEVICE T exp(T x) { return std::exp(x); }
+  static SKL_HOST_DEVICE T log(T x) { return std::log(x); }
+  // Multiply a quantity expressed in this base's log units by this to get natural log units.
+  static SKL_HOST_DEVICE T to_natural() { return T(1); }
+};
+
+template <typename T>
+struct Base2 {
+  static SKL_HOST_DEVICE T exp(T x) { return exp2(x); }
+  static SKL_HOST_DEVICE T log(T x) { return log2(x); }
+  static SKL_HOST_DEVICE T to_natural() { return T(0.69314718055994530942); }
+};
+
+#if defined(__CUDACC__)
+template <>
+struct Base2<float> {
+  static __device__ __host__ __forceinline__ float exp(float x) { return exp2f(x); }
+  static __device__ __host__ __forceinline__ float log(float x) { return log2f(x); }
+  static __device__ __host__ __forceinline__ float to_natural() { return 0.69314718055994530942f; }
+};
+#endif
+
+template <typename T, typename Base = NaturalBase<T>>
+struct OnlineKLState {
+  T max_w, sum_w;  // running max and rescaled sum of exp for the weighting side
+  T max_o, sum_o;  // same for the other side
+  T acc;           // sum_j exp(w_j - max_w) * (w_j - o_j)
+
+  SKL_HOST_DEVICE void init() {
+    max_w = max_o = neg_infinity<T>();
+    sum_w = sum_o = acc = T(0);
+  }
+
+  // Raise the running maxima to cover a new tile whose maxima are tile_max_w / tile_max_o, rescaling
+  // the sums. A row with nothing seen yet (max = -inf) keeps factor 1, never exp(-inf - -inf) = NaN.
+  SKL_HOST_DEVICE void rescale(T tile_max_w, T tile_max_o) {
+    const T new_w = max_of(max_w, tile_max_w);
+    const T new_o = max_of(max_o, tile_max_o);
+    const T alpha_w = (max_w == new_w) ? T(1) : Base::exp(max_w - new_w);
+    const T alpha_o = (max_o == new_o) ? T(1) : Base::exp(max_o - new_o);
+    sum_w *= alpha_w;
+    acc *= alpha_w;
+    sum_o *= alpha_o;
+    max_w = new_w;
+    max_o = new_o;
+  }
+
+  // Add one allowed key (finite scores); the maxima must already cover it (call rescale first).
+  SKL_HOST_DEVICE void add(T w, T o) {
+    const T p_w = Base::exp(w - max_w);
+    sum_w += p_w;
+    acc += p_w * (w - o);
+    sum_o += Base::exp(o - max_o);
+  }
+
+  // Same as add() but a masked key may arrive as w = o = -inf: it contributes exactly nothing.
+  SKL_HOST_DEVICE void add_maybe_masked(T w, T o) {
+    const T p_w = Base::exp(w - max_w);
+    sum_w += p_w;
+    acc += (p_w > T(0)) ? p_w * (w - o) : T(0);
+    sum_o += Base::exp(o - max_o);
+  }
+
+  // Fold in a partial state that covered a disjoint set of keys.
+  SKL_HOST_DEVICE void merge(const OnlineKLState& other) {
+    const T other_sum_w = other.sum_w, other_acc = other.acc, other_sum_o = other.sum_o;
+    const T other_max_w = other.max_w, other_max_o = other.max_o;
+    const T new_w = max_of(max_w, other_max_w);
+    const T new_o = max_of(max_o, other_max_o);
+    const T a_self_w = (max_w == new_w) ? T(1) : Base::exp(max_w - new_w);
+    const T a_other_w = (other_max_w == new_w) ? T(1) : Base::exp(other_max_w - new_w);
+    const T a_self_o = (max_o == new_o) ? T(1) : Base::exp(max_o - new_o);
+    const T a_other_o = (other_max_o == new_o) ? T(1) : Base::exp(other_max_o - new_o);
+    sum_w = sum_w * a_self_w + other_sum_w * a_other_w;
+    acc = acc * a_self_w + other_acc * a_other_w;
+    sum_o = sum_o * a_self_o + other_sum_o * a_other_o;
+    max_w = new_w;
+    max_o = new_o;
+  }
+
+  SKL_HOST_DEVICE bool empty() const { return !(sum_w > T(0)); }
+
+  // log-sum-exp of each side in natural units; -inf for a row with no allowed key.
+  SKL_HOST_DEVICE T lse_w() const {
+    return empty() ? neg_infinity<T>() : (max_w + Base::log(sum_w)) * Base::to_natural();
+  }
+  SKL_HOST_DEVICE T lse_o() const {
+    return empty() ? neg_infinity<T>() : (max_o + Base::log(sum_o)) * Base::to_natural();
+  }
+
+  // D(P_w || P_o) in natural units; 0 for a row with no allowed key. Clamped at 0: the exact value is
+  // non-negative and rounding must not hand the caller a negative divergence.
+  SKL_HOST_DEVICE T divergence() const {
+    if (empty()) return T(0);
+    const T base_units = acc / sum_w - (max_w + Base::log(sum_w)) + (max_o + Base::log(sum_o));
+    return max_of(base_units * Base::to_natural(), T(0));
+  }
+};
+
+// Gradient of one row's divergence D(P_w || P_o) with respect to one pair of scores (w_j, o_j), times the
+// incoming gradient g of that row. Scores and LSEs in Base units (LSEs as returned by lse_w()/lse_o()
+// divided by Base::to_natural()); `div` is the row's divergence in natural units.
+//     dD/dw_j = p_w,j * (log p_w,j - log p_o,j - D),   dD/do_j = p_o,j - p_w,j.
+// The gradient with respect to raw scores x (natural units) is the same: the base only changes how
+// the exponentials are evaluated.
+template <typename T, typename Base = NaturalBase<T>>
+SKL_HOST_DEVICE void divergence_score_grads(T w, T o, T lse_w, T lse_o, T div, T g, T& grad_w, T& grad_o) {
+  const T log_p_w = w - lse_w;
+  const T log_p_o = o - lse_o;
+  const T p_w = Base::exp(log_p_w);
+  const T p_o = Base::exp(log_p_o);
+  grad_w = g * p_w * ((log_p_w - log_p_o) * Base::to_natural() - div);
+  grad_o = g * (p_o - p_w);
+}
+
+}  // namespace streamkl

@@ -1,0 +1,28 @@
+// Portability macros shared by the host (CPU) and device (CUDA) kernel code.
+// Kept torch-free so kernel headers compile with a bare C++ compiler or nvcc.
+#pragma once
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define SKL_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define SKL_HOST_DEVICE inline
+#endif
+
+#include <cmath>
+#include <limits>
+
+namespace streamkl {
+
+template <typename T>
+SKL_HOST_DEVICE T neg_infinity() {
+  // -HUGE_VAL works on host and device alike; numeric_limits is host-only in older nvcc.
+  return static_cast<T>(-HUGE_VAL);
+}
+
+template <typename T>
+SKL_HOST_DEVICE T max_of(T a, T b) { return a > b ? a : b; }
+
+template <typename T>
+SKL_HOST_DEVICE T min_of(T a, T b) { return a < b ? a : b; }
+
+}  // namespace streamkl

@@ -1,0 +1,95 @@
+#include "attention_inputs.h"
+
+#include <c10/util/Exception.h>
+
+namespace streamkl {
+
+Divergence parse_divergence(const std::string& name) {
+  if (name == "forward") return Divergence::kForward;
+  if (name == "reverse") return Divergence::kReverse;
+  TORCH_CHECK_VALUE(false, "streamkl: divergence must be 'forward' or 'reverse', got '", name, "'");
+}
+
+void check_attention_inputs(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                            const at::Tensor& k_t, double scale_s, double scale_t) {
+  const char* names[] = {"q_s", "k_s", "q_t", "k_t"};
+  const at::Tensor* ts[] = {&q_s, &k_s, &q_t, &k_t};
+  for (int i = 0; i < 4; ++i) {
+    TORCH_CHECK_VALUE(ts[i]->dim() == 4, "streamkl: ", names[i], " must be 4-D [batch, heads, seq, head_dim], got ",
+                      ts[i]->dim(), "-D tensor of shape ", ts[i]->sizes());
+    TORCH_CHECK_VALUE(ts[i]->scalar_type() == q_s.scalar_type(), "streamkl: all inputs must share one dtype; q_s is ",
+                      q_s.scalar_type(), " but ", names[i], " is ", ts[i]->scalar_type());
+    TORCH_CHECK_VALUE(ts[i]->device() == q_s.device(), "streamkl: all inputs must be on one device; q_s is on ",
+                      q_s.device(), " but ", names[i], " is on ", ts[i]->device());
+  }
+  const auto dt = q_s.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+                    "streamkl: inputs must be float16, bfloat16, float32 or float64, got ", dt);
+  const int64_t B = q_s.size(0), H = q_s.size(1), Nq = q_s.size(2);
+  TORCH_CHECK_VALUE(q_t.size(0) == B && q_t.size(1) == H && q_t.size(2) == Nq,
+                    "streamkl: q_t must match q_s in batch, heads and query length: expected [", B, ", ", H, ", ",
+                    Nq, ", D_t], got ", q_t.sizes());
+  auto check_keys = [&](const at::Tensor& q, const at::Tensor& k, const char* qn, const char* kn) {
+    TORCH_CHECK_VALUE(k.size(0) == B && k.size(1) == H,
+                      "streamkl: ", kn, " must have the batch and heads of ", qn, ": expected [", B, ", ", H,
+                      ", N_k, ", q.size(3), "], got ", k.sizes());
+    TORCH_CHECK_VALUE(k.size(3) == q.size(3), "streamkl: ", kn, " must have the head dim of ", qn, " (", q.size(3),
+                      "), got ", k.size(3), " (shape ", k.sizes(), ")");
+  };
+  check_keys(q_s, k_s, "q_s", "k_s");
+  check_keys(q_t, k_t, "q_t", "k_t");
+  TORCH_CHECK_VALUE(k_s.size(2) == k_t.size(2), "streamkl: student and teacher must attend over the same keys: k_s has N_k=",
+                    k_s.size(2), " but k_t has N_k=", k_t.size(2));
+  TORCH_CHECK_VALUE(scale_s > 0 && scale_t > 0, "streamkl: softmax scales must be positive, got scale_s=", scale_s,
+                    ", scale_t=", scale_t);
+}
+
+at::Tensor with_contiguous_last_dim(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+at::ScalarType stats_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+static void fill_side(AttentionSide& side, const at::Tensor& q, const at::Tensor& k, double scale) {
+  side.q = q.data_ptr();
+  side.k = k.data_ptr();
+  side.q_batch_stride = q.stride(0);
+  side.q_head_stride = q.stride(1);
+  side.q_row_stride = q.stride(2);
+  side.k_batch_stride = k.stride(0);
+  side.k_head_stride = k.stride(1);
+  side.k_row_stride = k.stride(2);
+  side.head_dim = static_cast<int>(q.size(3));
+  side.num_kv_heads = static_cast<int>(k.size(1));
+  side.scale = scale;
+}
+
+AttentionKLParams make_attention_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                                        const at::Tensor& k_t, double scale_s, double scale_t, bool causal,
+                                        Divergence divergence) {
+  AttentionKLParams p;
+  fill_side(p.student, q_s, k_s, scale_s);
+  fill_side(p.teacher, q_t, k_t, scale_t);
+  p.batch = static_cast<int>(q_s.size(0));
+  p.num_heads = static_cast<int>(q_s.size(1));
+  p.seqlen_q = static_cast<int>(q_s.size(2));
+  p.seqlen_k = static_cast<int>(k_s.size(2));
+  p.causal = causal;
+  p.divergence = divergence;
+  return p;
+}
+
+void set_side_gradients(AttentionSide& side, at::Tensor& dq, at::Tensor& dk) {
+  side.dq = dq.data_ptr();
+  side.dk = dk.data_ptr();
+  side.dq_batch_stride = dq.stride(0);
+  side.dq_head_stride = dq.stride(1);
+  side.dq_row_stride = dq.stride(2);
+  side.dk_batch_stride = dk.stride(0);
+  side.dk_head_stride = dk.stride(1);
+  side.dk_row_stride = dk.stride(2);
+}
+
+}  // namespace streamkl

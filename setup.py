@@ -1,0 +1,67 @@
+"""Build script for StreamKL's native extension ``streamkl._C``.
+
+* torch built with CUDA and a CUDA toolkit (``CUDA_HOME``) present -> ``CUDAExtension`` with the CPU and
+  CUDA sources. Whether a GPU is visible at build time does not matter (never gate on it).
+* otherwise -> ``CppExtension`` with the CPU sources only.
+
+Environment knobs:
+  STREAMKL_FORCE_CPU=1         build the CPU-only extension even when CUDA is available
+  STREAMKL_CUDA_ARCHS="80;90"  SM architectures for the CUDA kernels (default "80;90"; 90 builds sm_90a)
+  STREAMKL_DISABLE_<FAMILY>=1  skip a family of kernel instantiations (see csrc/cuda/instantiations)
+  CUTLASS_INCLUDE_DIR          CUTLASS headers (default: third_party/cutlass/include, then the
+                               nvidia-cutlass wheel's cutlass_library/source/include)
+  MAX_JOBS, NVCC_THREADS       build parallelism (torch's ninja backend honours MAX_JOBS)
+"""
+
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
+import build_config  # noqa: E402  (tools/build_config.py: source lists and flags, shared with CMake docs)
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("STREAMKL_FORCE_CPU", "0") == "1":
+        return False
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _extension():
+    cxx_flags = ["-O3", "-std=c++17"]
+    sources = build_config.cpu_sources(ROOT)
+    if not _want_cuda():
+        print("streamkl: building the CPU extension (torch.version.cuda=%s, CUDA_HOME=%s)"
+              % (torch.version.cuda, cpp_extension.CUDA_HOME))
+        return cpp_extension.CppExtension("streamkl._C", sources, extra_compile_args={"cxx": cxx_flags})
+    cuda_sources = build_config.cuda_sources(ROOT)
+    archs = build_config.cuda_archs()
+    print("streamkl: building the CUDA extension for sm_%s with %d CUDA sources" % (",".join(archs), len(cuda_sources)))
+    nvcc_flags = build_config.nvcc_flags(archs) + ["-I" + build_config.cutlass_include_dir(ROOT)]
+    threads = os.environ.get("NVCC_THREADS")
+    if threads:
+        nvcc_flags += ["--threads", threads]
+    return cpp_extension.CUDAExtension(
+        "streamkl._C",
+        sources + cuda_sources,
+        define_macros=[("STREAMKL_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+
+
+setup(
+    name="streamkl",
+    version="0.1.0",
+    description="KL divergence between two softmax distributions without materializing them",
+    packages=find_packages(include=["streamkl", "streamkl.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.6"],
+)

@@ -1,0 +1,24 @@
+"""StreamKL: KL divergence between two softmax distributions without materializing them.
+
+Public API:
+    attention_kl, AttentionKLLoss   -- attention distillation (teacher vs student attention maps)
+    attention_kl_reference          -- float64 materializing reference (tests, benchmarks)
+    cuda_available()                -- whether the CUDA kernels were built into this install
+Operators: torch.ops.streamkl.attention_kl_fwd / attention_kl_bwd.
+"""
+
+from . import _ops  # noqa: F401  (loads the extension, registers fake kernels and autograd)
+from .attention import AttentionKLLoss, attention_kl
+from .reference import attention_kl_reference
+
+__version__ = "0.1.0"
+
+
+def cuda_available() -> bool:
+    """True when this build has CUDA kernels registered for the streamkl ops."""
+    import torch
+
+    return torch._C._dispatch_has_kernel_for_dispatch_key("streamkl::attention_kl_fwd", "CUDA")
+
+
+__all__ = ["attention_kl", "AttentionKLLoss", "attention_kl_reference", "cuda_available", "__version__"]

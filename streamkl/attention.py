@@ -1,0 +1,117 @@
+"""Public attention-KL API: ``attention_kl`` and the ``AttentionKLLoss`` module."""
+
+import math
+from typing import Optional
+
+import torch
+
+from . import _ops
+
+DIVERGENCES = ("forward", "reverse")
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def _check_arguments(q_s, k_s, q_t, k_t, scale_s, scale_t, divergence, reduction):
+    tensors = {"q_s": q_s, "k_s": k_s, "q_t": q_t, "k_t": k_t}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"streamkl.attention_kl: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"streamkl.attention_kl: {name} must be 4-D [batch, heads, seq, head_dim], "
+                             f"got shape {tuple(t.shape)}")
+    for name, t in tensors.items():
+        if t.dtype != q_s.dtype:
+            raise ValueError(f"streamkl.attention_kl: all inputs must share one dtype; q_s is {q_s.dtype} "
+                             f"but {name} is {t.dtype}")
+        if t.device != q_s.device:
+            raise ValueError(f"streamkl.attention_kl: all inputs must be on one device; q_s is on {q_s.device} "
+                             f"but {name} is on {t.device}")
+    if not q_s.dtype.is_floating_point:
+        raise ValueError(f"streamkl.attention_kl: inputs must be floating point, got {q_s.dtype}")
+    B, H, Nq, Ds = q_s.shape
+    if tuple(q_t.shape[:3]) != (B, H, Nq):
+        raise ValueError(f"streamkl.attention_kl: q_t must match q_s in batch, heads and query length: expected "
+                         f"[{B}, {H}, {Nq}, D_t], got {tuple(q_t.shape)}")
+    for qn, kn, q, k in (("q_s", "k_s", q_s, k_s), ("q_t", "k_t", q_t, k_t)):
+        if tuple(k.shape[:2]) != (B, H):
+            raise ValueError(f"streamkl.attention_kl: {kn} must have the batch and heads of {qn}: expected "
+                             f"[{B}, {H}, N_k, {q.shape[3]}], got {tuple(k.shape)}")
+        if k.shape[3] != q.shape[3]:
+            raise ValueError(f"streamkl.attention_kl: {kn} must have the head dim of {qn} ({q.shape[3]}), got "
+                             f"{k.shape[3]} (shape {tuple(k.shape)})")
+    if k_s.shape[2] != k_t.shape[2]:
+        raise ValueError(f"streamkl.attention_kl: student and teacher must attend over the same keys: k_s has "
+                         f"N_k={k_s.shape[2]} but k_t has N_k={k_t.shape[2]}")
+    for name, scale in (("scale_s", scale_s), ("scale_t", scale_t)):
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"streamkl.attention_kl: {name} must be a positive finite number, got {scale}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"streamkl.attention_kl: divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"streamkl.attention_kl: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, *,
+                 causal: bool = False, scale_s: Optional[float] = None, scale_t: Optional[float] = None,
+                 divergence: str = "forward", reduction: str = "none") -> torch.Tensor:
+    """Row-wise divergence between a teacher's and a student's attention distributions.
+
+    For every batch ``b``, head ``h`` and query row ``i``::
+
+        P_s = softmax(scale_s * q_s[b, h, i] @ k_s[b, h].T)      (student)
+        P_t = softmax(scale_t * q_t[b, h, i] @ k_t[b, h].T)      (teacher)
+        divergence="forward":  KL(P_t || P_s)   (the usual distillation loss)
+        divergence="reverse":  KL(P_s || P_t)
+
+    computed in one streaming pass over key tiles: neither ``[B, H, N_q, N_k]`` matrix is ever built.
+
+    Args:
+        q_s, k_s: student queries ``[B, H, N_q, D_s]`` and keys ``[B, H, N_k, D_s]``.
+        q_t, k_t: teacher queries ``[B, H, N_q, D_t]`` and keys ``[B, H, N_k, D_t]``; ``D_t`` may differ
+            from ``D_s``. Any strides are accepted (a non-contiguous last dim is copied).
+        causal: mask keys after the query. When ``N_q != N_k`` the mask is aligned bottom-right (query
+            row ``i`` sees keys ``j <= i + N_k - N_q``), as in FlashAttention >= 2.1. Rows that see no key
+            (``N_q > N_k``) contribute 0 and receive zero gradient.
+        scale_s, scale_t: softmax scales; default ``1/sqrt(D)`` of each side.
+        divergence: ``"forward"`` or ``"reverse"`` (see above).
+        reduction: ``"none"`` returns ``[B, H, N_q]``; ``"sum"``; ``"mean"`` averages over all
+            ``B * H * N_q`` rows (fully masked rows count as rows with divergence 0).
+
+    Returns:
+        float32 tensor (float64 for float64 inputs): statistics are accumulated in fp32 whatever the
+        input dtype. Gradients flow to ``q_s, k_s``, and to ``q_t, k_t`` when they require grad.
+    """
+    scale_s = 1.0 / math.sqrt(q_s.shape[-1]) if scale_s is None else float(scale_s)
+    scale_t = 1.0 / math.sqrt(q_t.shape[-1]) if scale_t is None else float(scale_t)
+    _check_arguments(q_s, k_s, q_t, k_t, scale_s, scale_t, divergence, reduction)
+    kl, _, _ = _ops.ops.attention_kl_fwd(q_s, k_s, q_t, k_t, scale_s, scale_t, bool(causal), divergence)
+    if reduction == "sum":
+        return kl.sum()
+    if reduction == "mean":
+        return kl.mean() if kl.numel() else kl.sum()
+    return kl
+
+
+class AttentionKLLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`attention_kl`; ``forward(q_s, k_s, q_t, k_t)``.
+
+    Default reduction is ``"mean"``, as is usual for a training loss.
+    """
+
+    def __init__(self, *, causal: bool = False, scale_s: Optional[float] = None, scale_t: Optional[float] = None,
+                 divergence: str = "forward", reduction: str = "mean"):
+        super().__init__()
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"streamkl.AttentionKLLoss: divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"streamkl.AttentionKLLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.causal, self.scale_s, self.scale_t = causal, scale_s, scale_t
+        self.divergence, self.reduction = divergence, reduction
+
+    def forward(self, q_s, k_s, q_t, k_t):
+        return attention_kl(q_s, k_s, q_t, k_t, causal=self.causal, scale_s=self.scale_s, scale_t=self.scale_t,
+                            divergence=self.divergence, reduction=self.reduction)
+
+    def extra_repr(self):
+        return (f"causal={self.causal}, scale_s={self.scale_s}, scale_t={self.scale_t}, "
+                f"divergence={self.divergence!r}, reduction={self.reduction!r}")
