@@ -18,12 +18,13 @@ def _disabled_families():
 
 
 def cuda_sources(root):
-    """Every .cu/.cpp under csrc/cuda; instantiation files are named <family>_*.cu so families can be disabled."""
+    """Every .cu/.cpp under csrc/cuda, minus instantiation files (named <family>_<dtype>_hd<Ds>x<Dt>.cu) that
+    contain a token switched off by STREAMKL_DISABLE_<TOKEN>=1 (e.g. STREAMKL_DISABLE_FP16, _BWD, _HD256X256)."""
     srcs = sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*.cu")) +
                   glob.glob(os.path.join(root, "csrc", "cuda", "*.cpp")))
     inst = sorted(glob.glob(os.path.join(root, "csrc", "cuda", "instantiations", "*.cu")))
     disabled = _disabled_families()
-    srcs += [s for s in inst if not any(os.path.basename(s).startswith(f + "_") for f in disabled)]
+    srcs += [s for s in inst if not disabled & set(os.path.basename(s)[:-3].split("_"))]
     return srcs
 
 

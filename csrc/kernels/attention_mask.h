@@ -44,6 +44,24 @@ struct AttentionMask {
     KeyRange first = keys_for_row(row_begin), last = keys_for_row(row_end - 1);
     return KeyRange{first.begin, last.end};
   }
+
+  // Query rows (within [0, seqlen_q)) whose key range meets keys [key_begin, key_end): the transpose of
+  // keys_for_rows, used by kernels that own a block of keys and stream over query rows.
+  SKL_HOST_DEVICE KeyRange rows_for_keys(int key_begin, int key_end) const {
+    const long long offset = static_cast<long long>(seqlen_k) - seqlen_q;
+    long long begin = 0, end = seqlen_q;
+    if (right >= 0) begin = max_of<long long>(begin, key_begin - offset - right);
+    if (left >= 0) end = min_of<long long>(end, static_cast<long long>(key_end) - 1 - offset + left + 1);
+    if (end < begin) end = begin;
+    return KeyRange{static_cast<int>(begin), static_cast<int>(end)};
+  }
+
+  // True when every row of [row_begin, row_end) may see every key of [key_begin, key_end), all of them in
+  // bounds: such a tile needs no per-element masking.
+  SKL_HOST_DEVICE bool block_fully_visible(int row_begin, int row_end, int key_begin, int key_end) const {
+    if (row_end > seqlen_q || key_end > seqlen_k) return false;
+    return keys_for_row(row_begin).end >= key_end && keys_for_row(row_end - 1).begin <= key_begin;
+  }
 };
 
 }  // namespace streamkl

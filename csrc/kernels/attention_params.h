@@ -61,7 +61,7 @@ struct AttentionKLParams {
   const void* grad_kl = nullptr;
   bool teacher_grad = false;  // also produce teacher.dq / teacher.dk
 
-  int64_t row_index(int b, int h, int i) const {
+  SKL_HOST_DEVICE int64_t row_index(int b, int h, int i) const {
     return (static_cast<int64_t>(b) * num_heads + h) * seqlen_q + i;
   }
 };

@@ -83,12 +83,11 @@ struct OnlineKLState {
     sum_o += Base::exp(o - max_o);
   }
 
-  // Same as add() but a masked key may arrive as w = o = -inf: it contributes exactly nothing.
+  // Same as add() but a masked key may arrive as w = o = -inf (both sides share the mask): it contributes
+  // exactly nothing, even while the row has seen no allowed key yet (max = -inf).
   SKL_HOST_DEVICE void add_maybe_masked(T w, T o) {
-    const T p_w = Base::exp(w - max_w);
-    sum_w += p_w;
-    acc += (p_w > T(0)) ? p_w * (w - o) : T(0);
-    sum_o += Base::exp(o - max_o);
+    if (w == neg_infinity<T>()) return;
+    add(w, o);
   }
 
   // Fold in a partial state that covered a disjoint set of keys.

@@ -1,0 +1,274 @@
+// Backward attention-KL kernels (Ampere path). Both recompute the score tiles from the saved log-sum-exps
+// and turn them into score gradients with the shared formula (divergence_score_grads in online_kl.h):
+//
+//   dQ kernel: a CTA owns a block of query rows and streams the key tiles:  dQ = scale * dS K.
+//   dK kernel: a CTA owns a block of keys and streams the query tiles, computing the transposed scores
+//              K Q^T directly:                                            dK = scale * dS^T Q.
+//
+// Every dQ / dK row has exactly one writer (no atomics, deterministic); the price is that both kernels
+// recompute the score tiles. The gradient product takes dS straight from the score accumulators (converted
+// to the input type, in registers) and the Y tile through ldmatrix.trans.
+#pragma once
+
+#include "../kernels/attention_mask.h"
+#include "../kernels/attention_params.h"
+#include "../kernels/online_kl.h"
+#include "attention_kl_fwd.cuh"
+#include "score_stream.cuh"
+
+namespace streamkl {
+namespace cuda {
+
+// Per-query-row inputs of the backward, in the units the gradient formula takes (base-2 LSEs).
+struct RowGradInputs {
+  float lse_w2, lse_o2, kl, grad;
+
+  __device__ static RowGradInputs load(const AttentionKLParams& p, int64_t idx, bool teacher_weights) {
+    const float lse_s = static_cast<const float*>(p.lse_student)[idx];
+    const float lse_t = static_cast<const float*>(p.lse_teacher)[idx];
+    RowGradInputs r;
+    r.lse_w2 = (teacher_weights ? lse_t : lse_s) * kLog2e;
+    r.lse_o2 = (teacher_weights ? lse_s : lse_t) * kLog2e;
+    r.kl = static_cast<const float*>(p.kl)[idx];
+    r.grad = static_cast<const float*>(p.grad_kl)[idx];
+    return r;
+  }
+  // Rows past the end (or rows with no allowed key) must produce dS = 0; grad = 0 and finite LSEs do that
+  // together with the element mask.
+  __device__ static RowGradInputs none() { return RowGradInputs{0.f, 0.f, 0.f, 0.f}; }
+};
+
+// dS for one score pair (base-2 scores), written back as (student, teacher) gradients.
+__device__ __forceinline__ void score_pair_grads(float& s, float& t, const RowGradInputs& r, bool teacher_weights,
+                                                 bool allowed) {
+  const float w = teacher_weights ? t : s;
+  const float o = teacher_weights ? s : t;
+  float grad_w, grad_o;
+  divergence_score_grads<float, Base2<float>>(w, o, r.lse_w2, r.lse_o2, r.kl, r.grad, grad_w, grad_o);
+  if (!allowed) grad_w = grad_o = 0.f;
+  s = teacher_weights ? grad_o : grad_w;
+  t = teacher_weights ? grad_w : grad_o;
+}
+
+// The second product of both backward kernels: acc_grad += dS * Y for the student, and the teacher when
+// kTeacherGrad. `y_*_transposed` are the [dim, kBlockN] views of the current Y tiles.
+template <typename Traits, bool kTeacherGrad, typename TiledMma, typename Acc, typename AccS, typename AccT,
+          typename SYs, typename SYt>
+__device__ __forceinline__ void accumulate_grad_products(TiledMma tiled_mma, Acc& ds, Acc& dt, AccS& acc_grad_s,
+                                                         AccT& acc_grad_t, const SYs& y_s_transposed,
+                                                         const SYt& y_t_transposed) {
+  using Element = typename Traits::Element;
+  Tensor ds_el = convert_fragment<Element>(ds);
+  Tensor ds_a = make_tensor(ds_el.data(), acc_as_operand_a(ds_el.layout()));
+  gemm_regs_smem(tiled_mma, acc_grad_s, ds_a, y_s_transposed, threadIdx.x);
+  if constexpr (kTeacherGrad) {
+    Tensor dt_el = convert_fragment<Element>(dt);
+    Tensor dt_a = make_tensor(dt_el.data(), acc_as_operand_a(dt_el.layout()));
+    gemm_regs_smem(tiled_mma, acc_grad_t, dt_a, y_t_transposed, threadIdx.x);
+  }
+}
+
+template <typename Traits, bool kTeacherGrad>
+struct GradAccumulators {
+  typename Traits::TiledMma tiled_mma;
+  decltype(partition_fragment_C(typename Traits::TiledMma{}, Shape<Int<Traits::kBlockM>, Int<Traits::kDimS>>{})) s;
+  decltype(partition_fragment_C(typename Traits::TiledMma{},
+                                Shape<Int<Traits::kBlockM>, Int<kTeacherGrad ? Traits::kDimT : 16>>{})) t;
+  __device__ void clear_all() {
+    clear(s);
+    clear(t);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------- dQ
+template <typename Traits, bool kTeacherGrad>
+struct DqPolicy {
+  static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  static constexpr int kThreadRows = 2 * (kBlockM / (16 * Traits::kNWarps));
+  AttentionMask mask;
+  int row0;
+  float scale_s2, scale_t2;
+  bool teacher_weights;
+  RowGradInputs rows[kThreadRows];
+  const SmemPlan<Traits>* smem;
+  GradAccumulators<Traits, kTeacherGrad> grads;
+
+  __device__ void stage_stats(int, float*) {}
+
+  template <typename TiledMma, typename Acc>
+  __device__ void consume(TiledMma tiled_mma, Acc& acc_s, Acc& acc_t, int y0, int stage) {
+    Tensor s = make_tensor(acc_s.data(), acc_as_rows_cols(acc_s.layout()));
+    Tensor t = make_tensor(acc_t.data(), acc_as_rows_cols(acc_t.layout()));
+    Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
+    const int row_end = min_of(row0 + kBlockM, mask.seqlen_q);
+    const bool full = mask.block_fully_visible(row0, row_end, y0, y0 + kBlockN);
+    CUTE_UNROLL
+    for (int i = 0; i < size<0>(s); ++i) {
+      const KeyRange keys = mask.keys_for_row(row0 + get<0>(coords(i, 0)));
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(s); ++j) {
+        float sv = s(i, j) * scale_s2, tv = t(i, j) * scale_t2;
+        const bool allowed = full || keys.contains(y0 + get<1>(coords(i, j)));
+        score_pair_grads(sv, tv, rows[i], teacher_weights, allowed);
+        s(i, j) = sv;
+        t(i, j) = tv;
+      }
+    }
+    accumulate_grad_products<Traits, kTeacherGrad>(tiled_mma, acc_s, acc_t, grads.s, grads.t,
+                                                   smem->y_s_transposed(stage), smem->y_t_transposed(stage));
+  }
+};
+
+template <typename Traits, bool kTeacherGrad>
+__global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dq_kernel(const AttentionKLParams p) {
+  using Element = typename Traits::Element;
+  extern __shared__ __align__(128) char smem_raw[];
+  const SmemPlan<Traits> smem(smem_raw);
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int row0 = m_block * Traits::kBlockM;
+
+  DqPolicy<Traits, kTeacherGrad> policy;
+  policy.mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
+  policy.row0 = row0;
+  policy.scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
+  policy.scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
+  policy.teacher_weights = teacher_is_weighting_side(p.divergence);
+  policy.smem = &smem;
+  policy.grads.clear_all();
+  {
+    Tensor coords = accumulator_coords<Traits::kBlockM, Traits::kBlockN>(policy.grads.tiled_mma, threadIdx.x);
+    CUTE_UNROLL
+    for (int i = 0; i < policy.kThreadRows; ++i) {
+      const int row = row0 + get<0>(coords(i, 0));
+      policy.rows[i] = row < p.seqlen_q ? RowGradInputs::load(p, p.row_index(b, h, row), policy.teacher_weights)
+                                        : RowGradInputs::none();
+    }
+  }
+
+  auto operands = [&](const AttentionSide& side) {
+    const int kv_head = h / (p.num_heads / side.num_kv_heads);
+    const Element* q = static_cast<const Element*>(side.q) + b * side.q_batch_stride + h * side.q_head_stride;
+    const Element* k = static_cast<const Element*>(side.k) + b * side.k_batch_stride + kv_head * side.k_head_stride;
+    return StreamOperands<Element>{q + row0 * side.q_row_stride, side.q_row_stride, k, side.k_row_stride};
+  };
+  const int row_end = min_of(row0 + Traits::kBlockM, p.seqlen_q);
+  const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
+  score_stream<Traits>(policy, smem, operands(p.student), operands(p.teacher), p.seqlen_q - row0, keys.begin,
+                       keys.end, p.seqlen_k);
+
+  store_rows<Traits::kBlockM, Traits::kDimS>(policy.grads.tiled_mma, policy.grads.s, static_cast<float>(p.student.scale),
+                                             static_cast<Element*>(p.student.dq) + b * p.student.dq_batch_stride +
+                                                 h * p.student.dq_head_stride + row0 * p.student.dq_row_stride,
+                                             p.student.dq_row_stride, p.seqlen_q - row0, threadIdx.x);
+  if constexpr (kTeacherGrad) {
+    store_rows<Traits::kBlockM, Traits::kDimT>(
+        policy.grads.tiled_mma, policy.grads.t, static_cast<float>(p.teacher.scale),
+        static_cast<Element*>(p.teacher.dq) + b * p.teacher.dq_batch_stride + h * p.teacher.dq_head_stride +
+            row0 * p.teacher.dq_row_stride,
+        p.teacher.dq_row_stride, p.seqlen_q - row0, threadIdx.x);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------- dK
+template <typename Traits, bool kTeacherGrad>
+struct DkPolicy {
+  static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  AttentionMask mask;
+  int key0;  // first key of the CTA (X rows are keys, Y rows are queries)
+  float scale_s2, scale_t2;
+  bool teacher_weights;
+  const AttentionKLParams* params;
+  int b, h;
+  const SmemPlan<Traits>* smem;
+  GradAccumulators<Traits, kTeacherGrad> grads;
+
+  // Stage the gradient inputs of the tile's query rows: [kRowStats][kBlockN] floats.
+  __device__ void stage_stats(int y0, float* stats) {
+    for (int c = threadIdx.x; c < kBlockN; c += Traits::kNThreads) {
+      const int row = y0 + c;
+      const RowGradInputs r = row < mask.seqlen_q
+                                  ? RowGradInputs::load(*params, params->row_index(b, h, row), teacher_weights)
+                                  : RowGradInputs::none();
+      stats[0 * kBlockN + c] = r.lse_w2;
+      stats[1 * kBlockN + c] = r.lse_o2;
+      stats[2 * kBlockN + c] = r.kl;
+      stats[3 * kBlockN + c] = r.grad;
+    }
+  }
+
+  template <typename TiledMma, typename Acc>
+  __device__ void consume(TiledMma tiled_mma, Acc& acc_s, Acc& acc_t, int y0, int stage) {
+    Tensor s = make_tensor(acc_s.data(), acc_as_rows_cols(acc_s.layout()));  // (keys, queries)
+    Tensor t = make_tensor(acc_t.data(), acc_as_rows_cols(acc_t.layout()));
+    Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
+    const float* stats = smem->stats(stage);
+    const int key_end = min_of(key0 + kBlockM, mask.seqlen_k);
+    const bool full = mask.block_fully_visible(y0, y0 + kBlockN, key0, key_end);
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(s); ++j) {
+      const int c = get<1>(coords(0, j));
+      const RowGradInputs r{stats[c], stats[kBlockN + c], stats[2 * kBlockN + c], stats[3 * kBlockN + c]};
+      const KeyRange keys = mask.keys_for_row(y0 + c);
+      const bool row_in_bounds = y0 + c < mask.seqlen_q;
+      CUTE_UNROLL
+      for (int i = 0; i < size<0>(s); ++i) {
+        float sv = s(i, j) * scale_s2, tv = t(i, j) * scale_t2;
+        const bool allowed = full || (row_in_bounds && keys.contains(key0 + get<0>(coords(i, j))));
+        score_pair_grads(sv, tv, r, teacher_weights, allowed);
+        s(i, j) = sv;
+        t(i, j) = tv;
+      }
+    }
+    accumulate_grad_products<Traits, kTeacherGrad>(tiled_mma, acc_s, acc_t, grads.s, grads.t,
+                                                   smem->y_s_transposed(stage), smem->y_t_transposed(stage));
+  }
+};
+
+template <typename Traits, bool kTeacherGrad>
+__global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dk_kernel(const AttentionKLParams p) {
+  using Element = typename Traits::Element;
+  extern __shared__ __align__(128) char smem_raw[];
+  const SmemPlan<Traits> smem(smem_raw);
+  const int n_block = blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int key0 = n_block * Traits::kBlockM;
+
+  DkPolicy<Traits, kTeacherGrad> policy;
+  policy.mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
+  policy.key0 = key0;
+  policy.scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
+  policy.scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
+  policy.teacher_weights = teacher_is_weighting_side(p.divergence);
+  policy.params = &p;
+  policy.b = b;
+  policy.h = h;
+  policy.smem = &smem;
+  policy.grads.clear_all();
+
+  // X = keys of this head (num_kv_heads == num_heads is checked by the launcher), Y = queries.
+  auto operands = [&](const AttentionSide& side) {
+    const Element* q = static_cast<const Element*>(side.q) + b * side.q_batch_stride + h * side.q_head_stride;
+    const Element* k = static_cast<const Element*>(side.k) + b * side.k_batch_stride + h * side.k_head_stride;
+    return StreamOperands<Element>{k + key0 * side.k_row_stride, side.k_row_stride, q, side.q_row_stride};
+  };
+  const int key_end = min_of(key0 + Traits::kBlockM, p.seqlen_k);
+  const KeyRange rows = policy.mask.rows_for_keys(key0, key_end);
+  score_stream<Traits>(policy, smem, operands(p.student), operands(p.teacher), p.seqlen_k - key0, rows.begin,
+                       rows.end, p.seqlen_q);
+
+  store_rows<Traits::kBlockM, Traits::kDimS>(policy.grads.tiled_mma, policy.grads.s, static_cast<float>(p.student.scale),
+                                             static_cast<Element*>(p.student.dk) + b * p.student.dk_batch_stride +
+                                                 h * p.student.dk_head_stride + key0 * p.student.dk_row_stride,
+                                             p.student.dk_row_stride, p.seqlen_k - key0, threadIdx.x);
+  if constexpr (kTeacherGrad) {
+    store_rows<Traits::kBlockM, Traits::kDimT>(
+        policy.grads.tiled_mma, policy.grads.t, static_cast<float>(p.teacher.scale),
+        static_cast<Element*>(p.teacher.dk) + b * p.teacher.dk_batch_stride + h * p.teacher.dk_head_stride +
+            key0 * p.teacher.dk_row_stride,
+        p.teacher.dk_row_stride, p.seqlen_k - key0, threadIdx.x);
+  }
+}
+
+}  // namespace cuda
+}  // namespace streamkl

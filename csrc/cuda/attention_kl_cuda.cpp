@@ -1,0 +1,109 @@
+// CUDA implementations of streamkl::attention_kl_fwd / attention_kl_bwd: validation shared with the CPU
+// path (csrc/ops/attention_inputs.h), then the tensor-core kernels from the registry. No fallback: an
+// unsupported configuration raises an error naming what is supported.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../ops/attention_inputs.h"
+#include "kernel_registry.h"
+
+namespace streamkl {
+namespace {
+
+cuda::ElementType element_type(const at::Tensor& t) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kHalf || dt == at::kBFloat16,
+                    "streamkl: the CUDA attention-KL kernels take float16 or bfloat16 inputs (statistics are kept in "
+                    "float32); got ", dt, ". Cast q/k to torch.bfloat16, or run float32/float64 on the CPU.");
+  return dt == at::kHalf ? cuda::ElementType::kFloat16 : cuda::ElementType::kBFloat16;
+}
+
+// cp.async moves 16 bytes per thread: rows must start on 16-byte boundaries.
+at::Tensor kernel_ready(const at::Tensor& t) {
+  at::Tensor out = with_contiguous_last_dim(t);
+  const int64_t elem = out.element_size();
+  const bool aligned = reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 && (out.stride(0) * elem) % 16 == 0 &&
+                       (out.stride(1) * elem) % 16 == 0 && (out.stride(2) * elem) % 16 == 0;
+  return aligned ? out : out.contiguous();
+}
+
+cuda::LaunchFn find_launcher(cuda::KernelFamily family, const at::Tensor& q_s, const at::Tensor& q_t,
+                             const at::Tensor& k_s, const at::Tensor& k_t) {
+  TORCH_CHECK_VALUE(k_s.size(1) == q_s.size(1) && k_t.size(1) == q_t.size(1),
+                    "streamkl: the CUDA kernels need as many key heads as query heads on each side");
+  const cuda::KernelKey key{family, element_type(q_s), static_cast<int>(q_s.size(3)), static_cast<int>(q_t.size(3))};
+  cuda::LaunchFn fn = cuda::find_kernel(key);
+  TORCH_CHECK_VALUE(fn != nullptr, "streamkl: no CUDA ", family == cuda::KernelFamily::kForward ? "forward" : "backward",
+                    " kernel for ", q_s.scalar_type(), " with head dims D_s=", q_s.size(3), ", D_t=", q_t.size(3),
+                    " in this build. Compiled: ", cuda::describe_kernels(family));
+  return fn;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cuda(const at::Tensor& q_s_in, const at::Tensor& k_s_in,
+                                                                      const at::Tensor& q_t_in, const at::Tensor& k_t_in,
+                                                                      double scale_s, double scale_t, bool causal,
+                                                                      c10::string_view divergence) {
+  check_attention_inputs(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t);
+  const Divergence div = parse_divergence(std::string(divergence));
+  const c10::cuda::CUDAGuard guard(q_s_in.device());
+  const at::Tensor q_s = kernel_ready(q_s_in), k_s = kernel_ready(k_s_in), q_t = kernel_ready(q_t_in),
+                   k_t = kernel_ready(k_t_in);
+  const auto opts = q_s.options().dtype(at::kFloat);
+  at::Tensor kl = at::empty({q_s.size(0), q_s.size(1), q_s.size(2)}, opts);
+  at::Tensor lse_s = at::empty_like(kl), lse_t = at::empty_like(kl);
+  const cuda::LaunchFn launch = find_launcher(cuda::KernelFamily::kForward, q_s, q_t, k_s, k_t);
+  if (kl.numel() == 0) return {kl, lse_s, lse_t};
+  AttentionKLParams p = make_attention_params(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, div);
+  p.kl = kl.data_ptr();
+  p.lse_student = lse_s.data_ptr();
+  p.lse_teacher = lse_t.data_ptr();
+  launch(p, at::cuda::getCurrentCUDAStream());
+  return {kl, lse_s, lse_t};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cuda(
+    const at::Tensor& grad_kl, const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in,
+    const at::Tensor& k_t_in, const at::Tensor& kl, const at::Tensor& lse_s, const at::Tensor& lse_t, double scale_s,
+    double scale_t, bool causal, c10::string_view divergence, bool teacher_grad) {
+  check_attention_inputs(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t);
+  const Divergence div = parse_divergence(std::string(divergence));
+  const c10::cuda::CUDAGuard guard(q_s_in.device());
+  const at::Tensor q_s = kernel_ready(q_s_in), k_s = kernel_ready(k_s_in), q_t = kernel_ready(q_t_in),
+                   k_t = kernel_ready(k_t_in);
+  const auto rows = at::IntArrayRef({q_s.size(0), q_s.size(1), q_s.size(2)});
+  TORCH_CHECK_VALUE(kl.sizes() == rows && grad_kl.sizes() == rows && lse_s.sizes() == rows && lse_t.sizes() == rows,
+                    "streamkl: attention_kl_bwd expects grad_kl, kl, lse_s, lse_t of shape [B, H, N_q] = ", rows);
+  const at::Tensor g = grad_kl.to(at::kFloat).contiguous(), kl_c = kl.to(at::kFloat).contiguous(),
+                   lse_s_c = lse_s.to(at::kFloat).contiguous(), lse_t_c = lse_t.to(at::kFloat).contiguous();
+  const cuda::LaunchFn launch = find_launcher(cuda::KernelFamily::kBackward, q_s, q_t, k_s, k_t);
+  // The dQ kernel writes every query row and the dK kernel every key row (zeros where nothing is seen),
+  // so the outputs need no memset; only empty problems return early with zeros.
+  const bool empty_problem = kl.numel() == 0 || k_s.size(2) == 0;
+  auto alloc = [&](const at::Tensor& like) { return empty_problem ? at::zeros(like.sizes(), like.options())
+                                                                   : at::empty(like.sizes(), like.options()); };
+  at::Tensor dq_s = alloc(q_s), dk_s = alloc(k_s);
+  at::Tensor dq_t = teacher_grad ? alloc(q_t) : at::empty({0}, q_t.options());
+  at::Tensor dk_t = teacher_grad ? alloc(k_t) : at::empty({0}, k_t.options());
+  if (empty_problem) return {dq_s, dk_s, dq_t, dk_t};
+  AttentionKLParams p = make_attention_params(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, div);
+  p.kl = const_cast<void*>(kl_c.data_ptr());
+  p.lse_student = const_cast<void*>(lse_s_c.data_ptr());
+  p.lse_teacher = const_cast<void*>(lse_t_c.data_ptr());
+  p.grad_kl = g.data_ptr();
+  p.teacher_grad = teacher_grad;
+  set_side_gradients(p.student, dq_s, dk_s);
+  if (teacher_grad) set_side_gradients(p.teacher, dq_t, dk_t);
+  launch(p, at::cuda::getCurrentCUDAStream());
+  return {dq_s, dk_s, dq_t, dk_t};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(streamkl, CUDA, m) {
+  m.impl("attention_kl_fwd", &attention_kl_fwd_cuda);
+  m.impl("attention_kl_bwd", &attention_kl_bwd_cuda);
+}
+
+}  // namespace streamkl

@@ -1,0 +1,32 @@
+// Registry of the compiled CUDA kernel instantiations. Each instantiation file registers its launcher at
+// load time, so families disabled at build time (STREAMKL_DISABLE_<TOKEN>) simply are not found and the
+// op reports a clear error instead of failing to link. Torch-free.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../kernels/attention_params.h"
+
+namespace streamkl {
+namespace cuda {
+
+enum class KernelFamily : int { kForward = 0, kBackward = 1 };
+enum class ElementType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+struct KernelKey {
+  KernelFamily family;
+  ElementType dtype;
+  int dim_s;
+  int dim_t;
+};
+
+using LaunchFn = void (*)(const AttentionKLParams&, cudaStream_t);
+
+// Returns true so it can initialize a namespace-scope constant in instantiation files.
+bool register_kernel(const KernelKey& key, LaunchFn fn);
+LaunchFn find_kernel(const KernelKey& key);
+// Human-readable list of the registered (dtype, dim_s, dim_t) for one family, for error messages.
+const char* describe_kernels(KernelFamily family);
+
+}  // namespace cuda
+}  // namespace streamkl

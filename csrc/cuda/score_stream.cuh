@@ -1,0 +1,136 @@
+// The main loop shared by every Ampere-path attention-KL kernel.
+//
+// A CTA owns a block of kBlockM rows of X for both sides (student, teacher), loaded once into shared
+// memory, and streams tiles of kBlockN rows of Y through a two-stage cp.async pipeline. For each Y tile it
+// computes the two score tiles X_s Y_s^T and X_t Y_t^T into register accumulators and hands them to the
+// kernel's policy (the online KL reduction, or a gradient product). Policies see:
+//     policy.stage_stats(y0, float* smem_stats)    optional per-Y-row data for the tile at y0
+//     policy.consume(mma, acc_s, acc_t, y0, stage) one pair of score tiles
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "cute_helpers.cuh"
+
+namespace streamkl {
+namespace cuda {
+
+using namespace cute;
+
+// Shared-memory carve-up of one CTA, in the order of KernelTraits::kSmemBytes. Stage buffers are found by
+// arithmetic on the stage index (never by indexing a pointer array with it, which would put the array in
+// local memory).
+template <typename Traits>
+struct SmemPlan {
+  using Element = typename Traits::Element;
+  static constexpr int kStageElements = Traits::YTileS::kElements + Traits::YTileT::kElements;
+  Element* x_s;
+  Element* x_t;
+  Element* y_base;
+  float* stats_base;
+
+  __device__ explicit SmemPlan(char* raw) {
+    x_s = reinterpret_cast<Element*>(raw);
+    x_t = x_s + Traits::XTileS::kElements;
+    y_base = x_t + Traits::XTileT::kElements;
+    stats_base = reinterpret_cast<float*>(y_base + Traits::kStages * kStageElements);
+  }
+
+  __device__ Element* y_s(int stage) const { return y_base + stage * kStageElements; }
+  __device__ Element* y_t(int stage) const { return y_s(stage) + Traits::YTileS::kElements; }
+  __device__ float* stats(int stage) const { return stats_base + stage * Traits::kBlockN * Traits::kRowStats; }
+
+  __device__ auto y_s_tile(int stage) const { return make_tensor(make_smem_ptr(y_s(stage)), typename Traits::YTileS::Layout{}); }
+  __device__ auto y_t_tile(int stage) const { return make_tensor(make_smem_ptr(y_t(stage)), typename Traits::YTileT::Layout{}); }
+  __device__ auto y_s_transposed(int stage) const {
+    return make_tensor(make_smem_ptr(y_s(stage)), typename Traits::YTileS::LayoutTransposed{});
+  }
+  __device__ auto y_t_transposed(int stage) const {
+    return make_tensor(make_smem_ptr(y_t(stage)), typename Traits::YTileT::LayoutTransposed{});
+  }
+};
+
+// Where the X block and the Y rows of one side live in global memory.
+template <typename Element>
+struct StreamOperands {
+  const Element* x;   // first row of this CTA's X block
+  int64_t x_stride;
+  const Element* y;   // row 0 of Y
+  int64_t y_stride;
+};
+
+template <typename Traits, typename Policy>
+__device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Traits>& smem,
+                                             const StreamOperands<typename Traits::Element>& student,
+                                             const StreamOperands<typename Traits::Element>& teacher, int x_valid_rows,
+                                             int y_begin, int y_end, int y_rows_total) {
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  const int tid = threadIdx.x;
+  issue_tile_load<typename Traits::XTileS>(student.x, student.x_stride, smem.x_s, x_valid_rows, tid);
+  issue_tile_load<typename Traits::XTileT>(teacher.x, teacher.x_stride, smem.x_t, x_valid_rows, tid);
+
+  const int n_tiles = y_end > y_begin ? (y_end - y_begin + kBlockN - 1) / kBlockN : 0;
+  auto load_y = [&](int tile, int stage) {
+    const int y0 = y_begin + tile * kBlockN;
+    issue_tile_load<typename Traits::YTileS>(student.y + y0 * student.y_stride, student.y_stride, smem.y_s(stage),
+                                             y_rows_total - y0, tid);
+    issue_tile_load<typename Traits::YTileT>(teacher.y + y0 * teacher.y_stride, teacher.y_stride, smem.y_t(stage),
+                                             y_rows_total - y0, tid);
+  };
+  if (n_tiles > 0) load_y(0, 0);
+  cp_async_fence();
+
+  typename Traits::TiledMma tiled_mma;
+  Tensor x_s = make_tensor(make_smem_ptr(smem.x_s), typename Traits::XTileS::Layout{});
+  Tensor x_t = make_tensor(make_smem_ptr(smem.x_t), typename Traits::XTileT::Layout{});
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int stage = tile % Traits::kStages;
+    const int y0 = y_begin + tile * kBlockN;
+    if (tile + 1 < n_tiles) load_y(tile + 1, (tile + 1) % Traits::kStages);
+    cp_async_fence();
+    cp_async_wait<1>();
+    policy.stage_stats(y0, smem.stats(stage));
+    __syncthreads();
+
+    Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor acc_t = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    clear(acc_t);
+    gemm_smem_smem(tiled_mma, acc_s, x_s, smem.y_s_tile(stage), tid);
+    gemm_smem_smem(tiled_mma, acc_t, x_t, smem.y_t_tile(stage), tid);
+    policy.consume(tiled_mma, acc_s, acc_t, y0, stage);
+    __syncthreads();  // the next iteration's loads overwrite this stage
+  }
+  cp_async_wait<0>();  // nothing may stay in flight when a CTA that streamed no tile exits
+}
+
+// Coordinates (row, col) inside a [kRows, kCols] tile of each element of this thread's accumulator,
+// viewed as (rows, cols) like acc_as_rows_cols.
+template <int kRows, int kCols, typename TiledMma>
+__device__ __forceinline__ auto accumulator_coords(TiledMma tiled_mma, int tid) {
+  Tensor c = tiled_mma.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kCols>>{}));
+  return make_tensor(c.data(), acc_as_rows_cols(c.layout()));
+}
+
+// Write an fp32 accumulator [kRows, kCols] (times `scale`) as Element rows to global memory; rows at or
+// past valid_rows are skipped. Column pairs are adjacent in the MMA layout and are stored as one word.
+template <int kRows, int kCols, typename Element, typename TiledMma, typename Acc>
+__device__ __forceinline__ void store_rows(TiledMma tiled_mma, const Acc& acc, float scale, Element* out,
+                                           int64_t row_stride, int valid_rows, int tid) {
+  Tensor rc = make_tensor(acc.data(), acc_as_rows_cols(acc.layout()));
+  Tensor coords = accumulator_coords<kRows, kCols>(tiled_mma, tid);
+  CUTE_UNROLL
+  for (int i = 0; i < size<0>(rc); ++i) {
+    const int row = get<0>(coords(i, 0));
+    if (row >= valid_rows) continue;
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(rc); j += 2) {
+      const int col = get<1>(coords(i, j));
+      Element pair[2] = {static_cast<Element>(rc(i, j) * scale), static_cast<Element>(rc(i, j + 1) * scale)};
+      *reinterpret_cast<uint32_t*>(out + row * row_stride + col) = *reinterpret_cast<const uint32_t*>(pair);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace streamkl
