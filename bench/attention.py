@@ -44,9 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import streamkl
-from streamkl import benchmark as bm
-from streamkl.reference import attention_kl_reference
+try:
+    import streamkl
+except ImportError:  # run from a source checkout without `pip install -e .`: use the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import streamkl
+from streamkl import benchmark as bm  # noqa: E402
+from streamkl.reference import attention_kl_reference  # noqa: E402
 
 KL_METHODS = ("ours", "eager", "compile", "chunked")
 GPU_SDPA = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION"}
@@ -412,6 +416,10 @@ def time_table(records) -> str:
     return bm.format_table(["D", "mask", "N"] + methods, rows, align="rlr" + "r" * len(methods))
 
 
+def _bytes_per_row(r: Optional[Record], rows: int) -> str:
+    return f"{r.peak_extra_bytes / rows:.0f}" if r is not None and r.ok else "-"
+
+
 def memory_table(records, batch: int, heads: int) -> str:
     """Peak extra memory per method in GB (``M`` = MiB), ``fwd / fwd+bwd``, plus ours in bytes per query row."""
     methods = _methods_in(records)
@@ -421,13 +429,13 @@ def memory_table(records, batch: int, heads: int) -> str:
         for m in methods:
             row.append(f"{_short_memory(_find(records, m, d, n, causal, 'fwd'))} / "
                        f"{_short_memory(_find(records, m, d, n, causal, 'fwd+bwd'))}")
-        per_row = []
-        for pass_name in PASSES:
-            r = _find(records, "ours", d, n, causal, pass_name)
-            per_row.append(f"{r.peak_extra_bytes / (batch * heads * n):.0f}" if r is not None and r.ok else "-")
-        rows.append(row + [" / ".join(per_row)])
-    return bm.format_table(["D", "mask", "N"] + methods + ["ours B/row"], rows,
-                           align="rlr" + "r" * (len(methods) + 1))
+        if "ours" in methods:
+            row.append(" / ".join(_bytes_per_row(_find(records, "ours", d, n, causal, p), batch * heads * n)
+                                  for p in PASSES))
+        rows.append(row)
+    extra = ["ours B/row"] if "ours" in methods else []
+    return bm.format_table(["D", "mask", "N"] + methods + extra, rows,
+                           align="rlr" + "r" * (len(methods) + len(extra)))
 
 
 def agreement_line(records) -> Optional[str]:
@@ -452,17 +460,18 @@ def summary(records, want_n: int, want_d: int, sol_method: str) -> List[str]:
     n = _nearest(sorted({k[2] for k in keys if k[0] == d}), want_n)
     if d is None or n is None:
         return []
-    lines = [f"summary at N={n} D={d} (ratios: ours / {sol_method}; TFLOP/s: KL fwd 2 products, "
-             f"fwd+bwd 6; SDPA fwd 2, fwd+bwd 7):"]
+    lines = [f"summary at N={n} D={d}: time ratio ours / {sol_method} (ours vs {sol_method} TFLOP/s; "
+             f"KL counts fwd 2 products, fwd+bwd 6; SDPA fwd 2, fwd+bwd 7)"]
     for causal in sorted({k[1] for k in keys}):
         parts = []
         for pass_name in PASSES:
             ours = _find(records, "ours", d, n, causal, pass_name)
             sol = _find(records, sol_method, d, n, causal, pass_name)
-            ratio = f"{ours.time_ms / sol.time_ms:.2f}x" if ours and sol and ours.ok and sol.ok else "-"
-            ours_tf = f"{ours.tflops:.3g}" if ours and ours.ok else "-"
-            sol_tf = f"{sol.tflops:.3g}" if sol and sol.ok else "-"
-            parts.append(f"{pass_name} {ratio} (ours {ours_tf} TFLOP/s, {sol_method} {sol_tf})")
+            ours_ok, sol_ok = bool(ours and ours.ok), bool(sol and sol.ok)
+            ratio = f"{ours.time_ms / sol.time_ms:.2f}x" if ours_ok and sol_ok else "-"
+            ours_tf = f"{ours.tflops:.3g}" if ours_ok else "-"
+            sol_tf = f"{sol.tflops:.3g}" if sol_ok else "-"
+            parts.append(f"{pass_name} {ratio} ({ours_tf} vs {sol_tf} TFLOP/s)")
         lines.append(f"  {'causal' if causal else 'full  '}: " + "; ".join(parts))
     return lines
 
@@ -484,11 +493,11 @@ def write_plot(records, path: str) -> bool:
     for row, (d, causal) in enumerate(groups):
         for col, pass_name in enumerate(PASSES):
             ax = axes[row][col]
-            for method in _methods_in(records):
+            for i, method in enumerate(_methods_in(records)):
                 pts = sorted((r.seqlen, r.time_ms) for r in records if r.ok and r.method == method and
                              r.head_dim == d and r.causal == causal and r.pass_name == pass_name)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=method)
+                    ax.plot(*zip(*pts), marker="o", label=method, color=f"C{i}")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("N")
@@ -524,15 +533,17 @@ def print_report(args, device, env: dict, records, elapsed: float) -> None:
     print(f"attention-KL benchmark on {env['device_name']} | torch {env['torch']} | streamkl {env['streamkl']} "
           f"(CUDA kernels: {'yes' if env['streamkl_cuda_kernels'] else 'no'}) | {elapsed:.0f} s")
     print(f"B={args.batch} H={args.heads} {args.dtype}, {args.divergence} KL, grads w.r.t. student q,k "
-          f"(SDPA: q,k,v); chunk={args.chunk}; timing: {env['timing']}; memory: {env['memory']}")
+          f"(SDPA: q,k,v); chunk={args.chunk}; timing: {env['timing']}, median; memory: {env['memory']}")
+    if env.get("cpu_load_note"):
+        print(env["cpu_load_note"])
     print("\nmedian time, ms (fwd / fwd+bwd)")
     print(time_table(records))
     print("\npeak extra memory, GB (M = MiB) (fwd / fwd+bwd)")
     print(memory_table(records, args.batch, args.heads))
     problems = [r for r in records if not r.ok and not r.status.startswith(("skipped", "unavailable"))]
-    skipped = sorted({r.status for r in records if r.status.startswith("skipped")})
-    if skipped:
-        print("\nskip = " + ", ".join(skipped))
+    if any(r.status.startswith("skipped") for r in records):
+        print(f"\nskip = estimated above the {args.mem_limit_gb:.0f} GB limit (--mem-limit-gb; estimates "
+              f"in the JSON); n/a = ours without CUDA kernels")
     for r in problems:
         print(f"{r.method} D={r.head_dim} N={r.seqlen} {'causal' if r.causal else 'full'} {r.pass_name}: "
               f"{r.status}")
@@ -621,6 +632,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
     env = bm.environment_info(device)
     sweep = Sweep(args, device)
+    args.mem_limit_gb = sweep.mem_limit / GB  # the limit in force, for the report and the JSON
     progress = bm.Progress(sweep.total_steps(), enabled=not args.quiet)
     start = time.perf_counter()
     records = sweep.run(progress)

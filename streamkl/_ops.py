@@ -8,6 +8,7 @@ registered op so the whole graph stays traceable.
 import torch
 
 from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+from ._validation import check_attention_tensors, check_options
 
 ops = torch.ops.streamkl
 
@@ -18,6 +19,8 @@ def _stats_dtype(dtype):
 
 @torch.library.register_fake("streamkl::attention_kl_fwd")
 def _attention_kl_fwd_fake(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, divergence):
+    check_attention_tensors(q_s, k_s, q_t, k_t, where="streamkl::attention_kl_fwd")
+    check_options(scale_s, scale_t, divergence, where="streamkl::attention_kl_fwd")
     rows = q_s.new_empty(q_s.shape[:3], dtype=_stats_dtype(q_s.dtype))
     return rows, torch.empty_like(rows), torch.empty_like(rows)
 
@@ -25,6 +28,12 @@ def _attention_kl_fwd_fake(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, diverge
 @torch.library.register_fake("streamkl::attention_kl_bwd")
 def _attention_kl_bwd_fake(grad_kl, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, scale_s, scale_t, causal, divergence,
                            teacher_grad):
+    check_attention_tensors(q_s, k_s, q_t, k_t, where="streamkl::attention_kl_bwd")
+    check_options(scale_s, scale_t, divergence, where="streamkl::attention_kl_bwd")
+    for name, t in (("grad_kl", grad_kl), ("kl", kl), ("lse_s", lse_s), ("lse_t", lse_t)):
+        if tuple(t.shape) != tuple(q_s.shape[:3]):
+            raise ValueError(f"streamkl::attention_kl_bwd: {name} must have shape [B, H, N_q] = "
+                             f"{tuple(q_s.shape[:3])}, got {tuple(t.shape)}")
     dq_s = torch.empty_like(q_s, memory_format=torch.contiguous_format)
     dk_s = torch.empty_like(k_s, memory_format=torch.contiguous_format)
     if teacher_grad:

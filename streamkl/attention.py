@@ -6,49 +6,7 @@ from typing import Optional
 import torch
 
 from . import _ops
-
-DIVERGENCES = ("forward", "reverse")
-REDUCTIONS = ("none", "sum", "mean")
-
-
-def _check_arguments(q_s, k_s, q_t, k_t, scale_s, scale_t, divergence, reduction):
-    tensors = {"q_s": q_s, "k_s": k_s, "q_t": q_t, "k_t": k_t}
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"streamkl.attention_kl: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"streamkl.attention_kl: {name} must be 4-D [batch, heads, seq, head_dim], "
-                             f"got shape {tuple(t.shape)}")
-    for name, t in tensors.items():
-        if t.dtype != q_s.dtype:
-            raise ValueError(f"streamkl.attention_kl: all inputs must share one dtype; q_s is {q_s.dtype} "
-                             f"but {name} is {t.dtype}")
-        if t.device != q_s.device:
-            raise ValueError(f"streamkl.attention_kl: all inputs must be on one device; q_s is on {q_s.device} "
-                             f"but {name} is on {t.device}")
-    if not q_s.dtype.is_floating_point:
-        raise ValueError(f"streamkl.attention_kl: inputs must be floating point, got {q_s.dtype}")
-    B, H, Nq, Ds = q_s.shape
-    if tuple(q_t.shape[:3]) != (B, H, Nq):
-        raise ValueError(f"streamkl.attention_kl: q_t must match q_s in batch, heads and query length: expected "
-                         f"[{B}, {H}, {Nq}, D_t], got {tuple(q_t.shape)}")
-    for qn, kn, q, k in (("q_s", "k_s", q_s, k_s), ("q_t", "k_t", q_t, k_t)):
-        if tuple(k.shape[:2]) != (B, H):
-            raise ValueError(f"streamkl.attention_kl: {kn} must have the batch and heads of {qn}: expected "
-                             f"[{B}, {H}, N_k, {q.shape[3]}], got {tuple(k.shape)}")
-        if k.shape[3] != q.shape[3]:
-            raise ValueError(f"streamkl.attention_kl: {kn} must have the head dim of {qn} ({q.shape[3]}), got "
-                             f"{k.shape[3]} (shape {tuple(k.shape)})")
-    if k_s.shape[2] != k_t.shape[2]:
-        raise ValueError(f"streamkl.attention_kl: student and teacher must attend over the same keys: k_s has "
-                         f"N_k={k_s.shape[2]} but k_t has N_k={k_t.shape[2]}")
-    for name, scale in (("scale_s", scale_s), ("scale_t", scale_t)):
-        if not (scale > 0 and math.isfinite(scale)):
-            raise ValueError(f"streamkl.attention_kl: {name} must be a positive finite number, got {scale}")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"streamkl.attention_kl: divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"streamkl.attention_kl: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+from ._validation import DIVERGENCES, REDUCTIONS, check_attention_tensors, check_options
 
 
 def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, *,
@@ -81,9 +39,10 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
         float32 tensor (float64 for float64 inputs): statistics are accumulated in fp32 whatever the
         input dtype. Gradients flow to ``q_s, k_s``, and to ``q_t, k_t`` when they require grad.
     """
+    check_attention_tensors(q_s, k_s, q_t, k_t, where="streamkl.attention_kl")
     scale_s = 1.0 / math.sqrt(q_s.shape[-1]) if scale_s is None else float(scale_s)
     scale_t = 1.0 / math.sqrt(q_t.shape[-1]) if scale_t is None else float(scale_t)
-    _check_arguments(q_s, k_s, q_t, k_t, scale_s, scale_t, divergence, reduction)
+    check_options(scale_s, scale_t, divergence, reduction, where="streamkl.attention_kl")
     kl, _, _ = _ops.ops.attention_kl_fwd(q_s, k_s, q_t, k_t, scale_s, scale_t, bool(causal), divergence)
     if reduction == "sum":
         return kl.sum()

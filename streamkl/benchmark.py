@@ -422,8 +422,29 @@ def cpu_name() -> str:
                     break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{name} ({cores} cores, {torch.get_num_threads()} torch threads)"
+    return f"{name} ({usable_cores()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_load_note() -> Optional[str]:
+    """A warning when the 1-minute load average says other work shares the CPU, else ``None``.
+
+    With torch's intra-op threads on every core, one busy neighbour makes each parallel op wait for a
+    preempted thread, and CPU timings swing by 10x or more.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+    cores = usable_cores()
+    if load < 0.5 * cores:
+        return None
+    return (f"note: the CPU is shared (1-minute load {load:.1f} on {cores} cores when the run started); "
+            f"CPU timings will be noisy")
 
 
 def device_name(device) -> str:
@@ -448,6 +469,7 @@ def environment_info(device) -> dict:
         "device_name": device_name(device),
         "timing": timing_method(device),
         "memory": memory_method(device),
+        "cpu_load_note": cpu_load_note() if torch.device(device).type == "cpu" else None,
     }
     try:
         import triton

@@ -159,8 +159,10 @@ def format_report(args, device, env: dict, results: dict, check: dict) -> str:
         f"problem: B={args.batch} H={args.heads} N={args.seqlen} D={args.head_dim} {args.dtype}, {mode}, "
         f"{args.divergence} KL; student q,k require grad, teacher detached",
         f"timing: {env['timing']}, {reps}; memory: {env['memory']}",
-        "",
     ]
+    if env.get("cpu_load_note"):
+        lines.append(env["cpu_load_note"])
+    lines.append("")
     headers = ["method", "fwd ms", "fwd+bwd ms", "peak extra fwd", "peak extra fwd+bwd", "max |KL - fp64 ref|"]
     rows = []
     for key, label in METHODS:

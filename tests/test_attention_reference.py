@@ -118,7 +118,6 @@ def test_low_precision_inputs(shape, causal, divergence, dtype):
     out.backward(grad_out)
     ref, ref_grads = reference_grads(inputs, grad_out, causal=causal, divergence=divergence)
     assert_rel_close(out, ref, 1e-3)
-    assert_rel_close(out, ref, 1e-2)
     for x in inputs:
         assert x.grad.dtype == dtype
     assert_grads_close([x.grad for x in inputs], ref_grads, 2e-2)
@@ -284,3 +283,16 @@ def test_attention_kl_loss_module(reduction):
     ref.backward(grad_out)
     assert_rel_close(loss, ref, TOL[torch.float64])
     assert_grads_close([x.grad for x in inputs], [x.grad for x in leaves], TOL[torch.float64])
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("which", ["q_s", "k_s", "q_t", "k_t"])
+def test_nan_input_propagates(which, divergence):
+    """A NaN in an input makes the rows that read it NaN, as in the reference (never a silent 0)."""
+    inputs = list(make_inputs(1, 2, 6, 9, 8, 4, seed=seed_of("nan", which, divergence)))
+    idx = ("q_s", "k_s", "q_t", "k_t").index(which)
+    inputs[idx][0, 1, 3, 0] = float("nan")  # query row 3 / key 3 of head 1
+    out = streamkl.attention_kl(*inputs, divergence=divergence)
+    ref = streamkl.attention_kl_reference(*inputs, divergence=divergence)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.isnan(streamkl.attention_kl(*inputs, divergence=divergence, reduction="mean"))

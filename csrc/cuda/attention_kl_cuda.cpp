@@ -72,7 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cuda
   const c10::cuda::CUDAGuard guard(q_s_in.device());
   const at::Tensor q_s = kernel_ready(q_s_in), k_s = kernel_ready(k_s_in), q_t = kernel_ready(q_t_in),
                    k_t = kernel_ready(k_t_in);
-  const auto rows = at::IntArrayRef({q_s.size(0), q_s.size(1), q_s.size(2)});
+  const std::vector<int64_t> row_shape = {q_s.size(0), q_s.size(1), q_s.size(2)};
+  const at::IntArrayRef rows(row_shape);
   TORCH_CHECK_VALUE(kl.sizes() == rows && grad_kl.sizes() == rows && lse_s.sizes() == rows && lse_t.sizes() == rows,
                     "streamkl: attention_kl_bwd expects grad_kl, kl, lse_s, lse_t of shape [B, H, N_q] = ", rows);
   const at::Tensor g = grad_kl.to(at::kFloat).contiguous(), kl_c = kl.to(at::kFloat).contiguous(),

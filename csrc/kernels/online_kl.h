@@ -107,7 +107,7 @@ struct OnlineKLState {
     max_o = new_o;
   }
 
-  SKL_HOST_DEVICE bool empty() const { return !(sum_w > T(0)); }
+  SKL_HOST_DEVICE bool empty() const { return sum_w == T(0); }
 
   // log-sum-exp of each side in natural units; -inf for a row with no allowed key.
   SKL_HOST_DEVICE T lse_w() const {
@@ -117,12 +117,13 @@ struct OnlineKLState {
     return empty() ? neg_infinity<T>() : (max_o + Base::log(sum_o)) * Base::to_natural();
   }
 
-  // D(P_w || P_o) in natural units; 0 for a row with no allowed key. Clamped at 0: the exact value is
-  // non-negative and rounding must not hand the caller a negative divergence.
+  // D(P_w || P_o) in natural units; 0 for a row with no allowed key. A slightly negative result (the
+  // exact value is >= 0, rounding is not) is clamped to 0; NaN (from NaN inputs) is passed through, never
+  // hidden as 0.
   SKL_HOST_DEVICE T divergence() const {
-    if (empty()) return T(0);
-    const T base_units = acc / sum_w - (max_w + Base::log(sum_w)) + (max_o + Base::log(sum_o));
-    return max_of(base_units * Base::to_natural(), T(0));
+    if (sum_w == T(0)) return T(0);
+    const T d = (acc / sum_w - (max_w + Base::log(sum_w)) + (max_o + Base::log(sum_o))) * Base::to_natural();
+    return d < T(0) ? T(0) : d;
   }
 };
 

@@ -1,5 +1,7 @@
 #include "attention_inputs.h"
 
+#include <cmath>
+
 #include <c10/util/Exception.h>
 
 namespace streamkl {
@@ -40,8 +42,8 @@ void check_attention_inputs(const at::Tensor& q_s, const at::Tensor& k_s, const 
   check_keys(q_t, k_t, "q_t", "k_t");
   TORCH_CHECK_VALUE(k_s.size(2) == k_t.size(2), "streamkl: student and teacher must attend over the same keys: k_s has N_k=",
                     k_s.size(2), " but k_t has N_k=", k_t.size(2));
-  TORCH_CHECK_VALUE(scale_s > 0 && scale_t > 0, "streamkl: softmax scales must be positive, got scale_s=", scale_s,
-                    ", scale_t=", scale_t);
+  TORCH_CHECK_VALUE(scale_s > 0 && scale_t > 0 && std::isfinite(scale_s) && std::isfinite(scale_t),
+                    "streamkl: softmax scales must be positive and finite, got scale_s=", scale_s, ", scale_t=", scale_t);
 }
 
 at::Tensor with_contiguous_last_dim(const at::Tensor& t) {

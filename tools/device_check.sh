@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device call: build the CUDA extension, run the CUDA tests, compute-sanitizer on a small fwd+bwd,
+# and the quick correctness sweep. Logs go to $OUT; a short summary is printed last.
+# Usage (on the GPU machine, repo root): bash tools/device_check.sh   [env: STREAMKL_CUDA_ARCHS, STREAMKL_DISABLE_*]
+set -uo pipefail
+OUT=${OUT:-/tmp/streamkl_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+summary=()
+python3 -m pip install -q --no-deps --no-index .whl/nvidia_cutlass-*.whl > "$OUT/cutlass.log" 2>&1
+start=$(date +%s)
+if python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  summary+=("build: ok ($(( $(date +%s) - start )) s, archs ${STREAMKL_CUDA_ARCHS:-80;90})")
+else
+  tail -40 "$OUT/build.log"; echo "build: FAILED"; exit 1
+fi
+python3 -c "import torch, streamkl; print('torch', torch.__version__, torch.cuda.get_device_name(), 'cuda kernels:', streamkl.cuda_available())" | tee "$OUT/env.log"
+python3 -m pytest -q tests/test_attention_cuda.py -x > "$OUT/pytest_cuda.log" 2>&1
+summary+=("pytest cuda: $(tail -1 "$OUT/pytest_cuda.log")")
+python3 tools/cuda_smoke.py > "$OUT/smoke.log" 2>&1
+summary+=("smoke: $(grep -c '^ok' "$OUT/smoke.log") ok, $(grep -c '^BAD\|^ERR' "$OUT/smoke.log") bad")
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool $tool --error-exitcode 9 python3 tools/cuda_smoke.py --small > "$OUT/sanitizer_$tool.log" 2>&1
+  summary+=("compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)")
+done
+echo "================ summary"
+grep -E "^(BAD|ERR)" "$OUT/smoke.log"
+grep -E "FAILED|Error" "$OUT/pytest_cuda.log" | head -20
+printf '%s\n' "${summary[@]}"
