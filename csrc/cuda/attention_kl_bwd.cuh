@@ -60,11 +60,11 @@ __device__ __forceinline__ void accumulate_grad_products(TiledMma tiled_mma, Acc
   using Element = typename Traits::Element;
   Tensor ds_el = convert_fragment<Element>(ds);
   Tensor ds_a = make_tensor(ds_el.data(), acc_as_operand_a(ds_el.layout()));
-  gemm_regs_smem(tiled_mma, acc_grad_s, ds_a, y_s_transposed, threadIdx.x);
+  gemm_regs_smem<true>(tiled_mma, acc_grad_s, ds_a, y_s_transposed, threadIdx.x);
   if constexpr (kTeacherGrad) {
     Tensor dt_el = convert_fragment<Element>(dt);
     Tensor dt_a = make_tensor(dt_el.data(), acc_as_operand_a(dt_el.layout()));
-    gemm_regs_smem(tiled_mma, acc_grad_t, dt_a, y_t_transposed, threadIdx.x);
+    gemm_regs_smem<true>(tiled_mma, acc_grad_t, dt_a, y_t_transposed, threadIdx.x);
   }
 }
 

@@ -17,7 +17,14 @@ namespace cuda {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <typename Traits>
+// Compile-time choice between two references (the weighting side is a template parameter, so the
+// per-element loop has no select between student and teacher).
+template <bool kFirst, typename T>
+__device__ __forceinline__ T& pick(T& first, T& second) {
+  if constexpr (kFirst) return first; else return second;
+}
+
+template <typename Traits, bool kTeacherWeights>
 struct ForwardPolicy {
   static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   using State = OnlineKLState<float, Base2<float>>;
@@ -25,42 +32,48 @@ struct ForwardPolicy {
   static constexpr int kThreadRows = 2 * (kBlockM / (16 * Traits::kNWarps));
 
   AttentionMask mask;
-  int row0;                       // first query row of the CTA
-  float scale_s2, scale_t2;       // softmax scales times log2(e): scores in base-2 units
-  bool teacher_weights;
+  int row0;                  // first query row of the CTA
+  float scale_w2, scale_o2;  // softmax scales of the weighting / other side times log2(e)
   State state[kThreadRows];
 
   __device__ void stage_stats(int, float*) {}
 
   template <typename TiledMma, typename Acc>
   __device__ void consume(TiledMma tiled_mma, Acc& acc_s, Acc& acc_t, int y0, int) {
-    Tensor s = make_tensor(acc_s.data(), acc_as_rows_cols(acc_s.layout()));
-    Tensor t = make_tensor(acc_t.data(), acc_as_rows_cols(acc_t.layout()));
-    Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
+    Acc& acc_w = pick<kTeacherWeights>(acc_t, acc_s);
+    Acc& acc_o = pick<kTeacherWeights>(acc_s, acc_t);
+    Tensor w = make_tensor(acc_w.data(), acc_as_rows_cols(acc_w.layout()));  // raw <q, k>, unscaled
+    Tensor o = make_tensor(acc_o.data(), acc_as_rows_cols(acc_o.layout()));
     const int row_end = min_of(row0 + kBlockM, mask.seqlen_q);
     const bool full = mask.block_fully_visible(row0, row_end, y0, y0 + kBlockN);
+    if (!full) {  // tiles on a mask edge or past the last key: masked scores become -inf on both sides
+      Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
+      CUTE_UNROLL
+      for (int i = 0; i < size<0>(w); ++i) {
+        const KeyRange keys = mask.keys_for_row(row0 + get<0>(coords(i, 0)));
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(w); ++j) {
+          if (!keys.contains(y0 + get<1>(coords(i, j)))) w(i, j) = o(i, j) = neg_infinity<float>();
+        }
+      }
+    }
     CUTE_UNROLL
-    for (int i = 0; i < size<0>(s); ++i) {
-      const KeyRange keys = mask.keys_for_row(row0 + get<0>(coords(i, 0)));
+    for (int i = 0; i < size<0>(w); ++i) {
+      // Scales are positive, so the maximum of the raw scores scales to the maximum of the scores.
       float max_w = neg_infinity<float>(), max_o = neg_infinity<float>();
       CUTE_UNROLL
-      for (int j = 0; j < size<1>(s); ++j) {
-        float sv = s(i, j) * scale_s2, tv = t(i, j) * scale_t2;
-        if (!full && !keys.contains(y0 + get<1>(coords(i, j)))) sv = tv = neg_infinity<float>();
-        s(i, j) = sv;
-        t(i, j) = tv;
-        max_w = max_of(max_w, teacher_weights ? tv : sv);
-        max_o = max_of(max_o, teacher_weights ? sv : tv);
+      for (int j = 0; j < size<1>(w); ++j) {
+        max_w = fmaxf(max_w, w(i, j));
+        max_o = fmaxf(max_o, o(i, j));
       }
-      state[i].rescale(max_w, max_o);
+      state[i].rescale(max_w * scale_w2, max_o * scale_o2);
+      // The scaling folds into the exponent's FMA.
       CUTE_UNROLL
-      for (int j = 0; j < size<1>(s); ++j) {
-        const float w = teacher_weights ? t(i, j) : s(i, j);
-        const float o = teacher_weights ? s(i, j) : t(i, j);
+      for (int j = 0; j < size<1>(w); ++j) {
         if (full)
-          state[i].add(w, o);
+          state[i].add(w(i, j) * scale_w2, o(i, j) * scale_o2);
         else
-          state[i].add_maybe_masked(w, o);
+          state[i].add_maybe_masked(w(i, j) * scale_w2, o(i, j) * scale_o2);
       }
     }
   }
@@ -81,7 +94,7 @@ __device__ __forceinline__ void merge_quad(State& st) {
   }
 }
 
-template <typename Traits>
+template <typename Traits, bool kTeacherWeights>
 __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(const AttentionKLParams p) {
   using Element = typename Traits::Element;
   extern __shared__ __align__(128) char smem_raw[];
@@ -91,12 +104,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(con
   const int h = blockIdx.y, b = blockIdx.z;
   const int row0 = m_block * Traits::kBlockM;
 
-  ForwardPolicy<Traits> policy;
+  ForwardPolicy<Traits, kTeacherWeights> policy;
   policy.mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
   policy.row0 = row0;
-  policy.scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
-  policy.scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
-  policy.teacher_weights = teacher_is_weighting_side(p.divergence);
+  const float scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
+  const float scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
+  policy.scale_w2 = kTeacherWeights ? scale_t2 : scale_s2;
+  policy.scale_o2 = kTeacherWeights ? scale_s2 : scale_t2;
   for (auto& st : policy.state) st.init();
 
   auto operands = [&](const AttentionSide& side) {
@@ -116,15 +130,15 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(con
   float* lse_s = static_cast<float*>(p.lse_student);
   float* lse_t = static_cast<float*>(p.lse_teacher);
   CUTE_UNROLL
-  for (int i = 0; i < ForwardPolicy<Traits>::kThreadRows; ++i) {
+  for (int i = 0; i < ForwardPolicy<Traits, kTeacherWeights>::kThreadRows; ++i) {
     auto& st = policy.state[i];
     merge_quad(st);
     const int row = row0 + get<0>(coords(i, 0));
     if (threadIdx.x % 4 == 0 && row < p.seqlen_q) {
       const int64_t idx = p.row_index(b, h, row);
       kl[idx] = st.divergence();
-      lse_s[idx] = policy.teacher_weights ? st.lse_o() : st.lse_w();
-      lse_t[idx] = policy.teacher_weights ? st.lse_w() : st.lse_o();
+      lse_s[idx] = kTeacherWeights ? st.lse_o() : st.lse_w();
+      lse_t[idx] = kTeacherWeights ? st.lse_w() : st.lse_o();
     }
   }
 }

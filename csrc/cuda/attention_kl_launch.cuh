@@ -32,28 +32,39 @@ inline void launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem_byt
   check_launch(what);
 }
 
-// Forward: 128 query rows per CTA, 16 per warp (8 warps); key tiles of 64 (32 above head dim 128).
+// Forward: 128 query rows per CTA, 32 per warp (each key fragment feeds two MMA row slabs), key tiles of
+// 32; query fragments kept in registers when a side has head dim 128 (at 64/64 re-reading them from shared
+// memory measured faster). Head dims above 128: 64 rows per CTA so shared memory fits an A100.
+// Chosen on H100 (bench/RESULTS.md).
 template <typename Element, int kDimS, int kDimT>
-using ForwardTraits = KernelTraits<Element, kDimS, kDimT, 128, (kDimS > 128 || kDimT > 128) ? 32 : 64, 8>;
+using ForwardTraits = KernelTraits<Element, kDimS, kDimT, (kDimS > 128 || kDimT > 128) ? 64 : 128, 32, 4,
+                                   (kDimS + kDimT > 128 && kDimS + kDimT <= 256)>;
 
-// Backward: 64 rows per CTA (16 per warp), Y tiles of 32: the gradient accumulators take the registers
-// the forward spends on wider score tiles (about 170 registers at D=128 without teacher grads).
-template <typename Element, int kDimS, int kDimT>
-using BackwardTraits = KernelTraits<Element, kDimS, kDimT, 64, 32, 4>;
+// Backward: 64 rows per CTA (16 per warp), Y tiles of 64; with teacher gradients (two more accumulators)
+// Y tiles of 32 so nothing spills. Chosen on H100 (bench/RESULTS.md).
+template <typename Element, int kDimS, int kDimT, bool kTeacherGrad>
+using BackwardTraits = KernelTraits<Element, kDimS, kDimT, 64, (kTeacherGrad || kDimS > 128 || kDimT > 128) ? 32 : 64, 4>;
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-template <typename Element, int kDimS, int kDimT>
-void run_attention_kl_fwd(const AttentionKLParams& p, cudaStream_t stream) {
-  using Traits = ForwardTraits<Element, kDimS, kDimT>;
+template <typename Traits>
+void run_attention_kl_fwd_with(const AttentionKLParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
-  launch_with_smem(attention_kl_fwd_kernel<Traits>, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p,
-                   "attention_kl forward kernel");
+  if (teacher_is_weighting_side(p.divergence))
+    launch_with_smem(attention_kl_fwd_kernel<Traits, true>, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p,
+                     "attention_kl forward kernel");
+  else
+    launch_with_smem(attention_kl_fwd_kernel<Traits, false>, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p,
+                     "attention_kl forward kernel");
 }
 
-template <typename Element, int kDimS, int kDimT, bool kTeacherGrad>
+template <typename Element, int kDimS, int kDimT>
+void run_attention_kl_fwd(const AttentionKLParams& p, cudaStream_t stream) {
+  run_attention_kl_fwd_with<ForwardTraits<Element, kDimS, kDimT>>(p, stream);
+}
+
+template <typename Traits, bool kTeacherGrad>
 void run_attention_kl_bwd_impl(const AttentionKLParams& p, cudaStream_t stream) {
-  using Traits = BackwardTraits<Element, kDimS, kDimT>;
   const dim3 dq_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
   launch_with_smem(attention_kl_bwd_dq_kernel<Traits, kTeacherGrad>, dq_grid, Traits::kNThreads, Traits::kSmemBytes,
                    stream, p, "attention_kl backward dQ kernel");
@@ -65,9 +76,9 @@ void run_attention_kl_bwd_impl(const AttentionKLParams& p, cudaStream_t stream) 
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_bwd(const AttentionKLParams& p, cudaStream_t stream) {
   if (p.teacher_grad)
-    run_attention_kl_bwd_impl<Element, kDimS, kDimT, true>(p, stream);
+    run_attention_kl_bwd_impl<BackwardTraits<Element, kDimS, kDimT, true>, true>(p, stream);
   else
-    run_attention_kl_bwd_impl<Element, kDimS, kDimT, false>(p, stream);
+    run_attention_kl_bwd_impl<BackwardTraits<Element, kDimS, kDimT, false>, false>(p, stream);
 }
 
 }  // namespace cuda

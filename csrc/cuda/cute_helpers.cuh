@@ -2,6 +2,8 @@
 // tensor-core product shapes (smem x smem, registers x smem), and views of MMA accumulators by row/column.
 #pragma once
 
+#include <type_traits>
+
 #include <cute/tensor.hpp>
 
 namespace streamkl {
@@ -68,15 +70,18 @@ __device__ __forceinline__ void gemm_smem_smem(TiledMma tiled_mma, Acc& acc, con
   }
 }
 
-// acc += A * B^T with A already in registers (MMA A layout) and B = the transposed view of a shared tile,
-// read with ldmatrix.trans.
-template <typename TiledMma, typename Acc, typename RA, typename SBt>
-__device__ __forceinline__ void gemm_regs_smem(TiledMma tiled_mma, Acc& acc, const RA& rA, const SBt& sBt, int tid) {
+// acc += A * B^T with A already in registers (MMA A layout) and B in shared memory: read with plain ldmatrix
+// when kTransposedB is false (B stored [n, k], e.g. a key tile), with ldmatrix.trans when true (B is the
+// transposed view of a tile stored [k, n], e.g. the Y tile in the gradient products).
+template <bool kTransposedB, typename TiledMma, typename Acc, typename RA, typename SB>
+__device__ __forceinline__ void gemm_regs_smem(TiledMma tiled_mma, Acc& acc, const RA& rA, const SB& sB, int tid) {
+  using Atom = std::conditional_t<kTransposedB, Copy_Atom<SM75_U16x8_LDSM_T, typename SB::value_type>,
+                                  Copy_Atom<SM75_U32x4_LDSM_N, typename SB::value_type>>;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
-  Tensor rB = thr_mma.partition_fragment_B(sBt);
-  auto copy_B = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, typename SBt::value_type>{}, tiled_mma);
+  Tensor rB = thr_mma.partition_fragment_B(sB);
+  auto copy_B = make_tiled_copy_B(Atom{}, tiled_mma);
   auto thr_B = copy_B.get_thread_slice(tid);
-  Tensor sB_part = thr_B.partition_S(sBt);
+  Tensor sB_part = thr_B.partition_S(sB);
   Tensor rB_view = thr_B.retile_D(rB);
   cute::copy(copy_B, sB_part(_, _, _0{}), rB_view(_, _, _0{}));
   CUTE_UNROLL
@@ -84,6 +89,20 @@ __device__ __forceinline__ void gemm_regs_smem(TiledMma tiled_mma, Acc& acc, con
     if (k + 1 < size<2>(rA)) cute::copy(copy_B, sB_part(_, _, k + 1), rB_view(_, _, k + 1));
     cute::gemm(tiled_mma, rA(_, _, k), rB(_, _, k), acc);
   }
+}
+
+// Register fragment of an A operand held in shared memory, for kernels that keep it in registers.
+template <typename TiledMma, typename SA>
+__device__ __forceinline__ auto operand_a_fragment(TiledMma tiled_mma, const SA& sA, int tid) {
+  return tiled_mma.get_thread_slice(tid).partition_fragment_A(sA);
+}
+
+template <typename TiledMma, typename RA, typename SA>
+__device__ __forceinline__ void load_operand_a(TiledMma tiled_mma, RA& rA, const SA& sA, int tid) {
+  auto copy_A = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, typename SA::value_type>{}, tiled_mma);
+  auto thr_A = copy_A.get_thread_slice(tid);
+  Tensor rA_view = thr_A.retile_D(rA);
+  cute::copy(copy_A, thr_A.partition_S(sA), rA_view);
 }
 
 // SM80 16x8 accumulator layout ((2 cols, 2 rows), MMA_M, MMA_N) viewed as (rows, cols) =

@@ -39,12 +39,15 @@ struct SmemTile {
       cute::Layout<Shape<_1, _8>>{}));
 };
 
-template <typename Element_, int kDimS_, int kDimT_, int kBlockM_, int kBlockN_, int kNWarps_>
+template <typename Element_, int kDimS_, int kDimT_, int kBlockM_, int kBlockN_, int kNWarps_, bool kXInRegisters_ = false>
 struct KernelTraits {
   using Element = Element_;  // cutlass::bfloat16_t or cutlass::half_t
   static constexpr int kDimS = kDimS_, kDimT = kDimT_;
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kNWarps = kNWarps_;
   static constexpr int kNThreads = kNWarps * 32;
+  // Keep the X fragments in registers for the whole stream (loaded from shared memory once) instead of
+  // re-reading them with ldmatrix for every Y tile: halves the shared-memory traffic of the score products.
+  static constexpr bool kXInRegisters = kXInRegisters_;
   static_assert(kBlockM % (16 * kNWarps) == 0, "each warp owns whole 16-row MMA slabs");
 
   using MmaAtom = MMA_Atom<std::conditional_t<std::is_same<Element, cutlass::half_t>::value,

@@ -83,6 +83,9 @@ __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Trai
   typename Traits::TiledMma tiled_mma;
   Tensor x_s = make_tensor(make_smem_ptr(smem.x_s), typename Traits::XTileS::Layout{});
   Tensor x_t = make_tensor(make_smem_ptr(smem.x_t), typename Traits::XTileT::Layout{});
+  // Used only when Traits::kXInRegisters (otherwise the compiler drops them).
+  Tensor x_s_regs = operand_a_fragment(tiled_mma, x_s, tid);
+  Tensor x_t_regs = operand_a_fragment(tiled_mma, x_t, tid);
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int stage = tile % Traits::kStages;
     const int y0 = y_begin + tile * kBlockN;
@@ -96,8 +99,17 @@ __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Trai
     Tensor acc_t = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
     clear(acc_t);
-    gemm_smem_smem(tiled_mma, acc_s, x_s, smem.y_s_tile(stage), tid);
-    gemm_smem_smem(tiled_mma, acc_t, x_t, smem.y_t_tile(stage), tid);
+    if constexpr (Traits::kXInRegisters) {
+      if (tile == 0) {  // X arrived with the first Y tile
+        load_operand_a(tiled_mma, x_s_regs, x_s, tid);
+        load_operand_a(tiled_mma, x_t_regs, x_t, tid);
+      }
+      gemm_regs_smem<false>(tiled_mma, acc_s, x_s_regs, smem.y_s_tile(stage), tid);
+      gemm_regs_smem<false>(tiled_mma, acc_t, x_t_regs, smem.y_t_tile(stage), tid);
+    } else {
+      gemm_smem_smem(tiled_mma, acc_s, x_s, smem.y_s_tile(stage), tid);
+      gemm_smem_smem(tiled_mma, acc_t, x_t, smem.y_t_tile(stage), tid);
+    }
     policy.consume(tiled_mma, acc_s, acc_t, y0, stage);
     __syncthreads();  // the next iteration's loads overwrite this stage
   }
