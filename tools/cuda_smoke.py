@@ -53,13 +53,17 @@ def main():
         (1, 2, 513, 1000, 128, 64, False, "forward", torch.bfloat16, True),
         (1, 1, 1, 1, 64, 64, False, "forward", torch.bfloat16, True),
         (1, 2, 200, 50, 64, 64, True, "forward", torch.bfloat16, True),
+        (2, 2, 300, 200, 128, 64, True, "reverse", torch.bfloat16, False),
+        (1, 3, 77, 1000, 64, 128, False, "forward", torch.bfloat16, False),
+        (1, 2, 500, 450, 128, 128, True, "forward", torch.bfloat16, False),
     ]
     extra = [(1, 2, 333, 444, 64, 64, True, "reverse", torch.float16, True),
              (1, 2, 300, 300, 32, 32, True, "forward", torch.bfloat16, True),
              (1, 2, 300, 200, 96, 96, False, "forward", torch.float16, True),
              (1, 2, 200, 300, 256, 256, True, "reverse", torch.bfloat16, True)]
     if len(sys.argv) > 1 and sys.argv[1] == "--small":  # one tiny case each way, for compute-sanitizer
-        cases, extra = [(1, 2, 100, 130, 64, 128, True, "forward", torch.bfloat16, True)], []
+        cases, extra = [(1, 2, 100, 130, 64, 128, True, "forward", torch.bfloat16, True),
+                        (1, 2, 130, 100, 128, 64, True, "reverse", torch.bfloat16, False)], []
     for c in cases + extra:
         try:
             ok &= check(*c, gen)

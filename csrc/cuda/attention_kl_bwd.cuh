@@ -222,8 +222,52 @@ struct DkPolicy {
     }
     accumulate_grad_products<Traits, kTeacherGrad>(tiled_mma, acc_s, acc_t, grads.s, grads.t,
                                                    smem->y_s_transposed(stage), smem->y_t_transposed(stage));
+    if constexpr (Traits::kFusedDq) accumulate_student_dq(tiled_mma, acc_s, y0);
+  }
+
+  // Fused dQ: dQ[y0 + r] += sum_c dS[r][c] * K[key0 + c] for the tile's query rows r (unscaled; the
+  // workspace is scaled and converted afterwards). dS^T (this thread's accumulator) goes through shared
+  // memory so it can be read transposed as the A operand; K is the CTA's X tile, read transposed as B.
+  template <typename TiledMma, typename Acc>
+  __device__ void accumulate_student_dq(TiledMma tiled_mma, const Acc& ds_t, int y0) {
+    using Element = typename Traits::Element;
+    using DsTile = typename Traits::DsTile;
+    Tensor ds_el = convert_fragment<Element>(ds_t);
+    Tensor ds_rc = make_tensor(ds_el.data(), acc_as_rows_cols(ds_el.layout()));
+    Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
+    Tensor s_ds = make_tensor(make_smem_ptr(smem->ds), typename DsTile::Layout{});
+    CUTE_UNROLL
+    for (int i = 0; i < size<0>(ds_rc); ++i) {
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(ds_rc); ++j) s_ds(get<0>(coords(i, j)), get<1>(coords(i, j))) = ds_rc(i, j);
+    }
+    __syncthreads();
+    Tensor acc_dq = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<Traits::kDimS>>{});
+    clear(acc_dq);
+    Tensor s_ds_transposed = make_tensor(make_smem_ptr(smem->ds), typename DsTile::LayoutTransposed{});
+    Tensor s_k_transposed = make_tensor(make_smem_ptr(smem->x_s), typename Traits::XTileS::LayoutTransposed{});
+    gemm_smem_smem<true, true>(tiled_mma, acc_dq, s_ds_transposed, s_k_transposed, threadIdx.x);
+
+    float* dq_accum = static_cast<float*>(params->dq_accum) + params->row_index(b, h, 0) * Traits::kDimS;
+    Tensor dq_rc = make_tensor(acc_dq.data(), acc_as_rows_cols(acc_dq.layout()));
+    Tensor dq_coords = accumulator_coords<kBlockN, Traits::kDimS>(tiled_mma, threadIdx.x);
+    CUTE_UNROLL
+    for (int i = 0; i < size<0>(dq_rc); ++i) {
+      const int row = y0 + get<0>(dq_coords(i, 0));
+      if (row >= mask.seqlen_q) continue;
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(dq_rc); ++j)
+        atomicAdd(dq_accum + static_cast<int64_t>(row) * Traits::kDimS + get<1>(dq_coords(i, j)), dq_rc(i, j));
+    }
   }
 };
+
+// dQ = scale * workspace, converted to the input type (the epilogue of the fused backward).
+template <typename Element>
+__global__ void scale_convert_kernel(const float* __restrict__ in, Element* __restrict__ out, int64_t n, float scale) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = static_cast<Element>(in[i] * scale);
+}
 
 template <typename Traits, bool kTeacherGrad>
 __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dk_kernel(const AttentionKLParams p) {

@@ -1,6 +1,9 @@
 // CUDA implementations of streamkl::attention_kl_fwd / attention_kl_bwd: validation shared with the CPU
 // path (csrc/ops/attention_inputs.h), then the tensor-core kernels from the registry. No fallback: an
 // unsupported configuration raises an error naming what is supported.
+#include <cstdlib>
+#include <string>
+
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,6 +30,16 @@ at::Tensor kernel_ready(const at::Tensor& t) {
   const bool aligned = reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 && (out.stride(0) * elem) % 16 == 0 &&
                        (out.stride(1) * elem) % 16 == 0 && (out.stride(2) * elem) % 16 == 0;
   return aligned ? out : out.contiguous();
+}
+
+// STREAMKL_FUSED_BACKWARD=0 selects the two-kernel (dQ kernel + dK kernel) backward for student-only
+// gradients too: deterministic (no atomics) at some speed cost.
+bool fused_backward_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("STREAMKL_FUSED_BACKWARD");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return enabled;
 }
 
 cuda::LaunchFn find_launcher(cuda::KernelFamily family, const at::Tensor& q_s, const at::Tensor& q_t,
@@ -96,6 +109,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cuda
   p.teacher_grad = teacher_grad;
   set_side_gradients(p.student, dq_s, dk_s);
   if (teacher_grad) set_side_gradients(p.teacher, dq_t, dk_t);
+  // Student-only gradients take the fused backward, which adds dQ into this zeroed fp32 workspace.
+  at::Tensor dq_accum;
+  if (!teacher_grad && fused_backward_enabled() &&
+      cuda::fused_backward_supports(static_cast<int>(q_s.size(3)), static_cast<int>(q_t.size(3)))) {
+    dq_accum = at::zeros(q_s.sizes(), q_s.options().dtype(at::kFloat));
+    p.dq_accum = dq_accum.data_ptr();
+  }
   launch(p, at::cuda::getCurrentCUDAStream());
   return {dq_s, dk_s, dq_t, dk_t};
 }

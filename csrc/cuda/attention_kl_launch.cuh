@@ -4,11 +4,13 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
 #include "attention_kl_bwd.cuh"
 #include "attention_kl_fwd.cuh"
+#include "kernel_registry.h"
 #include "kernel_traits.cuh"
 
 namespace streamkl {
@@ -73,12 +75,39 @@ void run_attention_kl_bwd_impl(const AttentionKLParams& p, cudaStream_t stream) 
                    stream, p, "attention_kl backward dK kernel");
 }
 
+// Student-only gradients (a frozen teacher, the common case): one fused kernel per key block computes the
+// score tiles once and produces dK directly and dQ through the fp32 workspace p.dq_accum.
+template <typename Element, int kDimS, int kDimT>
+using FusedBackwardTraits = KernelTraits<Element, kDimS, kDimT, 64, 64, 4, false, true>;
+
+template <typename Element, int kDimS, int kDimT>
+void run_attention_kl_bwd_fused(const AttentionKLParams& p, cudaStream_t stream) {
+  using Traits = FusedBackwardTraits<Element, kDimS, kDimT>;
+  const dim3 grid(ceil_div(p.seqlen_k, Traits::kBlockM), p.num_heads, p.batch);
+  launch_with_smem(attention_kl_bwd_dk_kernel<Traits, false>, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p,
+                   "attention_kl fused backward kernel");
+  const int64_t n = static_cast<int64_t>(p.batch) * p.num_heads * p.seqlen_q * kDimS;
+  const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 65535));
+  scale_convert_kernel<Element><<<blocks, 256, 0, stream>>>(static_cast<const float*>(p.dq_accum),
+                                                            static_cast<Element*>(p.student.dq), n,
+                                                            static_cast<float>(p.student.scale));
+  check_launch("attention_kl dQ epilogue");
+}
+
+// p.dq_accum non-null selects the fused student-only backward (it requires a contiguous student dq).
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_bwd(const AttentionKLParams& p, cudaStream_t stream) {
-  if (p.teacher_grad)
+  if (p.teacher_grad) {
     run_attention_kl_bwd_impl<BackwardTraits<Element, kDimS, kDimT, true>, true>(p, stream);
-  else
-    run_attention_kl_bwd_impl<BackwardTraits<Element, kDimS, kDimT, false>, false>(p, stream);
+    return;
+  }
+  if constexpr (fused_backward_supports(kDimS, kDimT)) {
+    if (p.dq_accum != nullptr) {
+      run_attention_kl_bwd_fused<Element, kDimS, kDimT>(p, stream);
+      return;
+    }
+  }
+  run_attention_kl_bwd_impl<BackwardTraits<Element, kDimS, kDimT, false>, false>(p, stream);
 }
 
 }  // namespace cuda

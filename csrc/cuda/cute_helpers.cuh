@@ -43,15 +43,22 @@ __device__ __forceinline__ void issue_tile_load(const Element* base, int64_t row
   load_tile(gmem_copy, src, dst, coords, valid_rows);
 }
 
+// ldmatrix atom for an operand view: plain when the view's k dimension is contiguous in shared memory,
+// .trans when the view is the transpose of a tile stored the other way round.
+template <bool kTransposed, typename Element>
+using LdsmAtom = std::conditional_t<kTransposed, Copy_Atom<SM75_U16x8_LDSM_T, Element>,
+                                    Copy_Atom<SM75_U32x4_LDSM_N, Element>>;
+
 // acc += A * B^T with both operands in shared memory, streamed through registers k-slice by k-slice
 // (the next slice's ldmatrix overlaps the current slice's MMAs).
-template <typename TiledMma, typename Acc, typename SA, typename SB>
+template <bool kTransposedA = false, bool kTransposedB = false, typename TiledMma, typename Acc, typename SA,
+          typename SB>
 __device__ __forceinline__ void gemm_smem_smem(TiledMma tiled_mma, Acc& acc, const SA& sA, const SB& sB, int tid) {
   auto thr_mma = tiled_mma.get_thread_slice(tid);
   Tensor rA = thr_mma.partition_fragment_A(sA);
   Tensor rB = thr_mma.partition_fragment_B(sB);
-  auto copy_A = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, typename SA::value_type>{}, tiled_mma);
-  auto copy_B = make_tiled_copy_B(Copy_Atom<SM75_U32x4_LDSM_N, typename SB::value_type>{}, tiled_mma);
+  auto copy_A = make_tiled_copy_A(LdsmAtom<kTransposedA, typename SA::value_type>{}, tiled_mma);
+  auto copy_B = make_tiled_copy_B(LdsmAtom<kTransposedB, typename SB::value_type>{}, tiled_mma);
   auto thr_A = copy_A.get_thread_slice(tid);
   auto thr_B = copy_B.get_thread_slice(tid);
   Tensor sA_part = thr_A.partition_S(sA);
@@ -75,8 +82,7 @@ __device__ __forceinline__ void gemm_smem_smem(TiledMma tiled_mma, Acc& acc, con
 // transposed view of a tile stored [k, n], e.g. the Y tile in the gradient products).
 template <bool kTransposedB, typename TiledMma, typename Acc, typename RA, typename SB>
 __device__ __forceinline__ void gemm_regs_smem(TiledMma tiled_mma, Acc& acc, const RA& rA, const SB& sB, int tid) {
-  using Atom = std::conditional_t<kTransposedB, Copy_Atom<SM75_U16x8_LDSM_T, typename SB::value_type>,
-                                  Copy_Atom<SM75_U32x4_LDSM_N, typename SB::value_type>>;
+  using Atom = LdsmAtom<kTransposedB, typename SB::value_type>;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
   Tensor rB = thr_mma.partition_fragment_B(sB);
   auto copy_B = make_tiled_copy_B(Atom{}, tiled_mma);

@@ -22,6 +22,11 @@ struct KernelKey {
 
 using LaunchFn = void (*)(const AttentionKLParams&, cudaStream_t);
 
+// The fused student-only backward (one kernel, dQ through an fp32 workspace) exists for head dims up to
+// 128; larger ones use the two-kernel backward. Shared by the launchers and the op, which allocates the
+// workspace only when it will be used.
+constexpr bool fused_backward_supports(int dim_s, int dim_t) { return dim_s <= 128 && dim_t <= 128; }
+
 // Returns true so it can initialize a namespace-scope constant in instantiation files.
 bool register_kernel(const KernelKey& key, LaunchFn fn);
 LaunchFn find_kernel(const KernelKey& key);

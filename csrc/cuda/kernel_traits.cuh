@@ -39,7 +39,8 @@ struct SmemTile {
       cute::Layout<Shape<_1, _8>>{}));
 };
 
-template <typename Element_, int kDimS_, int kDimT_, int kBlockM_, int kBlockN_, int kNWarps_, bool kXInRegisters_ = false>
+template <typename Element_, int kDimS_, int kDimT_, int kBlockM_, int kBlockN_, int kNWarps_, bool kXInRegisters_ = false,
+          bool kFusedDq_ = false>
 struct KernelTraits {
   using Element = Element_;  // cutlass::bfloat16_t or cutlass::half_t
   static constexpr int kDimS = kDimS_, kDimT = kDimT_;
@@ -48,6 +49,9 @@ struct KernelTraits {
   // Keep the X fragments in registers for the whole stream (loaded from shared memory once) instead of
   // re-reading them with ldmatrix for every Y tile: halves the shared-memory traffic of the score products.
   static constexpr bool kXInRegisters = kXInRegisters_;
+  // Backward dK kernel that also produces dQ (student only): the dS^T tile goes through shared memory and
+  // dQ += dS K is added into an fp32 workspace with atomics, so the score tiles are computed once.
+  static constexpr bool kFusedDq = kFusedDq_;
   static_assert(kBlockM % (16 * kNWarps) == 0, "each warp owns whole 16-row MMA slabs");
 
   using MmaAtom = MMA_Atom<std::conditional_t<std::is_same<Element, cutlass::half_t>::value,
@@ -64,8 +68,12 @@ struct KernelTraits {
   // Per-Y-row statistics staged in shared memory by kernels that need them (dK kernel): 4 floats per row.
   static constexpr int kRowStats = 4;
 
+  // dS^T tile [kBlockM keys, kBlockN queries] of the fused backward.
+  using DsTile = SmemTile<Element, kBlockM, kBlockN, kNThreads>;
+  static constexpr int kDsElements = kFusedDq ? DsTile::kElements : 0;
+
   static constexpr int kSmemElements =
-      XTileS::kElements + XTileT::kElements + kStages * (YTileS::kElements + YTileT::kElements);
+      XTileS::kElements + XTileT::kElements + kStages * (YTileS::kElements + YTileT::kElements) + kDsElements;
   static constexpr int kSmemBytes =
       kSmemElements * int(sizeof(Element)) + kStages * kBlockN * kRowStats * int(sizeof(float));
 };

@@ -28,12 +28,14 @@ struct SmemPlan {
   Element* x_t;
   Element* y_base;
   float* stats_base;
+  Element* ds;  // dS^T tile of the fused backward (Traits::kFusedDq)
 
   __device__ explicit SmemPlan(char* raw) {
     x_s = reinterpret_cast<Element*>(raw);
     x_t = x_s + Traits::XTileS::kElements;
     y_base = x_t + Traits::XTileT::kElements;
     stats_base = reinterpret_cast<float*>(y_base + Traits::kStages * kStageElements);
+    ds = reinterpret_cast<Element*>(stats_base + Traits::kStages * Traits::kBlockN * Traits::kRowStats);
   }
 
   __device__ Element* y_s(int stage) const { return y_base + stage * kStageElements; }

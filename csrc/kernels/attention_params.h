@@ -60,6 +60,9 @@ struct AttentionKLParams {
   // Backward only.
   const void* grad_kl = nullptr;
   bool teacher_grad = false;  // also produce teacher.dq / teacher.dk
+  // fp32 workspace [B, H, N_q, D_s], zeroed, for CUDA backward kernels that accumulate the student's dQ
+  // with atomics (see cuda/attention_kl_bwd.cuh); null where unused.
+  void* dq_accum = nullptr;
 
   SKL_HOST_DEVICE int64_t row_index(int b, int h, int i) const {
     return (static_cast<int64_t>(b) * num_heads + h) * seqlen_q + i;
