@@ -75,8 +75,10 @@ void run_attention_kl_bwd_impl(const AttentionKLParams& p, cudaStream_t stream) 
                    stream, p, "attention_kl backward dK kernel");
 }
 
-// Student-only gradients (a frozen teacher, the common case): one fused kernel per key block computes the
-// score tiles once and produces dK directly and dQ through the fp32 workspace p.dq_accum.
+// Fused student-only backward (opt-in, STREAMKL_FUSED_BACKWARD=1): one kernel per key block computes the
+// score tiles once and produces dK directly and dQ through the fp32 workspace p.dq_accum. Measured slower
+// than the two-kernel backward on H100 (bench/RESULTS.md): the atomics and the dS^T round trip through
+// shared memory cost more than the recomputed score tiles they save at 64-key blocks.
 template <typename Element, int kDimS, int kDimT>
 using FusedBackwardTraits = KernelTraits<Element, kDimS, kDimT, 64, 64, 4, false, true>;
 
@@ -94,7 +96,8 @@ void run_attention_kl_bwd_fused(const AttentionKLParams& p, cudaStream_t stream)
   check_launch("attention_kl dQ epilogue");
 }
 
-// p.dq_accum non-null selects the fused student-only backward (it requires a contiguous student dq).
+// p.dq_accum non-null selects the fused student-only backward (it requires a contiguous student dq);
+// otherwise a dQ kernel and a dK kernel, each with a single writer per output row (deterministic).
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_bwd(const AttentionKLParams& p, cudaStream_t stream) {
   if (p.teacher_grad) {
