@@ -50,7 +50,7 @@ except ImportError:  # run from a source checkout without `pip install -e .`: us
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import streamkl
 from streamkl import benchmark as bm  # noqa: E402
-from streamkl.reference import attention_kl_reference  # noqa: E402
+from streamkl.reference import attention_kl_reference, causal_mask, kl_from_scores  # noqa: E402
 
 KL_METHODS = ("ours", "eager", "compile", "chunked")
 GPU_SDPA = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION"}
@@ -65,11 +65,6 @@ CPU_QUICK = dict(dims=[64], seqlens=[256, 512], heads=2)
 
 # ----------------------------------------------------------------------------------------------- baselines
 
-def _widen(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision scores to fp32 for the softmax; fp32 and fp64 stay as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 def _kl_rows(q_s, k_s, q_t, k_t, offset: int, causal: bool, scale_s: float, scale_t: float,
              divergence: str) -> torch.Tensor:
     """Materialized divergence of a block of query rows; row ``r`` sees key ``j`` iff ``j <= r + offset``.
@@ -79,24 +74,8 @@ def _kl_rows(q_s, k_s, q_t, k_t, offset: int, causal: bool, scale_s: float, scal
     """
     s = scale_s * (q_s @ k_s.transpose(-1, -2))
     t = scale_t * (q_t @ k_t.transpose(-1, -2))
-    if causal:
-        rows = torch.arange(s.shape[-2], device=s.device).unsqueeze(1)
-        cols = torch.arange(s.shape[-1], device=s.device).unsqueeze(0)
-        allowed = cols <= rows + offset
-        empty_row = ~allowed.any(-1, keepdim=True)
-        allowed = allowed | empty_row
-        s = s.masked_fill(~allowed, float("-inf"))
-        t = t.masked_fill(~allowed, float("-inf"))
-    log_p_s = torch.log_softmax(_widen(s), dim=-1)
-    log_p_t = torch.log_softmax(_widen(t), dim=-1)
-    log_p_w, log_p_o = (log_p_t, log_p_s) if divergence == "forward" else (log_p_s, log_p_t)
-    log_ratio = log_p_w - log_p_o
-    if causal:
-        log_ratio = torch.where(allowed, log_ratio, torch.zeros_like(log_ratio))
-    kl = (log_p_w.exp() * log_ratio).sum(-1)
-    if causal:
-        kl = kl * (~empty_row.squeeze(-1)).to(kl.dtype)
-    return kl
+    allowed = causal_mask(s.shape[-2], s.shape[-1], s.device, offset=offset) if causal else None
+    return kl_from_scores(s, t, allowed=allowed, divergence=divergence)
 
 
 def chunked_attention_kl(q_s, k_s, q_t, k_t, *, causal: bool = False, scale_s: Optional[float] = None,

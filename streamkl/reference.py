@@ -11,11 +11,51 @@ from typing import Optional
 import torch
 
 
-def causal_mask(n_q: int, n_k: int, device) -> torch.Tensor:
-    """Bottom-right aligned causal mask: True where query i may see key j (j <= i + n_k - n_q)."""
+def causal_mask(n_q: int, n_k: int, device, offset: Optional[int] = None) -> torch.Tensor:
+    """True where query i may see key j: ``j <= i + offset``; by default ``offset = n_k - n_q``
+    (bottom-right alignment). A block of rows starting at row ``r0`` of a longer query uses
+    ``offset = r0 + N_k - N_q``."""
+    offset = n_k - n_q if offset is None else offset
     i = torch.arange(n_q, device=device).unsqueeze(1)
     j = torch.arange(n_k, device=device).unsqueeze(0)
-    return j <= i + (n_k - n_q)
+    return j <= i + offset
+
+
+def _widen(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision scores to fp32 for the softmax; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def kl_from_scores(s: torch.Tensor, t: torch.Tensor, *, allowed: Optional[torch.Tensor] = None,
+                   divergence: str = "forward") -> torch.Tensor:
+    """Per-row divergence from materialized student / teacher scores ``[..., N_q, N_k]``.
+
+    ``allowed`` (bool ``[N_q, N_k]``, or None for no mask) marks the visible keys; rows that see no key
+    contribute 0 with finite (zero) gradients.
+    """
+    if allowed is not None:
+        empty_row = ~allowed.any(-1, keepdim=True)
+        # Rows that see no key are given every key (finite softmax, finite gradient) and zeroed at the end.
+        allowed = allowed | empty_row
+        s = s.masked_fill(~allowed, float("-inf"))
+        t = t.masked_fill(~allowed, float("-inf"))
+    log_p_s = torch.log_softmax(_widen(s), dim=-1)
+    log_p_t = torch.log_softmax(_widen(t), dim=-1)
+    if divergence == "forward":
+        log_p_w, log_p_o = log_p_t, log_p_s
+    elif divergence == "reverse":
+        log_p_w, log_p_o = log_p_s, log_p_t
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}")
+    log_ratio = log_p_w - log_p_o
+    if allowed is not None:
+        # Masked entries have p_w = 0 and a log-ratio of -inf - -inf; select 0 there *before* multiplying so
+        # the backward sees no 0 * nan.
+        log_ratio = torch.where(allowed, log_ratio, torch.zeros_like(log_ratio))
+    kl = (log_p_w.exp() * log_ratio).sum(-1)
+    if allowed is not None:
+        kl = kl * (~empty_row.squeeze(-1)).to(kl.dtype)
+    return kl
 
 
 def attention_kl_reference(q_s, k_s, q_t, k_t, *, causal: bool = False, scale_s: Optional[float] = None,
@@ -28,28 +68,5 @@ def attention_kl_reference(q_s, k_s, q_t, k_t, *, causal: bool = False, scale_s:
         q_s, k_s, q_t, k_t = (x.to(dtype) for x in (q_s, k_s, q_t, k_t))
     s = scale_s * (q_s @ k_s.transpose(-1, -2))
     t = scale_t * (q_t @ k_t.transpose(-1, -2))
-    n_q, n_k = s.shape[-2], s.shape[-1]
-    if causal:
-        allowed = causal_mask(n_q, n_k, s.device)
-        empty_row = ~allowed.any(-1, keepdim=True)
-        # Rows that see no key are given every key (finite softmax, finite gradient) and zeroed at the end.
-        allowed = allowed | empty_row
-        s = s.masked_fill(~allowed, float("-inf"))
-        t = t.masked_fill(~allowed, float("-inf"))
-    log_p_s = torch.log_softmax(s.float() if s.dtype in (torch.float16, torch.bfloat16) else s, dim=-1)
-    log_p_t = torch.log_softmax(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t, dim=-1)
-    if divergence == "forward":
-        log_p_w, log_p_o = log_p_t, log_p_s
-    elif divergence == "reverse":
-        log_p_w, log_p_o = log_p_s, log_p_t
-    else:
-        raise ValueError(f"unknown divergence {divergence!r}")
-    log_ratio = log_p_w - log_p_o
-    if causal:
-        # Masked entries have p_w = 0 and a log-ratio of -inf - -inf; select 0 there *before* multiplying so
-        # the backward sees no 0 * nan.
-        log_ratio = torch.where(allowed, log_ratio, torch.zeros_like(log_ratio))
-    kl = (log_p_w.exp() * log_ratio).sum(-1)
-    if causal:
-        kl = kl * (~empty_row.squeeze(-1)).to(kl.dtype)
-    return kl
+    allowed = causal_mask(s.shape[-2], s.shape[-1], s.device) if causal else None
+    return kl_from_scores(s, t, allowed=allowed, divergence=divergence)
