@@ -17,6 +17,7 @@
 #include "../kernels/attention_mask.h"
 #include "../kernels/attention_params.h"
 #include "../kernels/online_kl.h"
+#include "cpu_math.h"
 
 namespace streamkl {
 namespace cpu {
@@ -47,7 +48,7 @@ struct SideSlice {
 };
 
 // scores[r][c] = scale * <q[row0 + r], k[key0 + c]> for r < rows, c < cols. The key tile is transposed
-// first so the innermost loop runs over contiguous keys and vectorizes without reassociating a reduction.
+// first so the product is a plain row-major GEMM over contiguous keys (cpu_math.h).
 template <typename T>
 void score_tile(const SideSlice<T>& side, int row0, int rows, int key0, int cols, T* key_t /* [dim][kKeyTile] */,
                 T* scores /* [kRowBlock][kKeyTile] */) {
@@ -55,26 +56,21 @@ void score_tile(const SideSlice<T>& side, int row0, int rows, int key0, int cols
     const T* k_row = side.k + (key0 + c) * side.k_row_stride;
     for (int d = 0; d < side.dim; ++d) key_t[d * kKeyTile + c] = k_row[d];
   }
-  for (int r = 0; r < rows; ++r) {
-    const T* q_row = side.q + (row0 + r) * side.q_row_stride;
-    T* out = scores + r * kKeyTile;
-    for (int c = 0; c < cols; ++c) out[c] = T(0);
-    for (int d = 0; d < side.dim; ++d) {
-      const T qd = q_row[d];
-      const T* kt = key_t + d * kKeyTile;
-      for (int c = 0; c < cols; ++c) out[c] += qd * kt[c];
-    }
-    for (int c = 0; c < cols; ++c) out[c] *= side.scale;
-  }
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) scores[r * kKeyTile + c] = T(0);
+  gemm_accumulate(rows, cols, side.dim, side.q + row0 * side.q_row_stride, side.q_row_stride, key_t, kKeyTile, scores,
+                  kKeyTile);
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) scores[r * kKeyTile + c] *= side.scale;
 }
 
 // Per-task scratch: two score tiles and one transposed key tile sized for the wider side.
 template <typename T>
 struct TileScratch {
-  std::vector<T> student_scores, teacher_scores, key_t;
+  std::vector<T> student_scores, teacher_scores, key_t, grad_t;
   explicit TileScratch(int max_dim)
       : student_scores(kRowBlock * kKeyTile), teacher_scores(kRowBlock * kKeyTile),
-        key_t(static_cast<size_t>(max_dim) * kKeyTile) {}
+        key_t(static_cast<size_t>(max_dim) * kKeyTile), grad_t(kKeyTile * kRowBlock) {}
 };
 
 template <typename T>
@@ -85,7 +81,7 @@ void attention_kl_forward(const AttentionKLParams& p, int64_t b, int64_t h, int 
   const AttentionMask mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
   const bool teacher_weights = teacher_is_weighting_side(p.divergence);
 
-  OnlineKLState<T> state[kRowBlock];
+  OnlineKLState<T, CpuBase<T>> state[kRowBlock];
   for (int r = 0; r < rows; ++r) state[r].init();
 
   const KeyRange block_keys = mask.keys_for_rows(row0, row0 + rows);
@@ -97,15 +93,17 @@ void attention_kl_forward(const AttentionKLParams& p, int64_t b, int64_t h, int 
       const KeyRange keys = mask.keys_for_row(row0 + r);
       const int c_begin = std::max(keys.begin - key0, 0), c_end = std::min(keys.end - key0, cols);
       if (c_begin >= c_end) continue;
-      const T* w = (teacher_weights ? scratch.teacher_scores : scratch.student_scores).data() + r * kKeyTile;
-      const T* o = (teacher_weights ? scratch.student_scores : scratch.teacher_scores).data() + r * kKeyTile;
+      const T* w = (teacher_weights ? scratch.teacher_scores : scratch.student_scores).data() + r * kKeyTile + c_begin;
+      const T* o = (teacher_weights ? scratch.student_scores : scratch.teacher_scores).data() + r * kKeyTile + c_begin;
+      const int n = c_end - c_begin;
       T max_w = neg_infinity<T>(), max_o = neg_infinity<T>();
-      for (int c = c_begin; c < c_end; ++c) {
+      for (int c = 0; c < n; ++c) {
         max_w = max_of(max_w, w[c]);
         max_o = max_of(max_o, o[c]);
       }
       state[r].rescale(max_w, max_o);
-      for (int c = c_begin; c < c_end; ++c) state[r].add(w[c], o[c]);
+      const ExpSums<T> sums = exp_sums(w, o, n, state[r].max_w, state[r].max_o);
+      state[r].add_sums(sums.sum_w, sums.sum_o, sums.acc);
     }
   }
 
@@ -138,51 +136,34 @@ void gradient_tiles(const AttentionKLParams& p, const SideSlice<T>& student, con
     const KeyRange keys = mask.keys_for_row(row0 + r);
     T* s = scratch.student_scores.data() + r * kKeyTile;
     T* t = scratch.teacher_scores.data() + r * kKeyTile;
+    const int c_begin = std::min(std::max(keys.begin - key0, 0), cols);
+    const int c_end = std::max(std::min(keys.end - key0, cols), c_begin);
+    for (int c = 0; c < c_begin; ++c) s[c] = t[c] = T(0);  // masked keys get no gradient
+    for (int c = c_end; c < cols; ++c) s[c] = t[c] = T(0);
     const T lse_w = teacher_weights ? lse_t[idx] : lse_s[idx];
     const T lse_o = teacher_weights ? lse_s[idx] : lse_t[idx];
-    for (int c = 0; c < cols; ++c) {
-      if (!keys.contains(key0 + c)) {
-        s[c] = t[c] = T(0);
-        continue;
-      }
-      T grad_w, grad_o;
-      const T w = teacher_weights ? t[c] : s[c];
-      const T o = teacher_weights ? s[c] : t[c];
-      divergence_score_grads<T>(w, o, lse_w, lse_o, kl[idx], grad_kl[idx], grad_w, grad_o);
-      s[c] = teacher_weights ? grad_o : grad_w;
-      t[c] = teacher_weights ? grad_w : grad_o;
-    }
+    score_grads_row(s + c_begin, t + c_begin, c_end - c_begin, teacher_weights, lse_w, lse_o, kl[idx], grad_kl[idx]);
   }
 }
 
-// dq[row0 + r] += scale * sum_c grad[r][c] * k[key0 + c]
+// dq[row0 + r] += scale * sum_c grad[r][c] * k[key0 + c]   (grad is scaled in place)
 template <typename T>
 void accumulate_dq(const SideSlice<T>& side, T* dq, int64_t dq_row_stride, int row0, int rows, int key0, int cols,
-                   const T* grad) {
-  for (int r = 0; r < rows; ++r) {
-    T* out = dq + (row0 + r) * dq_row_stride;
-    for (int c = 0; c < cols; ++c) {
-      const T g = grad[r * kKeyTile + c] * side.scale;
-      if (g == T(0)) continue;
-      const T* k_row = side.k + (key0 + c) * side.k_row_stride;
-      for (int d = 0; d < side.dim; ++d) out[d] += g * k_row[d];
-    }
-  }
+                   T* grad) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) grad[r * kKeyTile + c] *= side.scale;
+  gemm_accumulate(rows, side.dim, cols, grad, kKeyTile, side.k + key0 * side.k_row_stride, side.k_row_stride,
+                  dq + row0 * dq_row_stride, dq_row_stride);
 }
 
-// dk[key0 + c] += scale * sum_r grad[r][c] * q[row0 + r]
+// dk[key0 + c] += scale * sum_r grad[r][c] * q[row0 + r]   (through a scaled transposed copy of grad)
 template <typename T>
 void accumulate_dk(const SideSlice<T>& side, T* dk, int64_t dk_row_stride, int row0, int rows, int key0, int cols,
-                   const T* grad) {
-  for (int r = 0; r < rows; ++r) {
-    const T* q_row = side.q + (row0 + r) * side.q_row_stride;
-    for (int c = 0; c < cols; ++c) {
-      const T g = grad[r * kKeyTile + c] * side.scale;
-      if (g == T(0)) continue;
-      T* out = dk + (key0 + c) * dk_row_stride;
-      for (int d = 0; d < side.dim; ++d) out[d] += g * q_row[d];
-    }
-  }
+                   const T* grad, T* grad_t /* [kKeyTile][kRowBlock] */) {
+  for (int c = 0; c < cols; ++c)
+    for (int r = 0; r < rows; ++r) grad_t[c * kRowBlock + r] = grad[r * kKeyTile + c] * side.scale;
+  gemm_accumulate(cols, side.dim, rows, grad_t, kRowBlock, side.q + row0 * side.q_row_stride, side.q_row_stride,
+                  dk + key0 * dk_row_stride, dk_row_stride);
 }
 
 template <typename T>
@@ -228,9 +209,11 @@ void attention_kl_backward_dk(const AttentionKLParams& p, int64_t b, int64_t h, 
     const KeyRange block_keys = mask.keys_for_rows(row0, row0 + rows);
     if (block_keys.end <= key0 || block_keys.begin >= key0 + cols) continue;
     gradient_tiles(p, student, teacher, mask, b, h, row0, rows, key0, cols, scratch);
-    accumulate_dk(student, dk_s, p.student.dk_row_stride, row0, rows, key0, cols, scratch.student_scores.data());
+    accumulate_dk(student, dk_s, p.student.dk_row_stride, row0, rows, key0, cols, scratch.student_scores.data(),
+                  scratch.grad_t.data());
     if (dk_t)
-      accumulate_dk(teacher, dk_t, p.teacher.dk_row_stride, row0, rows, key0, cols, scratch.teacher_scores.data());
+      accumulate_dk(teacher, dk_t, p.teacher.dk_row_stride, row0, rows, key0, cols, scratch.teacher_scores.data(),
+                    scratch.grad_t.data());
   }
 }
 

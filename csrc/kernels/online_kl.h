@@ -90,6 +90,14 @@ struct OnlineKLState {
     add(w, o);
   }
 
+  // Add sums over a batch of allowed keys computed elsewhere (e.g. by a vectorized CPU loop) relative to
+  // the current maxima: sum_j e^{w_j - max_w}, sum_j e^{o_j - max_o}, sum_j e^{w_j - max_w} (w_j - o_j).
+  SKL_HOST_DEVICE void add_sums(T batch_sum_w, T batch_sum_o, T batch_acc) {
+    sum_w += batch_sum_w;
+    sum_o += batch_sum_o;
+    acc += batch_acc;
+  }
+
   // Fold in a partial state that covered a disjoint set of keys.
   SKL_HOST_DEVICE void merge(const OnlineKLState& other) {
     const T other_sum_w = other.sum_w, other_acc = other.acc, other_sum_o = other.sum_o;
