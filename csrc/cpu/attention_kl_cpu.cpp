@@ -51,28 +51,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cpu(
   check_attention_inputs(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t);
   const Divergence div = parse_divergence(std::string(divergence));
   const at::Tensor q_s = prepare(q_s_in), k_s = prepare(k_s_in), q_t = prepare(q_t_in), k_t = prepare(k_t_in);
-  const auto row_shape = kl.sizes();
-  TORCH_CHECK_VALUE(row_shape == at::IntArrayRef({q_s.size(0), q_s.size(1), q_s.size(2)}) &&
-                        grad_kl.sizes() == row_shape && lse_s.sizes() == row_shape && lse_t.sizes() == row_shape,
-                    "streamkl: attention_kl_bwd expects grad_kl, kl, lse_s, lse_t of shape [B, H, N_q] = ",
-                    at::IntArrayRef({q_s.size(0), q_s.size(1), q_s.size(2)}));
-  const auto stats = stats_dtype(q_s_in.scalar_type());
-  const at::Tensor g = grad_kl.to(stats).contiguous();
-  const at::Tensor kl_c = kl.to(stats).contiguous(), lse_s_c = lse_s.to(stats).contiguous(),
-                   lse_t_c = lse_t.to(stats).contiguous();
-
+  const BackwardRowInputs rows =
+      prepare_backward_rows(q_s, grad_kl, kl, lse_s, lse_t, stats_dtype(q_s_in.scalar_type()));
   at::Tensor dq_s = at::zeros(q_s.sizes(), q_s.options()), dk_s = at::zeros(k_s.sizes(), k_s.options());
   at::Tensor dq_t = teacher_grad ? at::zeros(q_t.sizes(), q_t.options()) : at::empty({0}, q_t.options());
   at::Tensor dk_t = teacher_grad ? at::zeros(k_t.sizes(), k_t.options()) : at::empty({0}, k_t.options());
   if (kl.numel() != 0 && k_s.size(2) != 0) {
-    AttentionKLParams p = make_attention_params(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, div);
-    p.kl = const_cast<void*>(kl_c.data_ptr());
-    p.lse_student = const_cast<void*>(lse_s_c.data_ptr());
-    p.lse_teacher = const_cast<void*>(lse_t_c.data_ptr());
-    p.grad_kl = g.data_ptr();
-    p.teacher_grad = teacher_grad;
-    set_side_gradients(p.student, dq_s, dk_s);
-    if (teacher_grad) set_side_gradients(p.teacher, dq_t, dk_t);
+    const AttentionKLParams p = make_backward_params(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, div, rows, dq_s,
+                                                     dk_s, dq_t, dk_t, teacher_grad);
     if (q_s.scalar_type() == at::kDouble)
       cpu::run_attention_kl_backward<double>(p, aten_parallel_for);
     else

@@ -5,7 +5,7 @@
 #include <string>
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -73,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cuda(const at::T
   p.kl = kl.data_ptr();
   p.lse_student = lse_s.data_ptr();
   p.lse_teacher = lse_t.data_ptr();
-  launch(p, at::cuda::getCurrentCUDAStream());
+  launch(p, c10::cuda::getCurrentCUDAStream());
   return {kl, lse_s, lse_t};
 }
 
@@ -86,12 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cuda
   const c10::cuda::CUDAGuard guard(q_s_in.device());
   const at::Tensor q_s = kernel_ready(q_s_in), k_s = kernel_ready(k_s_in), q_t = kernel_ready(q_t_in),
                    k_t = kernel_ready(k_t_in);
-  const std::vector<int64_t> row_shape = {q_s.size(0), q_s.size(1), q_s.size(2)};
-  const at::IntArrayRef rows(row_shape);
-  TORCH_CHECK_VALUE(kl.sizes() == rows && grad_kl.sizes() == rows && lse_s.sizes() == rows && lse_t.sizes() == rows,
-                    "streamkl: attention_kl_bwd expects grad_kl, kl, lse_s, lse_t of shape [B, H, N_q] = ", rows);
-  const at::Tensor g = grad_kl.to(at::kFloat).contiguous(), kl_c = kl.to(at::kFloat).contiguous(),
-                   lse_s_c = lse_s.to(at::kFloat).contiguous(), lse_t_c = lse_t.to(at::kFloat).contiguous();
+  const BackwardRowInputs rows = prepare_backward_rows(q_s, grad_kl, kl, lse_s, lse_t, at::kFloat);
   const cuda::LaunchFn launch = find_launcher(cuda::KernelFamily::kBackward, q_s, q_t, k_s, k_t);
   // The dQ kernel writes every query row and the dK kernel every key row (zeros where nothing is seen),
   // so the outputs need no memset; only empty problems return early with zeros.
@@ -102,14 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cuda
   at::Tensor dq_t = teacher_grad ? alloc(q_t) : at::empty({0}, q_t.options());
   at::Tensor dk_t = teacher_grad ? alloc(k_t) : at::empty({0}, k_t.options());
   if (empty_problem) return {dq_s, dk_s, dq_t, dk_t};
-  AttentionKLParams p = make_attention_params(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, div);
-  p.kl = const_cast<void*>(kl_c.data_ptr());
-  p.lse_student = const_cast<void*>(lse_s_c.data_ptr());
-  p.lse_teacher = const_cast<void*>(lse_t_c.data_ptr());
-  p.grad_kl = g.data_ptr();
-  p.teacher_grad = teacher_grad;
-  set_side_gradients(p.student, dq_s, dk_s);
-  if (teacher_grad) set_side_gradients(p.teacher, dq_t, dk_t);
+  AttentionKLParams p = make_backward_params(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, div, rows, dq_s, dk_s,
+                                             dq_t, dk_t, teacher_grad);
   // The fused backward (opt-in) adds the student's dQ into this zeroed fp32 workspace.
   at::Tensor dq_accum;
   if (!teacher_grad && fused_backward_enabled() &&
@@ -117,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cuda
     dq_accum = at::zeros(q_s.sizes(), q_s.options().dtype(at::kFloat));
     p.dq_accum = dq_accum.data_ptr();
   }
-  launch(p, at::cuda::getCurrentCUDAStream());
+  launch(p, c10::cuda::getCurrentCUDAStream());
   return {dq_s, dk_s, dq_t, dk_t};
 }
 

@@ -1,6 +1,7 @@
 #include "attention_inputs.h"
 
 #include <cmath>
+#include <vector>
 
 #include <c10/util/Exception.h>
 
@@ -83,7 +84,7 @@ AttentionKLParams make_attention_params(const at::Tensor& q_s, const at::Tensor&
   return p;
 }
 
-void set_side_gradients(AttentionSide& side, at::Tensor& dq, at::Tensor& dk) {
+static void set_side_gradients(AttentionSide& side, at::Tensor& dq, at::Tensor& dk) {
   side.dq = dq.data_ptr();
   side.dk = dk.data_ptr();
   side.dq_batch_stride = dq.stride(0);
@@ -92,6 +93,31 @@ void set_side_gradients(AttentionSide& side, at::Tensor& dq, at::Tensor& dk) {
   side.dk_batch_stride = dk.stride(0);
   side.dk_head_stride = dk.stride(1);
   side.dk_row_stride = dk.stride(2);
+}
+
+BackwardRowInputs prepare_backward_rows(const at::Tensor& q_s, const at::Tensor& grad_kl, const at::Tensor& kl,
+                                        const at::Tensor& lse_s, const at::Tensor& lse_t, at::ScalarType stats) {
+  const std::vector<int64_t> row_shape = {q_s.size(0), q_s.size(1), q_s.size(2)};
+  const at::IntArrayRef rows(row_shape);
+  TORCH_CHECK_VALUE(kl.sizes() == rows && grad_kl.sizes() == rows && lse_s.sizes() == rows && lse_t.sizes() == rows,
+                    "streamkl: attention_kl_bwd expects grad_kl, kl, lse_s, lse_t of shape [B, H, N_q] = ", rows);
+  return BackwardRowInputs{grad_kl.to(stats).contiguous(), kl.to(stats).contiguous(), lse_s.to(stats).contiguous(),
+                           lse_t.to(stats).contiguous()};
+}
+
+AttentionKLParams make_backward_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                                       const at::Tensor& k_t, double scale_s, double scale_t, bool causal,
+                                       Divergence divergence, const BackwardRowInputs& rows, at::Tensor& dq_s,
+                                       at::Tensor& dk_s, at::Tensor& dq_t, at::Tensor& dk_t, bool teacher_grad) {
+  AttentionKLParams p = make_attention_params(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, divergence);
+  p.kl = const_cast<void*>(rows.kl.data_ptr());
+  p.lse_student = const_cast<void*>(rows.lse_s.data_ptr());
+  p.lse_teacher = const_cast<void*>(rows.lse_t.data_ptr());
+  p.grad_kl = rows.grad_kl.data_ptr();
+  p.teacher_grad = teacher_grad;
+  set_side_gradients(p.student, dq_s, dk_s);
+  if (teacher_grad) set_side_gradients(p.teacher, dq_t, dk_t);
+  return p;
 }
 
 }  // namespace streamkl

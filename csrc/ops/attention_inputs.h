@@ -28,7 +28,19 @@ AttentionKLParams make_attention_params(const at::Tensor& q_s, const at::Tensor&
                                         const at::Tensor& k_t, double scale_s, double scale_t, bool causal,
                                         Divergence divergence);
 
-// Points a side's dq / dk at contiguous gradient buffers shaped like its q / k.
-void set_side_gradients(AttentionSide& side, at::Tensor& dq, at::Tensor& dk);
+// The backward's per-row inputs, shape-checked against q_s ([B, H, N_q]) and made contiguous in the
+// statistics dtype. Keep the struct alive until the kernels have run.
+struct BackwardRowInputs {
+  at::Tensor grad_kl, kl, lse_s, lse_t;
+};
+BackwardRowInputs prepare_backward_rows(const at::Tensor& q_s, const at::Tensor& grad_kl, const at::Tensor& kl,
+                                        const at::Tensor& lse_s, const at::Tensor& lse_t, at::ScalarType stats);
+
+// Backward parameters: the forward's, the per-row inputs, and the gradient outputs (contiguous, shaped like
+// q / k; the teacher's only when teacher_grad).
+AttentionKLParams make_backward_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                                       const at::Tensor& k_t, double scale_s, double scale_t, bool causal,
+                                       Divergence divergence, const BackwardRowInputs& rows, at::Tensor& dq_s,
+                                       at::Tensor& dk_s, at::Tensor& dq_t, at::Tensor& dk_t, bool teacher_grad);
 
 }  // namespace streamkl
