@@ -78,6 +78,25 @@ struct GradAccumulators {
     clear(s);
     clear(t);
   }
+
+  // Write the accumulated gradients (times each side's scale) to rows [row0, row0 + valid_rows) of dK
+  // (keys = true) or dQ of head h, batch b; the teacher's only with kTeacherGrad.
+  __device__ void store(const AttentionKLParams& p, bool keys, int b, int h, int row0, int valid_rows) const {
+    store_side<Traits::kDimS>(p.student, s, keys, b, h, row0, valid_rows);
+    if constexpr (kTeacherGrad) store_side<Traits::kDimT>(p.teacher, t, keys, b, h, row0, valid_rows);
+  }
+
+  template <int kDim, typename Acc>
+  __device__ void store_side(const AttentionSide& side, const Acc& acc, bool keys, int b, int h, int row0,
+                             int valid_rows) const {
+    using Element = typename Traits::Element;
+    const int64_t row_stride = keys ? side.dk_row_stride : side.dq_row_stride;
+    Element* out = static_cast<Element*>(keys ? side.dk : side.dq) +
+                   b * (keys ? side.dk_batch_stride : side.dq_batch_stride) +
+                   h * (keys ? side.dk_head_stride : side.dq_head_stride) + row0 * row_stride;
+    store_rows<Traits::kBlockM, kDim>(tiled_mma, acc, static_cast<float>(side.scale), out, row_stride, valid_rows,
+                                      threadIdx.x);
+  }
 };
 
 // ---------------------------------------------------------------------------------------------------- dQ
@@ -146,28 +165,12 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dq_kernel(
     }
   }
 
-  auto operands = [&](const AttentionSide& side) {
-    const int kv_head = h / (p.num_heads / side.num_kv_heads);
-    const Element* q = static_cast<const Element*>(side.q) + b * side.q_batch_stride + h * side.q_head_stride;
-    const Element* k = static_cast<const Element*>(side.k) + b * side.k_batch_stride + kv_head * side.k_head_stride;
-    return StreamOperands<Element>{q + row0 * side.q_row_stride, side.q_row_stride, k, side.k_row_stride};
-  };
   const int row_end = min_of(row0 + Traits::kBlockM, p.seqlen_q);
   const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
-  score_stream<Traits>(policy, smem, operands(p.student), operands(p.teacher), p.seqlen_q - row0, keys.begin,
-                       keys.end, p.seqlen_k);
-
-  store_rows<Traits::kBlockM, Traits::kDimS>(policy.grads.tiled_mma, policy.grads.s, static_cast<float>(p.student.scale),
-                                             static_cast<Element*>(p.student.dq) + b * p.student.dq_batch_stride +
-                                                 h * p.student.dq_head_stride + row0 * p.student.dq_row_stride,
-                                             p.student.dq_row_stride, p.seqlen_q - row0, threadIdx.x);
-  if constexpr (kTeacherGrad) {
-    store_rows<Traits::kBlockM, Traits::kDimT>(
-        policy.grads.tiled_mma, policy.grads.t, static_cast<float>(p.teacher.scale),
-        static_cast<Element*>(p.teacher.dq) + b * p.teacher.dq_batch_stride + h * p.teacher.dq_head_stride +
-            row0 * p.teacher.dq_row_stride,
-        p.teacher.dq_row_stride, p.seqlen_q - row0, threadIdx.x);
-  }
+  score_stream<Traits>(policy, smem, query_block_operands<Element>(p.student, p.num_heads, b, h, row0),
+                       query_block_operands<Element>(p.teacher, p.num_heads, b, h, row0), p.seqlen_q - row0,
+                       keys.begin, keys.end, p.seqlen_k);
+  policy.grads.store(p, /*keys=*/false, b, h, row0, p.seqlen_q - row0);
 }
 
 // ---------------------------------------------------------------------------------------------------- dK
@@ -290,28 +293,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dk_kernel(
   policy.smem = &smem;
   policy.grads.clear_all();
 
-  // X = keys of this head (num_kv_heads == num_heads is checked by the launcher), Y = queries.
-  auto operands = [&](const AttentionSide& side) {
-    const Element* q = static_cast<const Element*>(side.q) + b * side.q_batch_stride + h * side.q_head_stride;
-    const Element* k = static_cast<const Element*>(side.k) + b * side.k_batch_stride + h * side.k_head_stride;
-    return StreamOperands<Element>{k + key0 * side.k_row_stride, side.k_row_stride, q, side.q_row_stride};
-  };
+  // X = keys of this head, Y = queries.
   const int key_end = min_of(key0 + Traits::kBlockM, p.seqlen_k);
   const KeyRange rows = policy.mask.rows_for_keys(key0, key_end);
-  score_stream<Traits>(policy, smem, operands(p.student), operands(p.teacher), p.seqlen_k - key0, rows.begin,
-                       rows.end, p.seqlen_q);
-
-  store_rows<Traits::kBlockM, Traits::kDimS>(policy.grads.tiled_mma, policy.grads.s, static_cast<float>(p.student.scale),
-                                             static_cast<Element*>(p.student.dk) + b * p.student.dk_batch_stride +
-                                                 h * p.student.dk_head_stride + key0 * p.student.dk_row_stride,
-                                             p.student.dk_row_stride, p.seqlen_k - key0, threadIdx.x);
-  if constexpr (kTeacherGrad) {
-    store_rows<Traits::kBlockM, Traits::kDimT>(
-        policy.grads.tiled_mma, policy.grads.t, static_cast<float>(p.teacher.scale),
-        static_cast<Element*>(p.teacher.dk) + b * p.teacher.dk_batch_stride + h * p.teacher.dk_head_stride +
-            key0 * p.teacher.dk_row_stride,
-        p.teacher.dk_row_stride, p.seqlen_k - key0, threadIdx.x);
-  }
+  score_stream<Traits>(policy, smem, key_block_operands<Element>(p.student, b, h, key0),
+                       key_block_operands<Element>(p.teacher, b, h, key0), p.seqlen_k - key0, rows.begin, rows.end,
+                       p.seqlen_q);
+  policy.grads.store(p, /*keys=*/true, b, h, key0, p.seqlen_k - key0);
 }
 
 }  // namespace cuda

@@ -113,16 +113,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(con
   policy.scale_o2 = kTeacherWeights ? scale_s2 : scale_t2;
   for (auto& st : policy.state) st.init();
 
-  auto operands = [&](const AttentionSide& side) {
-    const int kv_head = h / (p.num_heads / side.num_kv_heads);
-    const Element* q = static_cast<const Element*>(side.q) + b * side.q_batch_stride + h * side.q_head_stride;
-    const Element* k = static_cast<const Element*>(side.k) + b * side.k_batch_stride + kv_head * side.k_head_stride;
-    return StreamOperands<Element>{q + row0 * side.q_row_stride, side.q_row_stride, k, side.k_row_stride};
-  };
   const int row_end = min_of(row0 + Traits::kBlockM, p.seqlen_q);
   const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
-  score_stream<Traits>(policy, smem, operands(p.student), operands(p.teacher), p.seqlen_q - row0, keys.begin,
-                       keys.end, p.seqlen_k);
+  score_stream<Traits>(policy, smem, query_block_operands<Element>(p.student, p.num_heads, b, h, row0),
+                       query_block_operands<Element>(p.teacher, p.num_heads, b, h, row0), p.seqlen_q - row0,
+                       keys.begin, keys.end, p.seqlen_k);
 
   typename Traits::TiledMma tiled_mma;
   Tensor coords = accumulator_coords<Traits::kBlockM, Traits::kBlockN>(tiled_mma, threadIdx.x);

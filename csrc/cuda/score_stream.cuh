@@ -10,6 +10,7 @@
 
 #include <cute/tensor.hpp>
 
+#include "../kernels/attention_params.h"
 #include "cute_helpers.cuh"
 
 namespace streamkl {
@@ -60,6 +61,26 @@ struct StreamOperands {
   const Element* y;   // row 0 of Y
   int64_t y_stride;
 };
+
+// One side's operands for a CTA that owns query rows [row0, row0 + kBlockM) of (b, h) and streams keys.
+template <typename Element>
+__device__ __forceinline__ StreamOperands<Element> query_block_operands(const AttentionSide& side, int num_heads,
+                                                                       int b, int h, int row0) {
+  const int kv_head = h / (num_heads / side.num_kv_heads);
+  const Element* q = static_cast<const Element*>(side.q) + b * side.q_batch_stride + h * side.q_head_stride;
+  const Element* k = static_cast<const Element*>(side.k) + b * side.k_batch_stride + kv_head * side.k_head_stride;
+  return StreamOperands<Element>{q + row0 * side.q_row_stride, side.q_row_stride, k, side.k_row_stride};
+}
+
+// One side's operands for a CTA that owns keys [key0, key0 + kBlockM) of (b, h) and streams query rows
+// (one query head per key head: the launcher checks num_kv_heads == num_heads).
+template <typename Element>
+__device__ __forceinline__ StreamOperands<Element> key_block_operands(const AttentionSide& side, int b, int h,
+                                                                     int key0) {
+  const Element* q = static_cast<const Element*>(side.q) + b * side.q_batch_stride + h * side.q_head_stride;
+  const Element* k = static_cast<const Element*>(side.k) + b * side.k_batch_stride + h * side.k_head_stride;
+  return StreamOperands<Element>{k + key0 * side.k_row_stride, side.k_row_stride, q, side.q_row_stride};
+}
 
 template <typename Traits, typename Policy>
 __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Traits>& smem,
