@@ -8,7 +8,7 @@ registered op so the whole graph stays traceable.
 import torch
 
 from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
-from ._validation import check_attention_tensors, check_options
+from ._validation import check_attention_tensors, check_options, check_window
 
 ops = torch.ops.streamkl
 
@@ -18,18 +18,20 @@ def _stats_dtype(dtype):
 
 
 @torch.library.register_fake("streamkl::attention_kl_fwd")
-def _attention_kl_fwd_fake(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, divergence):
+def _attention_kl_fwd_fake(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, divergence, window_left=-1, window_right=-1):
     check_attention_tensors(q_s, k_s, q_t, k_t, where="streamkl::attention_kl_fwd")
     check_options(scale_s, scale_t, divergence, where="streamkl::attention_kl_fwd")
+    check_window((window_left, window_right), where="streamkl::attention_kl_fwd")
     rows = q_s.new_empty(q_s.shape[:3], dtype=_stats_dtype(q_s.dtype))
     return rows, torch.empty_like(rows), torch.empty_like(rows)
 
 
 @torch.library.register_fake("streamkl::attention_kl_bwd")
 def _attention_kl_bwd_fake(grad_kl, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, scale_s, scale_t, causal, divergence,
-                           teacher_grad):
+                           teacher_grad, window_left=-1, window_right=-1):
     check_attention_tensors(q_s, k_s, q_t, k_t, where="streamkl::attention_kl_bwd")
     check_options(scale_s, scale_t, divergence, where="streamkl::attention_kl_bwd")
+    check_window((window_left, window_right), where="streamkl::attention_kl_bwd")
     for name, t in (("grad_kl", grad_kl), ("kl", kl), ("lse_s", lse_s), ("lse_t", lse_t)):
         if tuple(t.shape) != tuple(q_s.shape[:3]):
             raise ValueError(f"streamkl::attention_kl_bwd: {name} must have shape [B, H, N_q] = "
@@ -45,10 +47,12 @@ def _attention_kl_bwd_fake(grad_kl, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, scale_
 
 
 def _attention_kl_setup_context(ctx, inputs, output):
-    q_s, k_s, q_t, k_t, scale_s, scale_t, causal, divergence = inputs
+    q_s, k_s, q_t, k_t, scale_s, scale_t, causal, divergence, *window = inputs
     kl, lse_s, lse_t = output
     ctx.save_for_backward(q_s, k_s, q_t, k_t, kl, lse_s, lse_t)
     ctx.options = (scale_s, scale_t, causal, divergence)
+    ctx.window = tuple(window) + (-1, -1)[len(window):]  # the schema's defaults when not passed
+    ctx.num_options = 4 + len(window)
 
 
 def _attention_kl_backward(ctx, grad_kl, _grad_lse_s, _grad_lse_t):
@@ -56,10 +60,10 @@ def _attention_kl_backward(ctx, grad_kl, _grad_lse_s, _grad_lse_t):
     scale_s, scale_t, causal, divergence = ctx.options
     teacher_grad = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
     dq_s, dk_s, dq_t, dk_t = ops.attention_kl_bwd(grad_kl, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, scale_s, scale_t,
-                                                  causal, divergence, teacher_grad)
+                                                  causal, divergence, teacher_grad, *ctx.window)
     if not teacher_grad:
         dq_t = dk_t = None
-    return dq_s, dk_s, dq_t, dk_t, None, None, None, None
+    return (dq_s, dk_s, dq_t, dk_t) + (None,) * ctx.num_options
 
 
 torch.library.register_autograd("streamkl::attention_kl_fwd", _attention_kl_backward,

@@ -42,6 +42,15 @@ def check_attention_tensors(q_s, k_s, q_t, k_t, *, where):
                          f"N_k={k_s.shape[2]} but k_t has N_k={k_t.shape[2]}")
 
 
+def check_window(window_size, *, where):
+    """``window_size=(left, right)``: ints >= 0, or -1 for an unbounded side (FlashAttention semantics)."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+        raise ValueError(f"{where}: window_size must be a pair of ints (left, right), got {window_size!r}")
+    if any(w < -1 for w in window_size):
+        raise ValueError(f"{where}: window_size sides must be >= 0, or -1 for unbounded; got {tuple(window_size)}")
+
+
 def check_options(scale_s, scale_t, divergence, reduction=None, *, where):
     for name, scale in (("scale_s", scale_s), ("scale_t", scale_t)):
         if not (scale > 0 and math.isfinite(scale)):

@@ -26,6 +26,27 @@ def _widen(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def attention_mask(n_q: int, n_k: int, device, *, causal: bool = False, window_size=(-1, -1),
+                   offset: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Visible keys of each query row for a causal mask and/or sliding window (None: everything visible).
+
+    Row i sees key j iff ``i + offset - left <= j <= i + offset + right`` (unbounded sides skipped), with
+    ``right = 0`` when causal and ``offset = n_k - n_q`` by default (bottom-right alignment)."""
+    left, right = window_size
+    right = 0 if causal else right
+    if left < 0 and right < 0:
+        return None
+    offset = n_k - n_q if offset is None else offset
+    i = torch.arange(n_q, device=device).unsqueeze(1)
+    j = torch.arange(n_k, device=device).unsqueeze(0)
+    allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+    if right >= 0:
+        allowed &= j <= i + offset + right
+    if left >= 0:
+        allowed &= j >= i + offset - left
+    return allowed
+
+
 def kl_from_scores(s: torch.Tensor, t: torch.Tensor, *, allowed: Optional[torch.Tensor] = None,
                    divergence: str = "forward") -> torch.Tensor:
     """Per-row divergence from materialized student / teacher scores ``[..., N_q, N_k]``.
@@ -60,7 +81,7 @@ def kl_from_scores(s: torch.Tensor, t: torch.Tensor, *, allowed: Optional[torch.
 
 def attention_kl_reference(q_s, k_s, q_t, k_t, *, causal: bool = False, scale_s: Optional[float] = None,
                            scale_t: Optional[float] = None, divergence: str = "forward",
-                           dtype: Optional[torch.dtype] = torch.float64) -> torch.Tensor:
+                           dtype: Optional[torch.dtype] = torch.float64, window_size=(-1, -1)) -> torch.Tensor:
     """Per-row divergence ``[B, H, N_q]`` computed by materializing both attention distributions."""
     scale_s = 1.0 / math.sqrt(q_s.shape[-1]) if scale_s is None else scale_s
     scale_t = 1.0 / math.sqrt(q_t.shape[-1]) if scale_t is None else scale_t
@@ -68,5 +89,5 @@ def attention_kl_reference(q_s, k_s, q_t, k_t, *, causal: bool = False, scale_s:
         q_s, k_s, q_t, k_t = (x.to(dtype) for x in (q_s, k_s, q_t, k_t))
     s = scale_s * (q_s @ k_s.transpose(-1, -2))
     t = scale_t * (q_t @ k_t.transpose(-1, -2))
-    allowed = causal_mask(s.shape[-2], s.shape[-1], s.device) if causal else None
+    allowed = attention_mask(s.shape[-2], s.shape[-1], s.device, causal=causal, window_size=window_size)
     return kl_from_scores(s, t, allowed=allowed, divergence=divergence)

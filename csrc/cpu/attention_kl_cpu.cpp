@@ -24,8 +24,10 @@ at::Tensor prepare(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cpu(const at::Tensor& q_s_in, const at::Tensor& k_s_in,
                                                                      const at::Tensor& q_t_in, const at::Tensor& k_t_in,
                                                                      double scale_s, double scale_t, bool causal,
-                                                                     c10::string_view divergence) {
+                                                                     c10::string_view divergence, int64_t window_left,
+                                                                     int64_t window_right) {
   check_attention_inputs(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t);
+  const MaskOptions mask = check_mask_options(causal, window_left, window_right);
   const Divergence div = parse_divergence(std::string(divergence));
   const at::Tensor q_s = prepare(q_s_in), k_s = prepare(k_s_in), q_t = prepare(q_t_in), k_t = prepare(k_t_in);
   const auto opts = q_s.options().dtype(stats_dtype(q_s_in.scalar_type()));
@@ -33,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cpu(const at::Te
   at::Tensor lse_s = at::empty_like(kl), lse_t = at::empty_like(kl);
   if (kl.numel() == 0) return {kl, lse_s, lse_t};
 
-  AttentionKLParams p = make_attention_params(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, div);
+  AttentionKLParams p = make_attention_params(q_s, k_s, q_t, k_t, scale_s, scale_t, mask, div);
   p.kl = kl.data_ptr();
   p.lse_student = lse_s.data_ptr();
   p.lse_teacher = lse_t.data_ptr();
@@ -47,8 +49,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cpu(const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cpu(
     const at::Tensor& grad_kl, const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in,
     const at::Tensor& k_t_in, const at::Tensor& kl, const at::Tensor& lse_s, const at::Tensor& lse_t, double scale_s,
-    double scale_t, bool causal, c10::string_view divergence, bool teacher_grad) {
+    double scale_t, bool causal, c10::string_view divergence, bool teacher_grad, int64_t window_left,
+    int64_t window_right) {
   check_attention_inputs(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t);
+  const MaskOptions mask = check_mask_options(causal, window_left, window_right);
   const Divergence div = parse_divergence(std::string(divergence));
   const at::Tensor q_s = prepare(q_s_in), k_s = prepare(k_s_in), q_t = prepare(q_t_in), k_t = prepare(k_t_in);
   const BackwardRowInputs rows =
@@ -57,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cpu(
   at::Tensor dq_t = teacher_grad ? at::zeros(q_t.sizes(), q_t.options()) : at::empty({0}, q_t.options());
   at::Tensor dk_t = teacher_grad ? at::zeros(k_t.sizes(), k_t.options()) : at::empty({0}, k_t.options());
   if (kl.numel() != 0 && k_s.size(2) != 0) {
-    const AttentionKLParams p = make_backward_params(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, div, rows, dq_s,
+    const AttentionKLParams p = make_backward_params(q_s, k_s, q_t, k_t, scale_s, scale_t, mask, div, rows, dq_s,
                                                      dk_s, dq_t, dk_t, teacher_grad);
     if (q_s.scalar_type() == at::kDouble)
       cpu::run_attention_kl_backward<double>(p, aten_parallel_for);

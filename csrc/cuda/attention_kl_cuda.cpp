@@ -32,6 +32,14 @@ at::Tensor kernel_ready(const at::Tensor& t) {
   return aligned ? out : out.contiguous();
 }
 
+// The CUDA kernels take the window from the shared mask code, but that path has not run on a GPU yet:
+// refuse it loudly rather than risk a silent wrong answer (the CPU path supports windows).
+void refuse_unvalidated_windows(const MaskOptions& mask) {
+  TORCH_CHECK_NOT_IMPLEMENTED(mask.window_left < 0 && mask.window_right < 0,
+                              "streamkl: sliding windows (window_size=(", mask.window_left, ", ", mask.window_right,
+                              ")) are not yet validated on CUDA; run them on the CPU for now");
+}
+
 // STREAMKL_FUSED_BACKWARD=1 selects the fused student-only backward (one kernel, dQ by fp32 atomics). It is
 // correct (tools/device_check.sh runs it) but measured slower than the default two-kernel backward on H100
 // (bench/RESULTS.md), so it is opt-in until its atomics and shared-memory round trip are cheaper.
@@ -58,8 +66,11 @@ cuda::LaunchFn find_launcher(cuda::KernelFamily family, const at::Tensor& q_s, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cuda(const at::Tensor& q_s_in, const at::Tensor& k_s_in,
                                                                       const at::Tensor& q_t_in, const at::Tensor& k_t_in,
                                                                       double scale_s, double scale_t, bool causal,
-                                                                      c10::string_view divergence) {
+                                                                      c10::string_view divergence, int64_t window_left,
+                                                                     int64_t window_right) {
   check_attention_inputs(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t);
+  const MaskOptions mask = check_mask_options(causal, window_left, window_right);
+  refuse_unvalidated_windows(mask);
   const Divergence div = parse_divergence(std::string(divergence));
   const c10::cuda::CUDAGuard guard(q_s_in.device());
   const at::Tensor q_s = kernel_ready(q_s_in), k_s = kernel_ready(k_s_in), q_t = kernel_ready(q_t_in),
@@ -69,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cuda(const at::T
   at::Tensor lse_s = at::empty_like(kl), lse_t = at::empty_like(kl);
   const cuda::LaunchFn launch = find_launcher(cuda::KernelFamily::kForward, q_s, q_t, k_s, k_t);
   if (kl.numel() == 0) return {kl, lse_s, lse_t};
-  AttentionKLParams p = make_attention_params(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, div);
+  AttentionKLParams p = make_attention_params(q_s, k_s, q_t, k_t, scale_s, scale_t, mask, div);
   p.kl = kl.data_ptr();
   p.lse_student = lse_s.data_ptr();
   p.lse_teacher = lse_t.data_ptr();
@@ -80,8 +91,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cuda(const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cuda(
     const at::Tensor& grad_kl, const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in,
     const at::Tensor& k_t_in, const at::Tensor& kl, const at::Tensor& lse_s, const at::Tensor& lse_t, double scale_s,
-    double scale_t, bool causal, c10::string_view divergence, bool teacher_grad) {
+    double scale_t, bool causal, c10::string_view divergence, bool teacher_grad, int64_t window_left,
+    int64_t window_right) {
   check_attention_inputs(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t);
+  const MaskOptions mask = check_mask_options(causal, window_left, window_right);
+  refuse_unvalidated_windows(mask);
   const Divergence div = parse_divergence(std::string(divergence));
   const c10::cuda::CUDAGuard guard(q_s_in.device());
   const at::Tensor q_s = kernel_ready(q_s_in), k_s = kernel_ready(k_s_in), q_t = kernel_ready(q_t_in),
@@ -97,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cuda
   at::Tensor dq_t = teacher_grad ? alloc(q_t) : at::empty({0}, q_t.options());
   at::Tensor dk_t = teacher_grad ? alloc(k_t) : at::empty({0}, k_t.options());
   if (empty_problem) return {dq_s, dk_s, dq_t, dk_t};
-  AttentionKLParams p = make_backward_params(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, div, rows, dq_s, dk_s,
+  AttentionKLParams p = make_backward_params(q_s, k_s, q_t, k_t, scale_s, scale_t, mask, div, rows, dq_s, dk_s,
                                              dq_t, dk_t, teacher_grad);
   // The fused backward (opt-in) adds the student's dQ into this zeroed fp32 workspace.
   at::Tensor dq_accum;

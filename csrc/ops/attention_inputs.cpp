@@ -69,8 +69,17 @@ static void fill_side(AttentionSide& side, const at::Tensor& q, const at::Tensor
   side.scale = scale;
 }
 
+MaskOptions check_mask_options(bool causal, int64_t window_left, int64_t window_right) {
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1,
+                    "streamkl: window_size sides must be >= 0, or -1 for unbounded; got (", window_left, ", ",
+                    window_right, ")");
+  TORCH_CHECK_VALUE(window_left < (int64_t(1) << 31) && window_right < (int64_t(1) << 31),
+                    "streamkl: window_size sides must fit in int32; got (", window_left, ", ", window_right, ")");
+  return MaskOptions{causal, window_left, window_right};
+}
+
 AttentionKLParams make_attention_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
-                                        const at::Tensor& k_t, double scale_s, double scale_t, bool causal,
+                                        const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
                                         Divergence divergence) {
   AttentionKLParams p;
   fill_side(p.student, q_s, k_s, scale_s);
@@ -79,7 +88,9 @@ AttentionKLParams make_attention_params(const at::Tensor& q_s, const at::Tensor&
   p.num_heads = static_cast<int>(q_s.size(1));
   p.seqlen_q = static_cast<int>(q_s.size(2));
   p.seqlen_k = static_cast<int>(k_s.size(2));
-  p.causal = causal;
+  p.causal = mask.causal;
+  p.window_left = static_cast<int>(mask.window_left);
+  p.window_right = static_cast<int>(mask.window_right);
   p.divergence = divergence;
   return p;
 }
@@ -106,10 +117,10 @@ BackwardRowInputs prepare_backward_rows(const at::Tensor& q_s, const at::Tensor&
 }
 
 AttentionKLParams make_backward_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
-                                       const at::Tensor& k_t, double scale_s, double scale_t, bool causal,
+                                       const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
                                        Divergence divergence, const BackwardRowInputs& rows, at::Tensor& dq_s,
                                        at::Tensor& dk_s, at::Tensor& dq_t, at::Tensor& dk_t, bool teacher_grad) {
-  AttentionKLParams p = make_attention_params(q_s, k_s, q_t, k_t, scale_s, scale_t, causal, divergence);
+  AttentionKLParams p = make_attention_params(q_s, k_s, q_t, k_t, scale_s, scale_t, mask, divergence);
   p.kl = const_cast<void*>(rows.kl.data_ptr());
   p.lse_student = const_cast<void*>(rows.lse_s.data_ptr());
   p.lse_teacher = const_cast<void*>(rows.lse_t.data_ptr());

@@ -23,9 +23,17 @@ at::Tensor with_contiguous_last_dim(const at::Tensor& t);
 // dtype of kl / lse: float64 for float64 inputs, float32 otherwise.
 at::ScalarType stats_dtype(at::ScalarType input_dtype);
 
+// Which keys each query row sees: causal and/or a sliding window (-1 = unbounded side).
+struct MaskOptions {
+  bool causal;
+  int64_t window_left, window_right;
+};
+// Throws a ValueError for window sides below -1.
+MaskOptions check_mask_options(bool causal, int64_t window_left, int64_t window_right);
+
 // Fills sizes, strides, pointers and flags (not the output pointers) from already-validated inputs.
 AttentionKLParams make_attention_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
-                                        const at::Tensor& k_t, double scale_s, double scale_t, bool causal,
+                                        const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
                                         Divergence divergence);
 
 // The backward's per-row inputs, shape-checked against q_s ([B, H, N_q]) and made contiguous in the
@@ -39,7 +47,7 @@ BackwardRowInputs prepare_backward_rows(const at::Tensor& q_s, const at::Tensor&
 // Backward parameters: the forward's, the per-row inputs, and the gradient outputs (contiguous, shaped like
 // q / k; the teacher's only when teacher_grad).
 AttentionKLParams make_backward_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
-                                       const at::Tensor& k_t, double scale_s, double scale_t, bool causal,
+                                       const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
                                        Divergence divergence, const BackwardRowInputs& rows, at::Tensor& dq_s,
                                        at::Tensor& dk_s, at::Tensor& dq_t, at::Tensor& dk_t, bool teacher_grad);
 

@@ -7,13 +7,17 @@ TORCH_LIBRARY(streamkl, m) {
   // Per-row divergence between softmax(scale_s * q_s k_s^T) and softmax(scale_t * q_t k_t^T).
   // q_*: [B, H, N_q, D_*], k_*: [B, H, N_k, D_*]. Returns kl, lse_s, lse_t, each [B, H, N_q], float32
   // (float64 for float64 inputs). divergence: "forward" = KL(P_t || P_s), "reverse" = KL(P_s || P_t).
+  // Sliding window (FlashAttention semantics, bottom-right aligned): row i sees keys
+  // [i + N_k - N_q - window_left, i + N_k - N_q + window_right]; -1 = unbounded; causal sets window_right = 0.
   m.def(
       "attention_kl_fwd(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, float scale_s, float scale_t, "
-      "bool causal, str divergence) -> (Tensor kl, Tensor lse_s, Tensor lse_t)");
+      "bool causal, str divergence, int window_left=-1, int window_right=-1) -> (Tensor kl, Tensor lse_s, "
+      "Tensor lse_t)");
   // Gradients of sum(grad_kl * kl) w.r.t. q_s, k_s (and q_t, k_t when teacher_grad; otherwise those two
   // outputs are empty tensors of shape [0]).
   m.def(
       "attention_kl_bwd(Tensor grad_kl, Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor kl, "
       "Tensor lse_s, Tensor lse_t, float scale_s, float scale_t, bool causal, str divergence, "
-      "bool teacher_grad) -> (Tensor dq_s, Tensor dk_s, Tensor dq_t, Tensor dk_t)");
+      "bool teacher_grad, int window_left=-1, int window_right=-1) -> (Tensor dq_s, Tensor dk_s, Tensor dq_t, "
+      "Tensor dk_t)");
 }
