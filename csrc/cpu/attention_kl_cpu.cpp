@@ -26,9 +26,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cpu(const at::Te
                                                                      double scale_s, double scale_t, bool causal,
                                                                      c10::string_view divergence, int64_t window_left,
                                                                      int64_t window_right) {
-  check_attention_inputs(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t);
-  const MaskOptions mask = check_mask_options(causal, window_left, window_right);
-  const Divergence div = parse_divergence(std::string(divergence));
+  const OpOptions options = check_op_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal,
+                                                std::string(divergence), window_left, window_right);
+  const MaskOptions& mask = options.mask;
+  const Divergence div = options.divergence;
   const at::Tensor q_s = prepare(q_s_in), k_s = prepare(k_s_in), q_t = prepare(q_t_in), k_t = prepare(k_t_in);
   const auto opts = q_s.options().dtype(stats_dtype(q_s_in.scalar_type()));
   at::Tensor kl = at::empty({q_s.size(0), q_s.size(1), q_s.size(2)}, opts);
@@ -51,9 +52,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cpu(
     const at::Tensor& k_t_in, const at::Tensor& kl, const at::Tensor& lse_s, const at::Tensor& lse_t, double scale_s,
     double scale_t, bool causal, c10::string_view divergence, bool teacher_grad, int64_t window_left,
     int64_t window_right) {
-  check_attention_inputs(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t);
-  const MaskOptions mask = check_mask_options(causal, window_left, window_right);
-  const Divergence div = parse_divergence(std::string(divergence));
+  const OpOptions options = check_op_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal,
+                                                std::string(divergence), window_left, window_right);
+  const MaskOptions& mask = options.mask;
+  const Divergence div = options.divergence;
   const at::Tensor q_s = prepare(q_s_in), k_s = prepare(k_s_in), q_t = prepare(q_t_in), k_t = prepare(k_t_in);
   const BackwardRowInputs rows =
       prepare_backward_rows(q_s, grad_kl, kl, lse_s, lse_t, stats_dtype(q_s_in.scalar_type()));

@@ -68,10 +68,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cuda(const at::T
                                                                       double scale_s, double scale_t, bool causal,
                                                                       c10::string_view divergence, int64_t window_left,
                                                                      int64_t window_right) {
-  check_attention_inputs(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t);
-  const MaskOptions mask = check_mask_options(causal, window_left, window_right);
+  const OpOptions options = check_op_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal,
+                                                std::string(divergence), window_left, window_right);
+  const MaskOptions& mask = options.mask;
+  const Divergence div = options.divergence;
   refuse_unvalidated_windows(mask);
-  const Divergence div = parse_divergence(std::string(divergence));
   const c10::cuda::CUDAGuard guard(q_s_in.device());
   const at::Tensor q_s = kernel_ready(q_s_in), k_s = kernel_ready(k_s_in), q_t = kernel_ready(q_t_in),
                    k_t = kernel_ready(k_t_in);
@@ -93,10 +94,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cuda
     const at::Tensor& k_t_in, const at::Tensor& kl, const at::Tensor& lse_s, const at::Tensor& lse_t, double scale_s,
     double scale_t, bool causal, c10::string_view divergence, bool teacher_grad, int64_t window_left,
     int64_t window_right) {
-  check_attention_inputs(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t);
-  const MaskOptions mask = check_mask_options(causal, window_left, window_right);
+  const OpOptions options = check_op_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal,
+                                                std::string(divergence), window_left, window_right);
+  const MaskOptions& mask = options.mask;
+  const Divergence div = options.divergence;
   refuse_unvalidated_windows(mask);
-  const Divergence div = parse_divergence(std::string(divergence));
   const c10::cuda::CUDAGuard guard(q_s_in.device());
   const at::Tensor q_s = kernel_ready(q_s_in), k_s = kernel_ready(k_s_in), q_t = kernel_ready(q_t_in),
                    k_t = kernel_ready(k_t_in);

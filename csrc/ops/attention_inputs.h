@@ -31,6 +31,16 @@ struct MaskOptions {
 // Throws a ValueError for window sides below -1.
 MaskOptions check_mask_options(bool causal, int64_t window_left, int64_t window_right);
 
+// Everything both ops check before touching data, shared by the CPU and CUDA implementations: the tensors
+// (check_attention_inputs), the mask options and the divergence name.
+struct OpOptions {
+  MaskOptions mask;
+  Divergence divergence;
+};
+OpOptions check_op_arguments(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                             const at::Tensor& k_t, double scale_s, double scale_t, bool causal,
+                             const std::string& divergence, int64_t window_left, int64_t window_right);
+
 // Fills sizes, strides, pointers and flags (not the output pointers) from already-validated inputs.
 AttentionKLParams make_attention_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
                                         const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
