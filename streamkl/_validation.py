@@ -31,9 +31,13 @@ def check_attention_tensors(q_s, k_s, q_t, k_t, *, where):
         raise ValueError(f"{where}: q_t must match q_s in batch, heads and query length: expected "
                          f"[{B}, {H}, {Nq}, D_t], got {tuple(q_t.shape)}")
     for qn, kn, q, k in (("q_s", "k_s", q_s, k_s), ("q_t", "k_t", q_t, k_t)):
-        if tuple(k.shape[:2]) != (B, H):
-            raise ValueError(f"{where}: {kn} must have the batch and heads of {qn}: expected "
-                             f"[{B}, {H}, N_k, {q.shape[3]}], got {tuple(k.shape)}")
+        if k.shape[0] != B:
+            raise ValueError(f"{where}: {kn} must have the batch of {qn}: expected "
+                             f"[{B}, H_kv, N_k, {q.shape[3]}], got {tuple(k.shape)}")
+        if (H % k.shape[1] != 0) if k.shape[1] > 0 else H != 0:
+            raise ValueError(f"{where}: {kn} has {k.shape[1]} heads, which must divide the {H} query heads of "
+                             f"{qn} (GQA/MQA: contiguous groups of query heads share a key head); got shape "
+                             f"{tuple(k.shape)}")
         if k.shape[3] != q.shape[3]:
             raise ValueError(f"{where}: {kn} must have the head dim of {qn} ({q.shape[3]}), got "
                              f"{k.shape[3]} (shape {tuple(k.shape)})")

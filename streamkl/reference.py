@@ -87,6 +87,9 @@ def attention_kl_reference(q_s, k_s, q_t, k_t, *, causal: bool = False, scale_s:
     scale_t = 1.0 / math.sqrt(q_t.shape[-1]) if scale_t is None else scale_t
     if dtype is not None:
         q_s, k_s, q_t, k_t = (x.to(dtype) for x in (q_s, k_s, q_t, k_t))
+    # GQA / MQA: query head h reads key head h // (H / H_kv).
+    k_s = k_s.repeat_interleave(q_s.shape[1] // k_s.shape[1], dim=1) if k_s.shape[1] else k_s
+    k_t = k_t.repeat_interleave(q_t.shape[1] // k_t.shape[1], dim=1) if k_t.shape[1] else k_t
     s = scale_s * (q_s @ k_s.transpose(-1, -2))
     t = scale_t * (q_t @ k_t.transpose(-1, -2))
     allowed = attention_mask(s.shape[-2], s.shape[-1], s.device, causal=causal, window_size=window_size)

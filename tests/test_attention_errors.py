@@ -29,7 +29,7 @@ SHAPE_ERRORS = [
     ("batch-k_s", {"k_s": (1, 3, 7, 4)}, "k_s"),
     ("heads-k_s", {"k_s": (2, 4, 7, 4)}, "k_s"),
     ("batch-k_t", {"k_t": (3, 3, 7, 6)}, "k_t"),
-    ("heads-k_t", {"k_t": (2, 1, 7, 6)}, "k_t"),
+    ("heads-k_t", {"k_t": (2, 2, 7, 6)}, "k_t"),  # 2 does not divide 3 query heads (1 would be MQA)
     ("nk-k_s-vs-k_t", {"k_t": (2, 3, 8, 6)}, "k_t"),
     ("nk-k_t-vs-k_s", {"k_s": (2, 3, 6, 4)}, "k_s"),
     ("headdim-k_s", {"k_s": (2, 3, 7, 5)}, "k_s"),

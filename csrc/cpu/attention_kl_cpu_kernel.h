@@ -192,28 +192,39 @@ void attention_kl_backward_dq(const AttentionKLParams& p, int64_t b, int64_t h, 
   }
 }
 
-// Sweep 2 of the backward: dK of both sides for one block of kKeyTile keys (dk must start zeroed).
-// Requires num_kv_heads == num_heads (one writer per dK row); GQA reduces over the group in the caller.
+// Which side's dK a sweep-2 task writes. Without GQA one task writes both (the score tiles are shared);
+// with GQA on either side each side has its own key-head grouping, so each gets its own tasks.
+enum class DkSides { kBoth, kStudent, kTeacher };
+
+// Sweep 2 of the backward: dK for one block of kKeyTile keys of key head kv_head (dk must start zeroed),
+// summed over the query heads that share that key head. One writer per dK row: no atomics.
 template <typename T>
-void attention_kl_backward_dk(const AttentionKLParams& p, int64_t b, int64_t h, int key0, int cols,
+void attention_kl_backward_dk(const AttentionKLParams& p, int64_t b, int kv_head, DkSides sides, int key0, int cols,
                               TileScratch<T>& scratch) {
-  const SideSlice<T> student = SideSlice<T>::make(p.student, b, h, p.num_heads);
-  const SideSlice<T> teacher = SideSlice<T>::make(p.teacher, b, h, p.num_heads);
   const AttentionMask mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
-  T* dk_s = side_grad_ptr<T>(p.student.dk, p.student.dk_batch_stride, p.student.dk_head_stride, b, h);
-  T* dk_t = p.teacher_grad
-                ? side_grad_ptr<T>(p.teacher.dk, p.teacher.dk_batch_stride, p.teacher.dk_head_stride, b, h)
-                : nullptr;
-  for (int row0 = 0; row0 < p.seqlen_q; row0 += kRowBlock) {
-    const int rows = std::min(kRowBlock, p.seqlen_q - row0);
-    const KeyRange block_keys = mask.keys_for_rows(row0, row0 + rows);
-    if (block_keys.end <= key0 || block_keys.begin >= key0 + cols) continue;
-    gradient_tiles(p, student, teacher, mask, b, h, row0, rows, key0, cols, scratch);
-    accumulate_dk(student, dk_s, p.student.dk_row_stride, row0, rows, key0, cols, scratch.student_scores.data(),
-                  scratch.grad_t.data());
-    if (dk_t)
-      accumulate_dk(teacher, dk_t, p.teacher.dk_row_stride, row0, rows, key0, cols, scratch.teacher_scores.data(),
-                    scratch.grad_t.data());
+  const bool student = sides != DkSides::kTeacher;
+  const bool teacher = sides != DkSides::kStudent && p.teacher_grad;
+  const AttentionSide& grouping = sides == DkSides::kTeacher ? p.teacher : p.student;
+  const int group = p.num_heads / grouping.num_kv_heads;
+  T* dk_s = student ? side_grad_ptr<T>(p.student.dk, p.student.dk_batch_stride, p.student.dk_head_stride, b, kv_head)
+                    : nullptr;
+  T* dk_t = teacher ? side_grad_ptr<T>(p.teacher.dk, p.teacher.dk_batch_stride, p.teacher.dk_head_stride, b, kv_head)
+                    : nullptr;
+  for (int h = kv_head * group; h < (kv_head + 1) * group; ++h) {
+    const SideSlice<T> student_slice = SideSlice<T>::make(p.student, b, h, p.num_heads);
+    const SideSlice<T> teacher_slice = SideSlice<T>::make(p.teacher, b, h, p.num_heads);
+    for (int row0 = 0; row0 < p.seqlen_q; row0 += kRowBlock) {
+      const int rows = std::min(kRowBlock, p.seqlen_q - row0);
+      const KeyRange block_keys = mask.keys_for_rows(row0, row0 + rows);
+      if (block_keys.end <= key0 || block_keys.begin >= key0 + cols) continue;
+      gradient_tiles(p, student_slice, teacher_slice, mask, b, h, row0, rows, key0, cols, scratch);
+      if (dk_s)
+        accumulate_dk(student_slice, dk_s, p.student.dk_row_stride, row0, rows, key0, cols,
+                      scratch.student_scores.data(), scratch.grad_t.data());
+      if (dk_t)
+        accumulate_dk(teacher_slice, dk_t, p.teacher.dk_row_stride, row0, rows, key0, cols,
+                      scratch.teacher_scores.data(), scratch.grad_t.data());
+    }
   }
 }
 
@@ -254,16 +265,25 @@ void run_attention_kl_backward(const AttentionKLParams& p, ParallelFor&& paralle
     }
   });
   const int key_blocks = ceil_div(p.seqlen_k, kKeyTile);
-  parallel_for(int64_t(0), bh_count * key_blocks, [&](int64_t lo, int64_t hi) {
-    TileScratch<T> scratch(max_dim);
-    for (int64_t task = lo; task < hi; ++task) {
-      const int blk = static_cast<int>(task % key_blocks);
-      const int64_t bh = task / key_blocks;
-      const int key0 = blk * kKeyTile;
-      attention_kl_backward_dk<T>(p, bh / p.num_heads, bh % p.num_heads, key0,
-                                  std::min(kKeyTile, p.seqlen_k - key0), scratch);
-    }
-  });
+  auto dk_sweep = [&](DkSides sides, int kv_heads) {
+    parallel_for(int64_t(0), int64_t(p.batch) * kv_heads * key_blocks, [&](int64_t lo, int64_t hi) {
+      TileScratch<T> scratch(max_dim);
+      for (int64_t task = lo; task < hi; ++task) {
+        const int blk = static_cast<int>(task % key_blocks);
+        const int64_t bh = task / key_blocks;
+        const int key0 = blk * kKeyTile;
+        attention_kl_backward_dk<T>(p, bh / kv_heads, static_cast<int>(bh % kv_heads), sides, key0,
+                                    std::min(kKeyTile, p.seqlen_k - key0), scratch);
+      }
+    });
+  };
+  const bool grouped = p.student.num_kv_heads != p.num_heads || p.teacher.num_kv_heads != p.num_heads;
+  if (!grouped) {
+    dk_sweep(DkSides::kBoth, p.num_heads);
+  } else {
+    dk_sweep(DkSides::kStudent, p.student.num_kv_heads);
+    if (p.teacher_grad) dk_sweep(DkSides::kTeacher, p.teacher.num_kv_heads);
+  }
 }
 
 }  // namespace cpu

@@ -33,9 +33,12 @@ void check_attention_inputs(const at::Tensor& q_s, const at::Tensor& k_s, const 
                     "streamkl: q_t must match q_s in batch, heads and query length: expected [", B, ", ", H, ", ",
                     Nq, ", D_t], got ", q_t.sizes());
   auto check_keys = [&](const at::Tensor& q, const at::Tensor& k, const char* qn, const char* kn) {
-    TORCH_CHECK_VALUE(k.size(0) == B && k.size(1) == H,
-                      "streamkl: ", kn, " must have the batch and heads of ", qn, ": expected [", B, ", ", H,
-                      ", N_k, ", q.size(3), "], got ", k.sizes());
+    TORCH_CHECK_VALUE(k.size(0) == B, "streamkl: ", kn, " must have the batch of ", qn, ": expected [", B,
+                      ", H_kv, N_k, ", q.size(3), "], got ", k.sizes());
+    // GQA / MQA: contiguous groups of H / H_kv query heads share a key head.
+    TORCH_CHECK_VALUE(k.size(1) > 0 ? H % k.size(1) == 0 : H == 0, "streamkl: ", kn, " has ", k.size(1),
+                      " heads, which must divide the ", H, " query heads of ", qn, " (GQA/MQA); got shape ",
+                      k.sizes());
     TORCH_CHECK_VALUE(k.size(3) == q.size(3), "streamkl: ", kn, " must have the head dim of ", qn, " (", q.size(3),
                       "), got ", k.size(3), " (shape ", k.sizes(), ")");
   };
