@@ -15,10 +15,7 @@ def causal_mask(n_q: int, n_k: int, device, offset: Optional[int] = None) -> tor
     """True where query i may see key j: ``j <= i + offset``; by default ``offset = n_k - n_q``
     (bottom-right alignment). A block of rows starting at row ``r0`` of a longer query uses
     ``offset = r0 + N_k - N_q``."""
-    offset = n_k - n_q if offset is None else offset
-    i = torch.arange(n_q, device=device).unsqueeze(1)
-    j = torch.arange(n_k, device=device).unsqueeze(0)
-    return j <= i + offset
+    return attention_mask(n_q, n_k, device, causal=True, offset=offset)
 
 
 def _widen(x: torch.Tensor) -> torch.Tensor:
