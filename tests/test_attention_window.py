@@ -1,7 +1,7 @@
 """Sliding-window attention KL (FlashAttention window semantics, bottom-right aligned) on the CPU.
 
 Values and gradients against the float64 reference, gradcheck, opcheck with a window, rows that see no key,
-bad windows; and the CUDA path refusing windows until it has been validated on a GPU.
+bad windows. The CUDA kernels' windows are tested in test_attention_cuda_features.py.
 """
 
 import pytest
@@ -126,10 +126,3 @@ def test_bad_window_raw_op(window):
     inputs = make_inputs(1, 1, 4, 4, 8, 8, seed=seed_of("window-bad-op"))
     with pytest.raises(ValueError, match="window_size"):
         fwd_op(*inputs, 0.5, 0.5, False, "forward", *window)
-
-
-@pytest.mark.skipif(not (torch.cuda.is_available() and streamkl.cuda_available()), reason="needs the CUDA kernels")
-def test_cuda_refuses_unvalidated_windows():
-    inputs = [x.cuda().bfloat16() for x in make_inputs(1, 1, 64, 64, 64, 64, seed=seed_of("window-cuda"))]
-    with pytest.raises(NotImplementedError, match="window"):
-        streamkl.attention_kl(*inputs, window_size=(8, 0))

@@ -272,14 +272,20 @@ __global__ void scale_convert_kernel(const float* __restrict__ in, Element* __re
     out[i] = static_cast<Element>(in[i] * scale);
 }
 
+// A CTA owns a block of keys of one student key head and loops over the query heads that read it (one
+// head without GQA), accumulating dK over the group in registers: one writer per dK row, no atomics. The
+// teacher's keys are those of the teacher key head each query head reads; teacher gradients need both
+// sides to group heads the same way (checked by the host wrapper), so the teacher's dK rows also have one
+// writer.
 template <typename Traits, bool kTeacherGrad>
 __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dk_kernel(const AttentionKLParams p) {
   using Element = typename Traits::Element;
   extern __shared__ __align__(128) char smem_raw[];
   const SmemPlan<Traits> smem(smem_raw);
   const int n_block = blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
+  const int kv_head = blockIdx.y, b = blockIdx.z;
   const int key0 = n_block * Traits::kBlockM;
+  const int group = p.num_heads / p.student.num_kv_heads;
 
   DkPolicy<Traits, kTeacherGrad> policy;
   policy.mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
@@ -289,17 +295,21 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dk_kernel(
   policy.teacher_weights = teacher_is_weighting_side(p.divergence);
   policy.params = &p;
   policy.b = b;
-  policy.h = h;
   policy.smem = &smem;
   policy.grads.clear_all();
 
-  // X = keys of this head, Y = queries.
+  // X = keys, Y = queries of each head of the group.
   const int key_end = min_of(key0 + Traits::kBlockM, p.seqlen_k);
   const KeyRange rows = policy.mask.rows_for_keys(key0, key_end);
-  score_stream<Traits>(policy, smem, key_block_operands<Element>(p.student, b, h, key0),
-                       key_block_operands<Element>(p.teacher, b, h, key0), p.seqlen_k - key0, rows.begin, rows.end,
-                       p.seqlen_q);
-  policy.grads.store(p, /*keys=*/true, b, h, key0, p.seqlen_k - key0);
+  for (int g = 0; g < group; ++g) {
+    const int h = kv_head * group + g;
+    policy.h = h;
+    if (g > 0) __syncthreads();  // the previous head's last tile is read; X may be overwritten
+    score_stream<Traits>(policy, smem, key_block_operands<Element>(p.student, p.num_heads, b, h, key0),
+                         key_block_operands<Element>(p.teacher, p.num_heads, b, h, key0), p.seqlen_k - key0,
+                         rows.begin, rows.end, p.seqlen_q);
+  }
+  policy.grads.store(p, /*keys=*/true, b, kv_head, key0, p.seqlen_k - key0);
 }
 
 }  // namespace cuda

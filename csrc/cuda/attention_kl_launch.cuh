@@ -70,7 +70,7 @@ void run_attention_kl_bwd_impl(const AttentionKLParams& p, cudaStream_t stream) 
   const dim3 dq_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
   launch_with_smem(attention_kl_bwd_dq_kernel<Traits, kTeacherGrad>, dq_grid, Traits::kNThreads, Traits::kSmemBytes,
                    stream, p, "attention_kl backward dQ kernel");
-  const dim3 dk_grid(ceil_div(p.seqlen_k, Traits::kBlockM), p.num_heads, p.batch);
+  const dim3 dk_grid(ceil_div(p.seqlen_k, Traits::kBlockM), p.student.num_kv_heads, p.batch);
   launch_with_smem(attention_kl_bwd_dk_kernel<Traits, kTeacherGrad>, dk_grid, Traits::kNThreads, Traits::kSmemBytes,
                    stream, p, "attention_kl backward dK kernel");
 }
@@ -85,7 +85,7 @@ using FusedBackwardTraits = KernelTraits<Element, kDimS, kDimT, 64, 64, 4, false
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_bwd_fused(const AttentionKLParams& p, cudaStream_t stream) {
   using Traits = FusedBackwardTraits<Element, kDimS, kDimT>;
-  const dim3 grid(ceil_div(p.seqlen_k, Traits::kBlockM), p.num_heads, p.batch);
+  const dim3 grid(ceil_div(p.seqlen_k, Traits::kBlockM), p.student.num_kv_heads, p.batch);
   launch_with_smem(attention_kl_bwd_dk_kernel<Traits, false>, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p,
                    "attention_kl fused backward kernel");
   const int64_t n = static_cast<int64_t>(p.batch) * p.num_heads * p.seqlen_q * kDimS;

@@ -62,23 +62,29 @@ struct StreamOperands {
   int64_t y_stride;
 };
 
+// Key head read by query head h on one side (GQA/MQA: contiguous groups of query heads share a key head).
+__device__ __forceinline__ int key_head_of(const AttentionSide& side, int num_heads, int h) {
+  return h / (num_heads / side.num_kv_heads);
+}
+
 // One side's operands for a CTA that owns query rows [row0, row0 + kBlockM) of (b, h) and streams keys.
 template <typename Element>
 __device__ __forceinline__ StreamOperands<Element> query_block_operands(const AttentionSide& side, int num_heads,
                                                                        int b, int h, int row0) {
-  const int kv_head = h / (num_heads / side.num_kv_heads);
   const Element* q = static_cast<const Element*>(side.q) + b * side.q_batch_stride + h * side.q_head_stride;
-  const Element* k = static_cast<const Element*>(side.k) + b * side.k_batch_stride + kv_head * side.k_head_stride;
+  const Element* k = static_cast<const Element*>(side.k) + b * side.k_batch_stride +
+                     key_head_of(side, num_heads, h) * side.k_head_stride;
   return StreamOperands<Element>{q + row0 * side.q_row_stride, side.q_row_stride, k, side.k_row_stride};
 }
 
-// One side's operands for a CTA that owns keys [key0, key0 + kBlockM) of (b, h) and streams query rows
-// (one query head per key head: the launcher checks num_kv_heads == num_heads).
+// One side's operands for a CTA that owns keys [key0, key0 + kBlockM) of the key head that query head h
+// reads, and streams the query rows of head h.
 template <typename Element>
-__device__ __forceinline__ StreamOperands<Element> key_block_operands(const AttentionSide& side, int b, int h,
-                                                                     int key0) {
+__device__ __forceinline__ StreamOperands<Element> key_block_operands(const AttentionSide& side, int num_heads, int b,
+                                                                     int h, int key0) {
   const Element* q = static_cast<const Element*>(side.q) + b * side.q_batch_stride + h * side.q_head_stride;
-  const Element* k = static_cast<const Element*>(side.k) + b * side.k_batch_stride + h * side.k_head_stride;
+  const Element* k = static_cast<const Element*>(side.k) + b * side.k_batch_stride +
+                     key_head_of(side, num_heads, h) * side.k_head_stride;
   return StreamOperands<Element>{k + key0 * side.k_row_stride, side.k_row_stride, q, side.q_row_stride};
 }
 
