@@ -26,8 +26,14 @@ def _check(inputs, grad_out, **kwargs):
     wrt = [x for x in inputs if x.requires_grad]
     got = iter(torch.autograd.grad(out, wrt, grad_out))
     grads = [next(got) if x.requires_grad else None for x in inputs]
-    ref, ref_grads = reference_grads(inputs, grad_out, **kwargs)
     assert out.dtype == torch.float32 and out.device.type == DEVICE
+    if kwargs.get("window_size") == (0, 0):
+        # Every row sees exactly one key: both distributions are the same point mass, so the divergence
+        # and its gradients are 0 up to rounding (a relative comparison with ~0 would be meaningless).
+        assert torch.isfinite(out).all() and out.abs().max() < 1e-5
+        assert all(torch.isfinite(g).all() and g.abs().max() < 1e-3 for g in grads if g is not None)
+        return out, grads
+    ref, ref_grads = reference_grads(inputs, grad_out, **kwargs)
     assert_rel_close(out, ref, FWD_TOL)
     assert_grads_close(grads, ref_grads, GRAD_TOL)
     return out, grads

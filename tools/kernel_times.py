@@ -1,12 +1,10 @@
 """Per-kernel GPU time of one attention-KL forward + backward (torch.profiler), for tuning on the device.
 
 Usage: python tools/kernel_times.py [--n 8192] [--d 128] [--heads 16] [--causal]
-Prints each CUDA kernel's total time over --iters iterations divided by --iters (ms per call).
+Prints the profiler's table of CUDA kernels (total and average time per call).
 """
 
 import argparse
-from collections import defaultdict
-
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -32,13 +30,8 @@ def main():
         for _ in range(a.iters):
             step()
         torch.cuda.synchronize()
-    totals = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            totals[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-    print(f"N={a.n} D={a.d} H={a.heads} causal={a.causal}: ms per fwd+bwd step, by kernel")
-    for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:8]:
-        print(f"{us / a.iters / 1000:8.3f}  {name[:110]}")
+    print(f"N={a.n} D={a.d} H={a.heads} causal={a.causal}: {a.iters} fwd+bwd steps")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6, max_name_column_width=90))
 
 
 if __name__ == "__main__":

@@ -38,16 +38,16 @@ struct RowGradInputs {
   __device__ static RowGradInputs none() { return RowGradInputs{0.f, 0.f, 0.f, 0.f}; }
 };
 
-// dS for one score pair (base-2 scores), written back as (student, teacher) gradients.
-__device__ __forceinline__ void score_pair_grads(float& s, float& t, const RowGradInputs& r, bool teacher_weights,
-                                                 bool allowed) {
-  const float w = teacher_weights ? t : s;
-  const float o = teacher_weights ? s : t;
+// dS for one score pair (base-2 scores), written back as (student, teacher) gradients. The weighting side
+// is a template parameter so that, without teacher gradients, the compiler drops the teacher's half.
+template <bool kTeacherWeights>
+__device__ __forceinline__ void score_pair_grads(float& s, float& t, const RowGradInputs& r, bool allowed) {
+  float& w = pick<kTeacherWeights>(t, s);
+  float& o = pick<kTeacherWeights>(s, t);
   float grad_w, grad_o;
   divergence_score_grads<float, Base2<float>>(w, o, r.lse_w2, r.lse_o2, r.kl, r.grad, grad_w, grad_o);
-  if (!allowed) grad_w = grad_o = 0.f;
-  s = teacher_weights ? grad_o : grad_w;
-  t = teacher_weights ? grad_w : grad_o;
+  w = allowed ? grad_w : 0.f;
+  o = allowed ? grad_o : 0.f;
 }
 
 // The second product of both backward kernels: acc_grad += dS * Y for the student, and the teacher when
@@ -100,14 +100,14 @@ struct GradAccumulators {
 };
 
 // ---------------------------------------------------------------------------------------------------- dQ
-template <typename Traits, bool kTeacherGrad>
+template <typename Traits, bool kTeacherGrad, bool kTeacherWeights>
 struct DqPolicy {
   static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   static constexpr int kThreadRows = 2 * (kBlockM / (16 * Traits::kNWarps));
   AttentionMask mask;
   int row0;
   float scale_s2, scale_t2;
-  bool teacher_weights;
+  static constexpr bool teacher_weights = kTeacherWeights;
   RowGradInputs rows[kThreadRows];
   const SmemPlan<Traits>* smem;
   GradAccumulators<Traits, kTeacherGrad> grads;
@@ -128,7 +128,7 @@ struct DqPolicy {
       for (int j = 0; j < size<1>(s); ++j) {
         float sv = s(i, j) * scale_s2, tv = t(i, j) * scale_t2;
         const bool allowed = full || keys.contains(y0 + get<1>(coords(i, j)));
-        score_pair_grads(sv, tv, rows[i], teacher_weights, allowed);
+        score_pair_grads<kTeacherWeights>(sv, tv, rows[i], allowed);
         s(i, j) = sv;
         t(i, j) = tv;
       }
@@ -138,7 +138,7 @@ struct DqPolicy {
   }
 };
 
-template <typename Traits, bool kTeacherGrad>
+template <typename Traits, bool kTeacherGrad, bool kTeacherWeights>
 __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dq_kernel(const AttentionKLParams p) {
   using Element = typename Traits::Element;
   extern __shared__ __align__(128) char smem_raw[];
@@ -147,12 +147,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dq_kernel(
   const int h = blockIdx.y, b = blockIdx.z;
   const int row0 = m_block * Traits::kBlockM;
 
-  DqPolicy<Traits, kTeacherGrad> policy;
+  DqPolicy<Traits, kTeacherGrad, kTeacherWeights> policy;
   policy.mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
   policy.row0 = row0;
   policy.scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
   policy.scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
-  policy.teacher_weights = teacher_is_weighting_side(p.divergence);
   policy.smem = &smem;
   policy.grads.clear_all();
   {
@@ -174,13 +173,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dq_kernel(
 }
 
 // ---------------------------------------------------------------------------------------------------- dK
-template <typename Traits, bool kTeacherGrad>
+template <typename Traits, bool kTeacherGrad, bool kTeacherWeights>
 struct DkPolicy {
   static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   AttentionMask mask;
   int key0;  // first key of the CTA (X rows are keys, Y rows are queries)
   float scale_s2, scale_t2;
-  bool teacher_weights;
+  static constexpr bool teacher_weights = kTeacherWeights;
   const AttentionKLParams* params;
   int b, h;
   const SmemPlan<Traits>* smem;
@@ -218,7 +217,7 @@ struct DkPolicy {
       for (int i = 0; i < size<0>(s); ++i) {
         float sv = s(i, j) * scale_s2, tv = t(i, j) * scale_t2;
         const bool allowed = full || (row_in_bounds && keys.contains(key0 + get<0>(coords(i, j))));
-        score_pair_grads(sv, tv, r, teacher_weights, allowed);
+        score_pair_grads<kTeacherWeights>(sv, tv, r, allowed);
         s(i, j) = sv;
         t(i, j) = tv;
       }
@@ -277,7 +276,7 @@ __global__ void scale_convert_kernel(const float* __restrict__ in, Element* __re
 // teacher's keys are those of the teacher key head each query head reads; teacher gradients need both
 // sides to group heads the same way (checked by the host wrapper), so the teacher's dK rows also have one
 // writer.
-template <typename Traits, bool kTeacherGrad>
+template <typename Traits, bool kTeacherGrad, bool kTeacherWeights>
 __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dk_kernel(const AttentionKLParams p) {
   using Element = typename Traits::Element;
   extern __shared__ __align__(128) char smem_raw[];
@@ -287,12 +286,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dk_kernel(
   const int key0 = n_block * Traits::kBlockM;
   const int group = p.num_heads / p.student.num_kv_heads;
 
-  DkPolicy<Traits, kTeacherGrad> policy;
+  DkPolicy<Traits, kTeacherGrad, kTeacherWeights> policy;
   policy.mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
   policy.key0 = key0;
   policy.scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
   policy.scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
-  policy.teacher_weights = teacher_is_weighting_side(p.divergence);
   policy.params = &p;
   policy.b = b;
   policy.smem = &smem;

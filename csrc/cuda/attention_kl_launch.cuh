@@ -52,12 +52,9 @@ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 template <typename Traits>
 void run_attention_kl_fwd_with(const AttentionKLParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
-  if (teacher_is_weighting_side(p.divergence))
-    launch_with_smem(attention_kl_fwd_kernel<Traits, true>, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p,
-                     "attention_kl forward kernel");
-  else
-    launch_with_smem(attention_kl_fwd_kernel<Traits, false>, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p,
-                     "attention_kl forward kernel");
+  const auto kernel = teacher_is_weighting_side(p.divergence) ? attention_kl_fwd_kernel<Traits, true>
+                                                              : attention_kl_fwd_kernel<Traits, false>;
+  launch_with_smem(kernel, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p, "attention_kl forward kernel");
 }
 
 template <typename Element, int kDimS, int kDimT>
@@ -65,14 +62,22 @@ void run_attention_kl_fwd(const AttentionKLParams& p, cudaStream_t stream) {
   run_attention_kl_fwd_with<ForwardTraits<Element, kDimS, kDimT>>(p, stream);
 }
 
+template <typename Traits, bool kTeacherGrad, bool kTeacherWeights>
+void run_attention_kl_bwd_kernels(const AttentionKLParams& p, cudaStream_t stream) {
+  const dim3 dq_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
+  launch_with_smem(attention_kl_bwd_dq_kernel<Traits, kTeacherGrad, kTeacherWeights>, dq_grid, Traits::kNThreads,
+                   Traits::kSmemBytes, stream, p, "attention_kl backward dQ kernel");
+  const dim3 dk_grid(ceil_div(p.seqlen_k, Traits::kBlockM), p.student.num_kv_heads, p.batch);
+  launch_with_smem(attention_kl_bwd_dk_kernel<Traits, kTeacherGrad, kTeacherWeights>, dk_grid, Traits::kNThreads,
+                   Traits::kSmemBytes, stream, p, "attention_kl backward dK kernel");
+}
+
 template <typename Traits, bool kTeacherGrad>
 void run_attention_kl_bwd_impl(const AttentionKLParams& p, cudaStream_t stream) {
-  const dim3 dq_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
-  launch_with_smem(attention_kl_bwd_dq_kernel<Traits, kTeacherGrad>, dq_grid, Traits::kNThreads, Traits::kSmemBytes,
-                   stream, p, "attention_kl backward dQ kernel");
-  const dim3 dk_grid(ceil_div(p.seqlen_k, Traits::kBlockM), p.student.num_kv_heads, p.batch);
-  launch_with_smem(attention_kl_bwd_dk_kernel<Traits, kTeacherGrad>, dk_grid, Traits::kNThreads, Traits::kSmemBytes,
-                   stream, p, "attention_kl backward dK kernel");
+  if (teacher_is_weighting_side(p.divergence))
+    run_attention_kl_bwd_kernels<Traits, kTeacherGrad, true>(p, stream);
+  else
+    run_attention_kl_bwd_kernels<Traits, kTeacherGrad, false>(p, stream);
 }
 
 // Fused student-only backward (opt-in, STREAMKL_FUSED_BACKWARD=1): one kernel per key block computes the
@@ -86,8 +91,9 @@ template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_bwd_fused(const AttentionKLParams& p, cudaStream_t stream) {
   using Traits = FusedBackwardTraits<Element, kDimS, kDimT>;
   const dim3 grid(ceil_div(p.seqlen_k, Traits::kBlockM), p.student.num_kv_heads, p.batch);
-  launch_with_smem(attention_kl_bwd_dk_kernel<Traits, false>, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p,
-                   "attention_kl fused backward kernel");
+  const auto kernel = teacher_is_weighting_side(p.divergence) ? attention_kl_bwd_dk_kernel<Traits, false, true>
+                                                              : attention_kl_bwd_dk_kernel<Traits, false, false>;
+  launch_with_smem(kernel, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p, "attention_kl fused backward kernel");
   const int64_t n = static_cast<int64_t>(p.batch) * p.num_heads * p.seqlen_q * kDimS;
   const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 65535));
   scale_convert_kernel<Element><<<blocks, 256, 0, stream>>>(static_cast<const float*>(p.dq_accum),
