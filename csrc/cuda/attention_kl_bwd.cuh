@@ -50,6 +50,16 @@ __device__ __forceinline__ void score_pair_grads(float& s, float& t, const RowGr
   o = allowed ? grad_o : 0.f;
 }
 
+// Raw accumulator values <x, y> of one (student, teacher) pair in, their score gradients out.
+template <bool kTeacherWeights>
+__device__ __forceinline__ void scale_and_grad(float& s, float& t, float scale_s2, float scale_t2,
+                                               const RowGradInputs& r, bool allowed) {
+  float sv = s * scale_s2, tv = t * scale_t2;
+  score_pair_grads<kTeacherWeights>(sv, tv, r, allowed);
+  s = sv;
+  t = tv;
+}
+
 // The second product of both backward kernels: acc_grad += dS * Y for the student, and the teacher when
 // kTeacherGrad. `y_*_transposed` are the [dim, kBlockN] views of the current Y tiles.
 template <typename Traits, bool kTeacherGrad, typename TiledMma, typename Acc, typename AccS, typename AccT,
@@ -118,19 +128,24 @@ struct DqPolicy {
   __device__ void consume(TiledMma tiled_mma, Acc& acc_s, Acc& acc_t, int y0, int stage) {
     Tensor s = make_tensor(acc_s.data(), acc_as_rows_cols(acc_s.layout()));
     Tensor t = make_tensor(acc_t.data(), acc_as_rows_cols(acc_t.layout()));
-    Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
     const int row_end = min_of(row0 + kBlockM, mask.seqlen_q);
-    const bool full = mask.block_fully_visible(row0, row_end, y0, y0 + kBlockN);
-    CUTE_UNROLL
-    for (int i = 0; i < size<0>(s); ++i) {
-      const KeyRange keys = mask.keys_for_row(row0 + get<0>(coords(i, 0)));
+    if (mask.block_fully_visible(row0, row_end, y0, y0 + kBlockN)) {
+      // Interior tile: no per-element mask arithmetic at all.
       CUTE_UNROLL
-      for (int j = 0; j < size<1>(s); ++j) {
-        float sv = s(i, j) * scale_s2, tv = t(i, j) * scale_t2;
-        const bool allowed = full || keys.contains(y0 + get<1>(coords(i, j)));
-        score_pair_grads<kTeacherWeights>(sv, tv, rows[i], allowed);
-        s(i, j) = sv;
-        t(i, j) = tv;
+      for (int i = 0; i < size<0>(s); ++i) {
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(s); ++j)
+          scale_and_grad<kTeacherWeights>(s(i, j), t(i, j), scale_s2, scale_t2, rows[i], true);
+      }
+    } else {
+      Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
+      CUTE_UNROLL
+      for (int i = 0; i < size<0>(s); ++i) {
+        const KeyRange keys = mask.keys_for_row(row0 + get<0>(coords(i, 0)));
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(s); ++j)
+          scale_and_grad<kTeacherWeights>(s(i, j), t(i, j), scale_s2, scale_t2, rows[i],
+                                          keys.contains(y0 + get<1>(coords(i, j))));
       }
     }
     accumulate_grad_products<Traits, kTeacherGrad>(tiled_mma, acc_s, acc_t, grads.s, grads.t,
@@ -205,21 +220,30 @@ struct DkPolicy {
     Tensor t = make_tensor(acc_t.data(), acc_as_rows_cols(acc_t.layout()));
     Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
     const float* stats = smem->stats(stage);
+    auto row_inputs = [&](int c) {
+      return RowGradInputs{stats[c], stats[kBlockN + c], stats[2 * kBlockN + c], stats[3 * kBlockN + c]};
+    };
     const int key_end = min_of(key0 + kBlockM, mask.seqlen_k);
-    const bool full = mask.block_fully_visible(y0, y0 + kBlockN, key0, key_end);
-    CUTE_UNROLL
-    for (int j = 0; j < size<1>(s); ++j) {
-      const int c = get<1>(coords(0, j));
-      const RowGradInputs r{stats[c], stats[kBlockN + c], stats[2 * kBlockN + c], stats[3 * kBlockN + c]};
-      const KeyRange keys = mask.keys_for_row(y0 + c);
-      const bool row_in_bounds = y0 + c < mask.seqlen_q;
+    if (mask.block_fully_visible(y0, y0 + kBlockN, key0, key_end)) {
+      // Interior tile: no per-element mask arithmetic at all.
       CUTE_UNROLL
-      for (int i = 0; i < size<0>(s); ++i) {
-        float sv = s(i, j) * scale_s2, tv = t(i, j) * scale_t2;
-        const bool allowed = full || (row_in_bounds && keys.contains(key0 + get<0>(coords(i, j))));
-        score_pair_grads<kTeacherWeights>(sv, tv, r, allowed);
-        s(i, j) = sv;
-        t(i, j) = tv;
+      for (int j = 0; j < size<1>(s); ++j) {
+        const RowGradInputs r = row_inputs(get<1>(coords(0, j)));
+        CUTE_UNROLL
+        for (int i = 0; i < size<0>(s); ++i)
+          scale_and_grad<kTeacherWeights>(s(i, j), t(i, j), scale_s2, scale_t2, r, true);
+      }
+    } else {
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(s); ++j) {
+        const int c = get<1>(coords(0, j));
+        const RowGradInputs r = row_inputs(c);
+        const KeyRange keys = mask.keys_for_row(y0 + c);
+        const bool row_in_bounds = y0 + c < mask.seqlen_q;
+        CUTE_UNROLL
+        for (int i = 0; i < size<0>(s); ++i)
+          scale_and_grad<kTeacherWeights>(s(i, j), t(i, j), scale_s2, scale_t2, r,
+                                          row_in_bounds && keys.contains(key0 + get<0>(coords(i, j))));
       }
     }
     accumulate_grad_products<Traits, kTeacherGrad>(tiled_mma, acc_s, acc_t, grads.s, grads.t,

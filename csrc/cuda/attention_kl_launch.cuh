@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "attention_kl_bwd.cuh"
 #include "attention_kl_fwd.cuh"
@@ -42,10 +43,14 @@ template <typename Element, int kDimS, int kDimT>
 using ForwardTraits = KernelTraits<Element, kDimS, kDimT, (kDimS > 128 || kDimT > 128) ? 64 : 128, 32, 4,
                                    (kDimS + kDimT > 128 && kDimS + kDimT <= 256)>;
 
-// Backward: 64 rows per CTA (16 per warp), Y tiles of 64; with teacher gradients (two more accumulators)
-// Y tiles of 32 so nothing spills. Chosen on H100 (bench/RESULTS.md).
+// Backward, student-only gradients: 128 X rows per CTA, 32 per warp in two MMA row slabs so that every Y
+// fragment read from shared memory feeds two MMAs (at 16 rows per warp the products are bound by
+// shared-memory bandwidth on H100: ncu, bench/RESULTS.md), Y tiles of 32. With teacher gradients (two more
+// accumulators) or head dims above 128: 64 rows per CTA (16 per warp), Y tiles of 32, so nothing spills.
 template <typename Element, int kDimS, int kDimT, bool kTeacherGrad>
-using BackwardTraits = KernelTraits<Element, kDimS, kDimT, 64, (kTeacherGrad || kDimS > 128 || kDimT > 128) ? 32 : 64, 4>;
+using BackwardTraits = std::conditional_t<(kTeacherGrad || kDimS > 128 || kDimT > 128),
+                                          KernelTraits<Element, kDimS, kDimT, 64, 32, 4>,
+                                          KernelTraits<Element, kDimS, kDimT, 128, 32, 4>>;
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
