@@ -113,3 +113,25 @@ def test_cuda_gqa_teacher_grads_need_same_grouping():
     detached = [x.detach().requires_grad_(i < 2) for i, x in enumerate(inputs)]
     streamkl.attention_kl(*detached).sum().backward()
     assert detached[1].grad is not None and torch.isfinite(detached[1].grad).all()
+
+
+def test_cuda_gqa_teacher_grads_refused_by_the_op():
+    """The op itself refuses too (checked in a subprocess: it runs outside the autograd engine)."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import torch, streamkl
+        mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)
+        q_s, k_s, q_t, k_t = mk(1, 4, 64, 64), mk(1, 2, 64, 64), mk(1, 4, 64, 64), mk(1, 4, 64, 64)
+        kl, lse_s, lse_t = torch.ops.streamkl.attention_kl_fwd(q_s, k_s, q_t, k_t, 0.125, 0.125, False, "forward")
+        try:
+            torch.ops.streamkl.attention_kl_bwd(torch.ones_like(kl), q_s, k_s, q_t, k_t, kl, lse_s, lse_t, 0.125,
+                                                0.125, False, "forward", True)
+        except NotImplementedError as e:
+            assert "key heads" in str(e), e
+            print("refused")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "refused" in run.stdout, run.stdout + run.stderr
+
