@@ -5,7 +5,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -44,11 +43,6 @@ template <typename Element, int kDimS, int kDimT>
 using ForwardTraits = KernelTraits<Element, kDimS, kDimT, (kDimS > 128 || kDimT > 128) ? 64 : 128, 32, 4,
                                    (kDimS + kDimT > 128 && kDimS + kDimT <= 256)>;
 
-// Experimental (STREAMKL_PIPELINED_FORWARD=1 at run time): the software-pipelined stream, X in shared memory.
-template <typename Element, int kDimS, int kDimT>
-using PipelinedForwardTraits =
-    KernelTraits<Element, kDimS, kDimT, (kDimS > 128 || kDimT > 128) ? 64 : 128, 32, 4, false, false, true>;
-
 // Backward, student-only gradients: 128 X rows per CTA, 32 per warp in two MMA row slabs so that every Y
 // fragment read from shared memory feeds two MMAs (at 16 rows per warp the products are bound by
 // shared-memory bandwidth on H100: ncu, bench/RESULTS.md), Y tiles of 32. With teacher gradients (two more
@@ -68,20 +62,9 @@ void run_attention_kl_fwd_with(const AttentionKLParams& p, cudaStream_t stream) 
   launch_with_smem(kernel, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p, "attention_kl forward kernel");
 }
 
-inline bool pipelined_forward_requested() {
-  static const bool on = [] {
-    const char* v = std::getenv("STREAMKL_PIPELINED_FORWARD");
-    return v != nullptr && v[0] == '1';
-  }();
-  return on;
-}
-
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_fwd(const AttentionKLParams& p, cudaStream_t stream) {
-  if (pipelined_forward_requested())
-    run_attention_kl_fwd_with<PipelinedForwardTraits<Element, kDimS, kDimT>>(p, stream);
-  else
-    run_attention_kl_fwd_with<ForwardTraits<Element, kDimS, kDimT>>(p, stream);
+  run_attention_kl_fwd_with<ForwardTraits<Element, kDimS, kDimT>>(p, stream);
 }
 
 template <typename Traits, bool kTeacherGrad, bool kTeacherWeights>

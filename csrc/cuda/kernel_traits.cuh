@@ -40,7 +40,7 @@ struct SmemTile {
 };
 
 template <typename Element_, int kDimS_, int kDimT_, int kBlockM_, int kBlockN_, int kNWarps_, bool kXInRegisters_ = false,
-          bool kFusedDq_ = false, bool kPipelined_ = false>
+          bool kFusedDq_ = false>
 struct KernelTraits {
   using Element = Element_;  // cutlass::bfloat16_t or cutlass::half_t
   static constexpr int kDimS = kDimS_, kDimT = kDimT_;
@@ -52,11 +52,6 @@ struct KernelTraits {
   // Backward dK kernel that also produces dQ (student only): the dS^T tile goes through shared memory and
   // dQ += dS K is added into an fp32 workspace with atomics, so the score tiles are computed once.
   static constexpr bool kFusedDq = kFusedDq_;
-  // Software-pipelined stream (score_stream.cuh): the products of Y tile k+1 are issued before the policy
-  // consumes tile k, so a warp's tensor-core work overlaps its own exponentials. Needs two accumulator
-  // sets, and a policy whose consume() reads no shared memory (the forward's).
-  static constexpr bool kPipelined = kPipelined_;
-  static_assert(!(kPipelined && kXInRegisters), "the pipelined stream keeps X in shared memory (registers)");
   static_assert(kBlockM % (16 * kNWarps) == 0, "each warp owns whole 16-row MMA slabs");
 
   using MmaAtom = MMA_Atom<std::conditional_t<std::is_same<Element, cutlass::half_t>::value,

@@ -89,20 +89,10 @@ __device__ __forceinline__ StreamOperands<Element> key_block_operands(const Atte
 }
 
 template <typename Traits, typename Policy>
-__device__ __forceinline__ void score_stream_pipelined(Policy& policy, const SmemPlan<Traits>& smem,
-                                                       const StreamOperands<typename Traits::Element>& student,
-                                                       const StreamOperands<typename Traits::Element>& teacher,
-                                                       int x_valid_rows, int y_begin, int y_end, int y_rows_total);
-
-template <typename Traits, typename Policy>
 __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Traits>& smem,
                                              const StreamOperands<typename Traits::Element>& student,
                                              const StreamOperands<typename Traits::Element>& teacher, int x_valid_rows,
                                              int y_begin, int y_end, int y_rows_total) {
-  if constexpr (Traits::kPipelined) {
-    score_stream_pipelined<Traits>(policy, smem, student, teacher, x_valid_rows, y_begin, y_end, y_rows_total);
-    return;
-  }
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   const int tid = threadIdx.x;
   issue_tile_load<typename Traits::XTileS>(student.x, student.x_stride, smem.x_s, x_valid_rows, tid);
@@ -153,72 +143,6 @@ __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Trai
     __syncthreads();  // the next iteration's loads overwrite this stage
   }
   cp_async_wait<0>();  // nothing may stay in flight when a CTA that streamed no tile exits
-}
-
-// The software-pipelined stream (Traits::kPipelined): same contract as score_stream, but the score
-// products of tile k+1 are issued before policy.consume(tile k). mma.sync only blocks the instructions
-// that read its results, so the warp runs tile k's exponentials while the tensor cores work on tile k+1.
-// Two accumulator sets alternate (the loop is unrolled by two so they stay in registers). A Y stage is
-// refilled as soon as the products that read it are issued, so consume() must not read shared memory.
-template <typename Traits, typename Policy>
-__device__ __forceinline__ void score_stream_pipelined(Policy& policy, const SmemPlan<Traits>& smem,
-                                                       const StreamOperands<typename Traits::Element>& student,
-                                                       const StreamOperands<typename Traits::Element>& teacher,
-                                                       int x_valid_rows, int y_begin, int y_end, int y_rows_total) {
-  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
-  static_assert(Traits::kStages == 2, "");
-  const int tid = threadIdx.x;
-  const int n_tiles = y_end > y_begin ? (y_end - y_begin + kBlockN - 1) / kBlockN : 0;
-  auto load_y = [&](int tile) {
-    const int y0 = y_begin + tile * kBlockN, stage = tile % 2;
-    issue_tile_load<typename Traits::YTileS>(student.y + y0 * student.y_stride, student.y_stride, smem.y_s(stage),
-                                             y_rows_total - y0, tid);
-    issue_tile_load<typename Traits::YTileT>(teacher.y + y0 * teacher.y_stride, teacher.y_stride, smem.y_t(stage),
-                                             y_rows_total - y0, tid);
-  };
-  issue_tile_load<typename Traits::XTileS>(student.x, student.x_stride, smem.x_s, x_valid_rows, tid);
-  issue_tile_load<typename Traits::XTileT>(teacher.x, teacher.x_stride, smem.x_t, x_valid_rows, tid);
-  if (n_tiles > 0) load_y(0);
-  cp_async_fence();
-  if (n_tiles > 1) load_y(1);
-  cp_async_fence();
-
-  typename Traits::TiledMma tiled_mma;
-  Tensor x_s = make_tensor(make_smem_ptr(smem.x_s), typename Traits::XTileS::Layout{});
-  Tensor x_t = make_tensor(make_smem_ptr(smem.x_t), typename Traits::XTileT::Layout{});
-  auto products = [&](auto& acc_s, auto& acc_t, int tile) {
-    clear(acc_s);
-    clear(acc_t);
-    gemm_smem_smem(tiled_mma, acc_s, x_s, smem.y_s_tile(tile % 2), tid);
-    gemm_smem_smem(tiled_mma, acc_t, x_t, smem.y_t_tile(tile % 2), tid);
-  };
-  // Issue tile+1's products (its data must be in shared memory), then refill the stage tile+1 leaves for
-  // tile+3... (tile+2 reuses tile's stage, free once every warp has issued tile's products).
-  auto step = [&](auto& acc_s_cur, auto& acc_t_cur, auto& acc_s_next, auto& acc_t_next, int tile) {
-    if (tile + 1 < n_tiles) {
-      cp_async_wait<0>();
-      __syncthreads();  // tile+1 visible to all; every warp is past tile's products
-      if (tile + 2 < n_tiles) load_y(tile + 2);
-      cp_async_fence();
-      products(acc_s_next, acc_t_next, tile + 1);
-    }
-    policy.consume(tiled_mma, acc_s_cur, acc_t_cur, y_begin + tile * kBlockN, tile % 2);
-  };
-
-  Tensor acc_s0 = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-  Tensor acc_t0 = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-  Tensor acc_s1 = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-  Tensor acc_t1 = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-  if (n_tiles > 0) {
-    cp_async_wait<1>();  // X and Y tile 0
-    __syncthreads();
-    products(acc_s0, acc_t0, 0);
-  }
-  for (int tile = 0; tile < n_tiles; tile += 2) {
-    step(acc_s0, acc_t0, acc_s1, acc_t1, tile);
-    if (tile + 1 < n_tiles) step(acc_s1, acc_t1, acc_s0, acc_t0, tile + 1);
-  }
-  cp_async_wait<0>();  // nothing may stay in flight when a CTA exits
 }
 
 // Coordinates (row, col) inside a [kRows, kCols] tile of each element of this thread's accumulator,
