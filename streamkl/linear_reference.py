@@ -42,7 +42,7 @@ def logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], temperat
 
 def linear_kl_reference(x_s, w_s, x_t, w_t, *, b_s=None, b_t=None, temperature: float = 1.0,
                         divergence: str = "forward", beta: float = 0.5, labels=None, ignore_index: int = -100,
-                        reduction: str = "none", scale_by_temperature_sq: bool = False, ce_weight: float = 0.0,
+                        reduction: str = "mean", scale_by_temperature_sq: bool = False, ce_weight: float = 0.0,
                         dtype: Optional[torch.dtype] = torch.float64) -> torch.Tensor:
     """Same semantics as :func:`streamkl.linear_kl`, computed by materializing both logit matrices.
 
