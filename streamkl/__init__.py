@@ -22,3 +22,10 @@ def cuda_available() -> bool:
 
 
 __all__ = ["attention_kl", "AttentionKLLoss", "attention_kl_reference", "cuda_available", "__version__"]
+
+# Logit distillation from hidden states (issue 6): linear_kl, LinearKLLoss, linear_kl_reference; operators
+# torch.ops.streamkl.linear_kl_fwd / linear_kl_bwd.
+from .linear import LinearKLLoss, linear_kl  # noqa: E402
+from .linear_reference import linear_kl_reference  # noqa: E402
+
+__all__ += ["linear_kl", "LinearKLLoss", "linear_kl_reference"]

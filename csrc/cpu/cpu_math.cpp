@@ -68,6 +68,33 @@ inline void score_grads_row_generic(T* s, T* t, int n, bool teacher_weights, T l
   }
 }
 
+template <typename T>
+inline JsdSums<T> jsd_sums_generic(const T* s, const T* t, int n, T lse_s, T lse_t, T beta) {
+  const T log_beta = std::log(beta), log_one_minus_beta = std::log1p(-beta);
+  T kl_t_m = 0, kl_s_m = 0;
+#pragma omp simd reduction(+ : kl_t_m, kl_s_m)
+  for (int j = 0; j < n; ++j) {
+    T term_t, term_s;
+    jsd_terms<T, CpuBase<T>>(t[j] - lse_t, s[j] - lse_s, log_beta, log_one_minus_beta, term_t, term_s);
+    kl_t_m += term_t;
+    kl_s_m += term_s;
+  }
+  return JsdSums<T>{kl_t_m, kl_s_m};
+}
+
+template <typename T>
+inline void jsd_score_grads_row_generic(T* s, T* t, int n, T lse_s, T lse_t, T beta, T kl_t_m, T kl_s_m, T g) {
+  const T log_beta = std::log(beta), log_one_minus_beta = std::log1p(-beta);
+#pragma omp simd
+  for (int j = 0; j < n; ++j) {
+    T grad_t, grad_s;
+    jsd_score_grads<T, CpuBase<T>>(t[j] - lse_t, s[j] - lse_s, beta, log_beta, log_one_minus_beta, kl_t_m, kl_s_m, g,
+                                   grad_t, grad_s);
+    s[j] = grad_s;
+    t[j] = grad_t;
+  }
+}
+
 }  // namespace
 
 // float: one clone per instruction set, chosen when the library loads (GCC on x86-64).
@@ -105,6 +132,26 @@ ExpSums<double> exp_sums(const double* w, const double* o, int n, double max_w, 
 void score_grads_row(double* s, double* t, int n, bool teacher_weights, double lse_w, double lse_o, double div,
                      double g) {
   score_grads_row_generic(s, t, n, teacher_weights, lse_w, lse_o, div, g);
+}
+
+STREAMKL_CPU_CLONES
+JsdSums<float> jsd_sums(const float* s, const float* t, int n, float lse_s, float lse_t, float beta) {
+  return jsd_sums_generic(s, t, n, lse_s, lse_t, beta);
+}
+
+STREAMKL_CPU_CLONES
+void jsd_score_grads_row(float* s, float* t, int n, float lse_s, float lse_t, float beta, float kl_t_m,
+                         float kl_s_m, float g) {
+  jsd_score_grads_row_generic(s, t, n, lse_s, lse_t, beta, kl_t_m, kl_s_m, g);
+}
+
+JsdSums<double> jsd_sums(const double* s, const double* t, int n, double lse_s, double lse_t, double beta) {
+  return jsd_sums_generic(s, t, n, lse_s, lse_t, beta);
+}
+
+void jsd_score_grads_row(double* s, double* t, int n, double lse_s, double lse_t, double beta, double kl_t_m,
+                         double kl_s_m, double g) {
+  jsd_score_grads_row_generic(s, t, n, lse_s, lse_t, beta, kl_t_m, kl_s_m, g);
 }
 
 }  // namespace cpu

@@ -151,4 +151,44 @@ SKL_HOST_DEVICE void divergence_score_grads(T w, T o, T lse_w, T lse_o, T div, T
   grad_o = g * (p_o - p_w);
 }
 
+
+// ---- Generalized Jensen-Shannon divergence (appended for the hidden-state path; generic) -----------------
+// JSD_beta = beta * KL(P_t || M) + (1 - beta) * KL(P_s || M),  M = beta * P_t + (1 - beta) * P_s.
+// It needs both normalizers before the mixture can be formed, so kernels run a first pass for the two
+// log-sum-exps (OnlineKLState) and then evaluate these per-element helpers. Natural log units; `Exp` only
+// chooses how exponentials are evaluated (e.g. a vectorizable approximation on the CPU). The mixture is
+// formed in log-sum-exp form, log m = logaddexp(log beta + log p_t, log(1 - beta) + log p_s), never as
+// log(p_t + p_s) of rounded probabilities (which gives NaN or negative losses in low precision).
+
+// log m_j from the two log-probabilities; -inf when both are -inf (a masked key), never NaN.
+template <typename T, typename Exp = NaturalBase<T>>
+SKL_HOST_DEVICE T jsd_log_mixture(T log_p_t, T log_p_s, T log_beta, T log_one_minus_beta) {
+  const T a = log_beta + log_p_t, b = log_one_minus_beta + log_p_s;
+  const T hi = max_of(a, b), lo = min_of(a, b);
+  if (hi == neg_infinity<T>()) return hi;
+  return hi + std::log1p(Exp::exp(lo - hi));
+}
+
+// One element's contributions p_t (log p_t - log m) to KL(P_t || M) and p_s (log p_s - log m) to KL(P_s || M).
+template <typename T, typename Exp = NaturalBase<T>>
+SKL_HOST_DEVICE void jsd_terms(T log_p_t, T log_p_s, T log_beta, T log_one_minus_beta, T& kl_t_m, T& kl_s_m) {
+  const T log_m = jsd_log_mixture<T, Exp>(log_p_t, log_p_s, log_beta, log_one_minus_beta);
+  const T p_t = Exp::exp(log_p_t), p_s = Exp::exp(log_p_s);
+  kl_t_m = p_t == T(0) ? T(0) : p_t * (log_p_t - log_m);
+  kl_s_m = p_s == T(0) ? T(0) : p_s * (log_p_s - log_m);
+}
+
+// Gradient of one row's JSD_beta with respect to one pair of logits, times the incoming gradient g, given
+// the row's KL(P_t || M) and KL(P_s || M) from the second forward pass:
+//     dJ/dt_j = beta p_t,j (log(p_t,j / m_j) - KL(P_t || M)),
+//     dJ/ds_j = (1 - beta) p_s,j (log(p_s,j / m_j) - KL(P_s || M)).
+template <typename T, typename Exp = NaturalBase<T>>
+SKL_HOST_DEVICE void jsd_score_grads(T log_p_t, T log_p_s, T beta, T log_beta, T log_one_minus_beta, T kl_t_m,
+                                     T kl_s_m, T g, T& grad_t, T& grad_s) {
+  const T log_m = jsd_log_mixture<T, Exp>(log_p_t, log_p_s, log_beta, log_one_minus_beta);
+  const T p_t = Exp::exp(log_p_t), p_s = Exp::exp(log_p_s);
+  grad_t = p_t == T(0) ? T(0) : g * beta * p_t * (log_p_t - log_m - kl_t_m);
+  grad_s = p_s == T(0) ? T(0) : g * (T(1) - beta) * p_s * (log_p_s - log_m - kl_s_m);
+}
+
 }  // namespace streamkl
