@@ -66,11 +66,7 @@ struct ForwardPolicy {
         max_w = fmaxf(max_w, w(i, j));
         max_o = fmaxf(max_o, o(i, j));
       }
-      // Rescaling costs two exponentials per row; once the running maxima settle it is a no-op, so skip it
-      // when no row of the warp grew (a warp-uniform branch).
-      const float tile_max_w = max_w * scale_w2, tile_max_o = max_o * scale_o2;
-      const bool grows = tile_max_w > state[i].max_w || tile_max_o > state[i].max_o;
-      if (__any_sync(0xffffffffu, grows)) state[i].rescale(tile_max_w, tile_max_o);
+      state[i].rescale(max_w * scale_w2, max_o * scale_o2);
       // The scaling folds into the exponent's FMA.
       CUTE_UNROLL
       for (int j = 0; j < size<1>(w); ++j) {
