@@ -8,13 +8,32 @@ registered op so the whole graph stays traceable.
 import torch
 
 from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
-from ._validation import check_attention_tensors, check_options, check_window
+from ._validation import check_attention_tensors, check_options, check_varlen_tensors, check_window
 
 ops = torch.ops.streamkl
 
 
 def _stats_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gradients_like(q_s, k_s, q_t, k_t, teacher_grad):
+    """Fake gradient outputs: contiguous like the inputs; the teacher's are [0] without teacher_grad."""
+    dq_s = torch.empty_like(q_s, memory_format=torch.contiguous_format)
+    dk_s = torch.empty_like(k_s, memory_format=torch.contiguous_format)
+    if teacher_grad:
+        dq_t = torch.empty_like(q_t, memory_format=torch.contiguous_format)
+        dk_t = torch.empty_like(k_t, memory_format=torch.contiguous_format)
+    else:
+        dq_t, dk_t = q_t.new_empty((0,)), k_t.new_empty((0,))
+    return dq_s, dk_s, dq_t, dk_t
+
+
+def _check_row_tensors(rows_shape, named, *, where):
+    for name, t in named:
+        if tuple(t.shape) != tuple(rows_shape):
+            raise ValueError(f"{where}: {name} must have shape {tuple(rows_shape)} (q_s's shape without its head "
+                             f"dim), got {tuple(t.shape)}")
 
 
 @torch.library.register_fake("streamkl::attention_kl_fwd")
@@ -32,18 +51,9 @@ def _attention_kl_bwd_fake(grad_kl, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, scale_
     check_attention_tensors(q_s, k_s, q_t, k_t, where="streamkl::attention_kl_bwd")
     check_options(scale_s, scale_t, divergence, where="streamkl::attention_kl_bwd")
     check_window((window_left, window_right), where="streamkl::attention_kl_bwd")
-    for name, t in (("grad_kl", grad_kl), ("kl", kl), ("lse_s", lse_s), ("lse_t", lse_t)):
-        if tuple(t.shape) != tuple(q_s.shape[:3]):
-            raise ValueError(f"streamkl::attention_kl_bwd: {name} must have shape [B, H, N_q] = "
-                             f"{tuple(q_s.shape[:3])}, got {tuple(t.shape)}")
-    dq_s = torch.empty_like(q_s, memory_format=torch.contiguous_format)
-    dk_s = torch.empty_like(k_s, memory_format=torch.contiguous_format)
-    if teacher_grad:
-        dq_t = torch.empty_like(q_t, memory_format=torch.contiguous_format)
-        dk_t = torch.empty_like(k_t, memory_format=torch.contiguous_format)
-    else:
-        dq_t, dk_t = q_t.new_empty((0,)), k_t.new_empty((0,))
-    return dq_s, dk_s, dq_t, dk_t
+    _check_row_tensors(q_s.shape[:3], (("grad_kl", grad_kl), ("kl", kl), ("lse_s", lse_s), ("lse_t", lse_t)),
+                       where="streamkl::attention_kl_bwd")
+    return _gradients_like(q_s, k_s, q_t, k_t, teacher_grad)
 
 
 def _attention_kl_setup_context(ctx, inputs, output):
@@ -68,3 +78,65 @@ def _attention_kl_backward(ctx, grad_kl, _grad_lse_s, _grad_lse_t):
 
 torch.library.register_autograd("streamkl::attention_kl_fwd", _attention_kl_backward,
                                 setup_context=_attention_kl_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------- varlen
+# Packed [total, H, D] inputs; per-row outputs [total_q, H]. The 4th output holds the generalized JSD's row
+# statistics and is an empty [0] tensor for the KL divergences.
+
+def _check_varlen_op(q_s, k_s, q_t, k_t, cu_q, cu_k, max_q, max_k, scale_s, scale_t, divergence, window, *, where):
+    check_varlen_tensors(q_s, k_s, q_t, k_t, cu_q, cu_k, max_q, max_k, where=where)
+    check_options(scale_s, scale_t, divergence, where=where)
+    check_window(window, where=where)
+
+
+def _jsd_stats_like(rows, divergence):
+    return rows.new_empty((0,)) if divergence != "jsd" else rows.new_empty((*rows.shape, 4))
+
+
+@torch.library.register_fake("streamkl::attention_kl_varlen_fwd")
+def _attention_kl_varlen_fwd_fake(q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  scale_s, scale_t, causal, divergence, window_left=-1, window_right=-1, beta=0.5):
+    _check_varlen_op(q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale_s, scale_t,
+                     divergence, (window_left, window_right), where="streamkl::attention_kl_varlen_fwd")
+    rows = q_s.new_empty(q_s.shape[:2], dtype=_stats_dtype(q_s.dtype))
+    return rows, torch.empty_like(rows), torch.empty_like(rows), _jsd_stats_like(rows, divergence)
+
+
+@torch.library.register_fake("streamkl::attention_kl_varlen_bwd")
+def _attention_kl_varlen_bwd_fake(grad_kl, q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, kl, lse_s, lse_t, jsd_stats, scale_s, scale_t, causal, divergence,
+                                  teacher_grad, window_left=-1, window_right=-1, beta=0.5):
+    where = "streamkl::attention_kl_varlen_bwd"
+    _check_varlen_op(q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale_s, scale_t,
+                     divergence, (window_left, window_right), where=where)
+    _check_row_tensors(q_s.shape[:2], (("grad_kl", grad_kl), ("kl", kl), ("lse_s", lse_s), ("lse_t", lse_t)),
+                       where=where)
+    return _gradients_like(q_s, k_s, q_t, k_t, teacher_grad)
+
+
+_VARLEN_LAYOUT_ARGS = 4  # cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+
+
+def _attention_kl_varlen_setup_context(ctx, inputs, output):
+    q_s, k_s, q_t, k_t, cu_q, cu_k, max_q, max_k, *options = inputs
+    kl, lse_s, lse_t, jsd_stats = output
+    ctx.save_for_backward(q_s, k_s, q_t, k_t, cu_q, cu_k, kl, lse_s, lse_t, jsd_stats)
+    ctx.max_seqlens = (max_q, max_k)
+    ctx.options = options  # scale_s, scale_t, causal, divergence[, window_left, window_right, beta]
+
+
+def _attention_kl_varlen_backward(ctx, grad_kl, _grad_lse_s, _grad_lse_t, _grad_jsd_stats):
+    q_s, k_s, q_t, k_t, cu_q, cu_k, kl, lse_s, lse_t, jsd_stats = ctx.saved_tensors
+    scale_s, scale_t, causal, divergence, *tail = ctx.options
+    teacher_grad = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+    dq_s, dk_s, dq_t, dk_t = ops.attention_kl_varlen_bwd(grad_kl, q_s, k_s, q_t, k_t, cu_q, cu_k, *ctx.max_seqlens,
+                                                         kl, lse_s, lse_t, jsd_stats, scale_s, scale_t, causal,
+                                                         divergence, teacher_grad, *tail)
+    if not teacher_grad:
+        dq_t = dk_t = None
+    return (dq_s, dk_s, dq_t, dk_t) + (None,) * (_VARLEN_LAYOUT_ARGS + len(ctx.options))
+
+
+torch.library.register_autograd("streamkl::attention_kl_varlen_fwd", _attention_kl_varlen_backward,
+                                setup_context=_attention_kl_varlen_setup_context)

@@ -45,12 +45,23 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
         input dtype. Gradients flow to ``q_s, k_s``, and to ``q_t, k_t`` when they require grad.
     """
     check_attention_tensors(q_s, k_s, q_t, k_t, where="streamkl.attention_kl")
-    scale_s = 1.0 / math.sqrt(q_s.shape[-1]) if scale_s is None else float(scale_s)
-    scale_t = 1.0 / math.sqrt(q_t.shape[-1]) if scale_t is None else float(scale_t)
+    scale_s, scale_t = default_scales(q_s, q_t, scale_s, scale_t)
     check_options(scale_s, scale_t, divergence, reduction, where="streamkl.attention_kl")
     check_window(window_size, where="streamkl.attention_kl")
     kl, _, _ = _ops.ops.attention_kl_fwd(q_s, k_s, q_t, k_t, scale_s, scale_t, bool(causal), divergence,
                                          int(window_size[0]), int(window_size[1]))
+    return reduce_rows(kl, reduction)
+
+
+def default_scales(q_s, q_t, scale_s, scale_t):
+    """``1/sqrt(D)`` of each side unless given."""
+    scale_s = 1.0 / math.sqrt(q_s.shape[-1]) if scale_s is None else float(scale_s)
+    scale_t = 1.0 / math.sqrt(q_t.shape[-1]) if scale_t is None else float(scale_t)
+    return scale_s, scale_t
+
+
+def reduce_rows(kl, reduction):
+    """``"none"``: the per-row tensor; ``"sum"``; ``"mean"`` over all rows (0 when there is none)."""
     if reduction == "sum":
         return kl.sum()
     if reduction == "mean":

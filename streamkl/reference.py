@@ -91,3 +91,29 @@ def attention_kl_reference(q_s, k_s, q_t, k_t, *, causal: bool = False, scale_s:
     t = scale_t * (q_t @ k_t.transpose(-1, -2))
     allowed = attention_mask(s.shape[-2], s.shape[-1], s.device, causal=causal, window_size=window_size)
     return kl_from_scores(s, t, allowed=allowed, divergence=divergence)
+
+
+def attention_kl_varlen_reference(q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k, *, causal: bool = False,
+                                  scale_s: Optional[float] = None, scale_t: Optional[float] = None,
+                                  divergence: str = "forward", dtype: Optional[torch.dtype] = torch.float64,
+                                  window_size=(-1, -1), **divergence_options) -> torch.Tensor:
+    """Per-row divergence ``[total_q, H]`` of packed sequences: one padded reference call per sequence (each
+    with its own bottom-right mask alignment). A sequence with no keys gives zeros (still connected to the
+    inputs, so gradients are zeros rather than missing)."""
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    pieces = []
+    for b in range(len(bounds_q) - 1):
+        qs, qe, ks, ke = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
+        seq = [x[lo:hi].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+               for x, (lo, hi) in ((q_s, (qs, qe)), (k_s, (ks, ke)), (q_t, (qs, qe)), (k_t, (ks, ke)))]
+        if ke == ks:
+            zero = sum(x.sum() for x in seq) * 0
+            out = torch.zeros(seq[0].shape[1], qe - qs, dtype=dtype or q_s.dtype, device=q_s.device) + zero
+        else:
+            out = attention_kl_reference(*seq, causal=causal, scale_s=scale_s, scale_t=scale_t,
+                                         divergence=divergence, dtype=dtype, window_size=window_size,
+                                         **divergence_options)[0]
+        pieces.append(out.transpose(0, 1))  # [n_q, H]
+    if not pieces:
+        return torch.zeros(0, q_s.shape[1], dtype=dtype or q_s.dtype, device=q_s.device)
+    return torch.cat(pieces, dim=0)

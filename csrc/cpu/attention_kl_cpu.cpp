@@ -1,4 +1,5 @@
-// CPU implementations of streamkl::attention_kl_fwd / attention_kl_bwd.
+// CPU implementations of the streamkl attention-KL ops (padded and varlen layouts): validation shared with
+// the CUDA path (csrc/ops), then one kernel template for both layouts (attention_kl_cpu_kernel.h).
 // float32 and float64 run natively; float16 / bfloat16 inputs are upcast to float32 once (O(N * D) memory,
 // the size of the inputs) and gradients are cast back, so statistics are always accumulated in fp32.
 #include <ATen/ATen.h>
@@ -6,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../ops/attention_inputs.h"
+#include "../ops/varlen_inputs.h"
 #include "attention_kl_cpu_kernel.h"
 
 namespace streamkl {
@@ -21,6 +23,55 @@ at::Tensor prepare(const at::Tensor& t) {
   return with_contiguous_last_dim(t.to(compute_dtype(t.scalar_type())));
 }
 
+// The four inputs in the kernels' compute dtype, and the dtype the gradients go back to.
+struct CpuInputs {
+  at::Tensor q_s, k_s, q_t, k_t;
+  at::ScalarType input_dtype;
+  CpuInputs(const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in)
+      : q_s(prepare(q_s_in)), k_s(prepare(k_s_in)), q_t(prepare(q_t_in)), k_t(prepare(k_t_in)),
+        input_dtype(q_s_in.scalar_type()) {}
+  at::ScalarType stats() const { return stats_dtype(input_dtype); }
+};
+
+struct ForwardOutputs {
+  at::Tensor kl, lse_s, lse_t;
+};
+
+// Per-row outputs shaped like q_s without its head dim, then the kernel (unless there is no row at all).
+ForwardOutputs run_forward(AttentionKLParams& p, const CpuInputs& in) {
+  const auto opts = in.q_s.options().dtype(in.stats());
+  const at::IntArrayRef rows = in.q_s.sizes().slice(0, in.q_s.dim() - 1);
+  ForwardOutputs out{at::empty(rows, opts), at::empty(rows, opts), at::empty(rows, opts)};
+  if (out.kl.numel() == 0) return out;
+  p.kl = out.kl.data_ptr();
+  p.lse_student = out.lse_s.data_ptr();
+  p.lse_teacher = out.lse_t.data_ptr();
+  if (in.q_s.scalar_type() == at::kDouble)
+    cpu::run_attention_kl_forward<double>(p, aten_parallel_for);
+  else
+    cpu::run_attention_kl_forward<float>(p, aten_parallel_for);
+  return out;
+}
+
+using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Zeroed gradient buffers (the kernels accumulate), the backward kernels, and the cast back to the input dtype.
+Gradients run_backward(AttentionKLParams& p, const CpuInputs& in, const BackwardRowInputs& rows, bool teacher_grad,
+                       const TensorLayout& layout) {
+  at::Tensor dq_s = at::zeros(in.q_s.sizes(), in.q_s.options()), dk_s = at::zeros(in.k_s.sizes(), in.k_s.options());
+  at::Tensor dq_t = teacher_grad ? at::zeros(in.q_t.sizes(), in.q_t.options()) : at::empty({0}, in.q_t.options());
+  at::Tensor dk_t = teacher_grad ? at::zeros(in.k_t.sizes(), in.k_t.options()) : at::empty({0}, in.k_t.options());
+  if (rows.kl.numel() != 0 && in.k_s.size(layout.seq_dim) != 0) {
+    set_backward_params(p, rows, dq_s, dk_s, dq_t, dk_t, teacher_grad, layout);
+    if (in.q_s.scalar_type() == at::kDouble)
+      cpu::run_attention_kl_backward<double>(p, aten_parallel_for);
+    else
+      cpu::run_attention_kl_backward<float>(p, aten_parallel_for);
+  }
+  const auto dt = in.input_dtype;
+  return {dq_s.to(dt), dk_s.to(dt), dq_t.to(dt), dk_t.to(dt)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cpu(const at::Tensor& q_s_in, const at::Tensor& k_s_in,
                                                                      const at::Tensor& q_t_in, const at::Tensor& k_t_in,
                                                                      double scale_s, double scale_t, bool causal,
@@ -28,50 +79,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cpu(const at::Te
                                                                      int64_t window_right) {
   const OpOptions options = check_op_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal,
                                                 std::string(divergence), window_left, window_right);
-  const MaskOptions& mask = options.mask;
-  const Divergence div = options.divergence;
-  const at::Tensor q_s = prepare(q_s_in), k_s = prepare(k_s_in), q_t = prepare(q_t_in), k_t = prepare(k_t_in);
-  const auto opts = q_s.options().dtype(stats_dtype(q_s_in.scalar_type()));
-  at::Tensor kl = at::empty({q_s.size(0), q_s.size(1), q_s.size(2)}, opts);
-  at::Tensor lse_s = at::empty_like(kl), lse_t = at::empty_like(kl);
-  if (kl.numel() == 0) return {kl, lse_s, lse_t};
-
-  AttentionKLParams p = make_attention_params(q_s, k_s, q_t, k_t, scale_s, scale_t, mask, div);
-  p.kl = kl.data_ptr();
-  p.lse_student = lse_s.data_ptr();
-  p.lse_teacher = lse_t.data_ptr();
-  if (q_s.scalar_type() == at::kDouble)
-    cpu::run_attention_kl_forward<double>(p, aten_parallel_for);
-  else
-    cpu::run_attention_kl_forward<float>(p, aten_parallel_for);
-  return {kl, lse_s, lse_t};
+  const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
+  AttentionKLParams p =
+      make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, options.mask, options.divergence);
+  const ForwardOutputs out = run_forward(p, in);
+  return {out.kl, out.lse_s, out.lse_t};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cpu(
-    const at::Tensor& grad_kl, const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in,
-    const at::Tensor& k_t_in, const at::Tensor& kl, const at::Tensor& lse_s, const at::Tensor& lse_t, double scale_s,
-    double scale_t, bool causal, c10::string_view divergence, bool teacher_grad, int64_t window_left,
-    int64_t window_right) {
+Gradients attention_kl_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& q_s_in, const at::Tensor& k_s_in,
+                               const at::Tensor& q_t_in, const at::Tensor& k_t_in, const at::Tensor& kl,
+                               const at::Tensor& lse_s, const at::Tensor& lse_t, double scale_s, double scale_t,
+                               bool causal, c10::string_view divergence, bool teacher_grad, int64_t window_left,
+                               int64_t window_right) {
   const OpOptions options = check_op_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal,
                                                 std::string(divergence), window_left, window_right);
-  const MaskOptions& mask = options.mask;
-  const Divergence div = options.divergence;
-  const at::Tensor q_s = prepare(q_s_in), k_s = prepare(k_s_in), q_t = prepare(q_t_in), k_t = prepare(k_t_in);
-  const BackwardRowInputs rows =
-      prepare_backward_rows(q_s, grad_kl, kl, lse_s, lse_t, stats_dtype(q_s_in.scalar_type()));
-  at::Tensor dq_s = at::zeros(q_s.sizes(), q_s.options()), dk_s = at::zeros(k_s.sizes(), k_s.options());
-  at::Tensor dq_t = teacher_grad ? at::zeros(q_t.sizes(), q_t.options()) : at::empty({0}, q_t.options());
-  at::Tensor dk_t = teacher_grad ? at::zeros(k_t.sizes(), k_t.options()) : at::empty({0}, k_t.options());
-  if (kl.numel() != 0 && k_s.size(2) != 0) {
-    const AttentionKLParams p = make_backward_params(q_s, k_s, q_t, k_t, scale_s, scale_t, mask, div, rows, dq_s,
-                                                     dk_s, dq_t, dk_t, teacher_grad);
-    if (q_s.scalar_type() == at::kDouble)
-      cpu::run_attention_kl_backward<double>(p, aten_parallel_for);
-    else
-      cpu::run_attention_kl_backward<float>(p, aten_parallel_for);
-  }
-  const auto in_dt = q_s_in.scalar_type();
-  return {dq_s.to(in_dt), dk_s.to(in_dt), dq_t.to(in_dt), dk_t.to(in_dt)};
+  const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
+  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, grad_kl, kl, lse_s, lse_t, in.stats());
+  AttentionKLParams p =
+      make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, options.mask, options.divergence);
+  return run_backward(p, in, rows, teacher_grad, kPaddedLayout);
+}
+
+// Varlen: the packed-layout checks and the cu_seqlens, then the same kernels.
+struct VarlenCall {
+  OpOptions options;
+  VarlenArgs varlen;
+};
+
+VarlenCall check_varlen_call(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                             const at::Tensor& k_t, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                             int64_t max_seqlen_q, int64_t max_seqlen_k, double scale_s, double scale_t, bool causal,
+                             c10::string_view divergence, int64_t window_left, int64_t window_right) {
+  check_attention_inputs(q_s, k_s, q_t, k_t, scale_s, scale_t, kPackedLayout);
+  const VarlenArgs varlen{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k};
+  check_varlen_args(varlen, q_s, k_s);
+  const OpOptions options{check_mask_options(causal, window_left, window_right),
+                          parse_divergence(std::string(divergence))};
+  return VarlenCall{options, contiguous_varlen_args(varlen)};
+}
+
+AttentionKLParams make_varlen_params(const CpuInputs& in, const VarlenCall& call, double scale_s, double scale_t) {
+  AttentionKLParams p = make_layout_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, call.options.mask,
+                                           call.options.divergence, kPackedLayout);
+  set_varlen_params(p, call.varlen);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_varlen_fwd_cpu(
+    const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    double scale_s, double scale_t, bool causal, c10::string_view divergence, int64_t window_left,
+    int64_t window_right, double beta) {
+  const VarlenCall call = check_varlen_call(q_s_in, k_s_in, q_t_in, k_t_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                            max_seqlen_k, scale_s, scale_t, causal, divergence, window_left,
+                                            window_right);
+  const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
+  AttentionKLParams p = make_varlen_params(in, call, scale_s, scale_t);
+  const ForwardOutputs out = run_forward(p, in);
+  return {out.kl, out.lse_s, out.lse_t, at::empty({0}, out.kl.options())};
+}
+
+Gradients attention_kl_varlen_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& q_s_in, const at::Tensor& k_s_in,
+                                      const at::Tensor& q_t_in, const at::Tensor& k_t_in,
+                                      const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                      int64_t max_seqlen_q, int64_t max_seqlen_k, const at::Tensor& kl,
+                                      const at::Tensor& lse_s, const at::Tensor& lse_t, const at::Tensor& jsd_stats,
+                                      double scale_s, double scale_t, bool causal, c10::string_view divergence,
+                                      bool teacher_grad, int64_t window_left, int64_t window_right, double beta) {
+  const VarlenCall call = check_varlen_call(q_s_in, k_s_in, q_t_in, k_t_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                            max_seqlen_k, scale_s, scale_t, causal, divergence, window_left,
+                                            window_right);
+  const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
+  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, grad_kl, kl, lse_s, lse_t, in.stats());
+  AttentionKLParams p = make_varlen_params(in, call, scale_s, scale_t);
+  return run_backward(p, in, rows, teacher_grad, kPackedLayout);
 }
 
 }  // namespace
@@ -79,6 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cpu(
 TORCH_LIBRARY_IMPL(streamkl, CPU, m) {
   m.impl("attention_kl_fwd", &attention_kl_fwd_cpu);
   m.impl("attention_kl_bwd", &attention_kl_bwd_cpu);
+  m.impl("attention_kl_varlen_fwd", &attention_kl_varlen_fwd_cpu);
+  m.impl("attention_kl_varlen_bwd", &attention_kl_varlen_bwd_cpu);
 }
 
 }  // namespace streamkl

@@ -25,7 +25,8 @@ namespace cpu {
 constexpr int kRowBlock = 32;
 constexpr int kKeyTile = 64;
 
-// Pointers of one (batch, head) slice of one side, typed.
+// Pointers of one (sequence, head) slice of one side, typed. The sequence's start rows are 0 in the padded
+// layout and cu_seqlens[b] in the varlen one (whose batch strides are 0), so one formula serves both.
 template <typename T>
 struct SideSlice {
   const T* q;
@@ -34,11 +35,12 @@ struct SideSlice {
   int dim;
   T scale;
 
-  static SideSlice make(const AttentionSide& s, int b, int h, int num_heads) {
+  static SideSlice make(const AttentionSide& s, int b, int h, int num_heads, const AttentionKLParams::Sequence& seq) {
     const int kv_head = h / (num_heads / s.num_kv_heads);
     SideSlice out;
-    out.q = static_cast<const T*>(s.q) + b * s.q_batch_stride + h * s.q_head_stride;
-    out.k = static_cast<const T*>(s.k) + b * s.k_batch_stride + kv_head * s.k_head_stride;
+    out.q = static_cast<const T*>(s.q) + b * s.q_batch_stride + seq.q_start * s.q_row_stride + h * s.q_head_stride;
+    out.k = static_cast<const T*>(s.k) + b * s.k_batch_stride + seq.k_start * s.k_row_stride +
+            kv_head * s.k_head_stride;
     out.q_row_stride = s.q_row_stride;
     out.k_row_stride = s.k_row_stride;
     out.dim = s.head_dim;
@@ -74,11 +76,11 @@ struct TileScratch {
 };
 
 template <typename T>
-void attention_kl_forward(const AttentionKLParams& p, int64_t b, int64_t h, int row0, int rows,
-                          TileScratch<T>& scratch) {
-  const SideSlice<T> student = SideSlice<T>::make(p.student, b, h, p.num_heads);
-  const SideSlice<T> teacher = SideSlice<T>::make(p.teacher, b, h, p.num_heads);
-  const AttentionMask mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
+void attention_kl_forward(const AttentionKLParams& p, int b, int h, int row0, int rows, TileScratch<T>& scratch) {
+  const AttentionKLParams::Sequence seq = p.sequence(b);
+  const SideSlice<T> student = SideSlice<T>::make(p.student, b, h, p.num_heads, seq);
+  const SideSlice<T> teacher = SideSlice<T>::make(p.teacher, b, h, p.num_heads, seq);
+  const AttentionMask mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
   const bool teacher_weights = teacher_is_weighting_side(p.divergence);
 
   OnlineKLState<T, CpuBase<T>> state[kRowBlock];
@@ -122,7 +124,7 @@ void attention_kl_forward(const AttentionKLParams& p, int64_t b, int64_t h, int 
 // [key0, key0+cols), written over the score buffers; masked entries become 0.
 template <typename T>
 void gradient_tiles(const AttentionKLParams& p, const SideSlice<T>& student, const SideSlice<T>& teacher,
-                    const AttentionMask& mask, int64_t b, int64_t h, int row0, int rows, int key0, int cols,
+                    const AttentionMask& mask, int b, int h, int row0, int rows, int key0, int cols,
                     TileScratch<T>& scratch) {
   score_tile(student, row0, rows, key0, cols, scratch.key_t.data(), scratch.student_scores.data());
   score_tile(teacher, row0, rows, key0, cols, scratch.key_t.data(), scratch.teacher_scores.data());
@@ -166,22 +168,25 @@ void accumulate_dk(const SideSlice<T>& side, T* dk, int64_t dk_row_stride, int r
                   dk + key0 * dk_row_stride, dk_row_stride);
 }
 
+// Gradient rows of one (sequence, head) slice: dq[b, h] (or dk[b, kv_head]) starting at the sequence's first row.
 template <typename T>
-T* side_grad_ptr(void* base, int64_t b_stride, int64_t h_stride, int64_t b, int64_t h) {
-  return static_cast<T*>(base) + b * b_stride + h * h_stride;
+T* side_dq_ptr(const AttentionSide& s, int b, int h, const AttentionKLParams::Sequence& seq) {
+  return static_cast<T*>(s.dq) + b * s.dq_batch_stride + h * s.dq_head_stride + seq.q_start * s.dq_row_stride;
+}
+template <typename T>
+T* side_dk_ptr(const AttentionSide& s, int b, int kv_head, const AttentionKLParams::Sequence& seq) {
+  return static_cast<T*>(s.dk) + b * s.dk_batch_stride + kv_head * s.dk_head_stride + seq.k_start * s.dk_row_stride;
 }
 
 // Sweep 1 of the backward: dQ of both sides for one block of query rows (dq must start zeroed).
 template <typename T>
-void attention_kl_backward_dq(const AttentionKLParams& p, int64_t b, int64_t h, int row0, int rows,
-                              TileScratch<T>& scratch) {
-  const SideSlice<T> student = SideSlice<T>::make(p.student, b, h, p.num_heads);
-  const SideSlice<T> teacher = SideSlice<T>::make(p.teacher, b, h, p.num_heads);
-  const AttentionMask mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
-  T* dq_s = side_grad_ptr<T>(p.student.dq, p.student.dq_batch_stride, p.student.dq_head_stride, b, h);
-  T* dq_t = p.teacher_grad
-                ? side_grad_ptr<T>(p.teacher.dq, p.teacher.dq_batch_stride, p.teacher.dq_head_stride, b, h)
-                : nullptr;
+void attention_kl_backward_dq(const AttentionKLParams& p, int b, int h, int row0, int rows, TileScratch<T>& scratch) {
+  const AttentionKLParams::Sequence seq = p.sequence(b);
+  const SideSlice<T> student = SideSlice<T>::make(p.student, b, h, p.num_heads, seq);
+  const SideSlice<T> teacher = SideSlice<T>::make(p.teacher, b, h, p.num_heads, seq);
+  const AttentionMask mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
+  T* dq_s = side_dq_ptr<T>(p.student, b, h, seq);
+  T* dq_t = p.teacher_grad ? side_dq_ptr<T>(p.teacher, b, h, seq) : nullptr;
   const KeyRange block_keys = mask.keys_for_rows(row0, row0 + rows);
   for (int key0 = block_keys.begin; key0 < block_keys.end; key0 += kKeyTile) {
     const int cols = std::min(kKeyTile, block_keys.end - key0);
@@ -199,22 +204,21 @@ enum class DkSides { kBoth, kStudent, kTeacher };
 // Sweep 2 of the backward: dK for one block of kKeyTile keys of key head kv_head (dk must start zeroed),
 // summed over the query heads that share that key head. One writer per dK row: no atomics.
 template <typename T>
-void attention_kl_backward_dk(const AttentionKLParams& p, int64_t b, int kv_head, DkSides sides, int key0, int cols,
+void attention_kl_backward_dk(const AttentionKLParams& p, int b, int kv_head, DkSides sides, int key0, int cols,
                               TileScratch<T>& scratch) {
-  const AttentionMask mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
+  const AttentionKLParams::Sequence seq = p.sequence(b);
+  const AttentionMask mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
   const bool student = sides != DkSides::kTeacher;
   const bool teacher = sides != DkSides::kStudent && p.teacher_grad;
   const AttentionSide& grouping = sides == DkSides::kTeacher ? p.teacher : p.student;
   const int group = p.num_heads / grouping.num_kv_heads;
-  T* dk_s = student ? side_grad_ptr<T>(p.student.dk, p.student.dk_batch_stride, p.student.dk_head_stride, b, kv_head)
-                    : nullptr;
-  T* dk_t = teacher ? side_grad_ptr<T>(p.teacher.dk, p.teacher.dk_batch_stride, p.teacher.dk_head_stride, b, kv_head)
-                    : nullptr;
+  T* dk_s = student ? side_dk_ptr<T>(p.student, b, kv_head, seq) : nullptr;
+  T* dk_t = teacher ? side_dk_ptr<T>(p.teacher, b, kv_head, seq) : nullptr;
   for (int h = kv_head * group; h < (kv_head + 1) * group; ++h) {
-    const SideSlice<T> student_slice = SideSlice<T>::make(p.student, b, h, p.num_heads);
-    const SideSlice<T> teacher_slice = SideSlice<T>::make(p.teacher, b, h, p.num_heads);
-    for (int row0 = 0; row0 < p.seqlen_q; row0 += kRowBlock) {
-      const int rows = std::min(kRowBlock, p.seqlen_q - row0);
+    const SideSlice<T> student_slice = SideSlice<T>::make(p.student, b, h, p.num_heads, seq);
+    const SideSlice<T> teacher_slice = SideSlice<T>::make(p.teacher, b, h, p.num_heads, seq);
+    for (int row0 = 0; row0 < seq.seqlen_q; row0 += kRowBlock) {
+      const int rows = std::min(kRowBlock, seq.seqlen_q - row0);
       const KeyRange block_keys = mask.keys_for_rows(row0, row0 + rows);
       if (block_keys.end <= key0 || block_keys.begin >= key0 + cols) continue;
       gradient_tiles(p, student_slice, teacher_slice, mask, b, h, row0, rows, key0, cols, scratch);
@@ -230,52 +234,50 @@ void attention_kl_backward_dk(const AttentionKLParams& p, int64_t b, int kv_head
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-// Entry points. ParallelFor: callable (int64_t begin, int64_t end, F body) running body(lo, hi) on
-// sub-ranges, e.g. a wrapper around at::parallel_for.
-template <typename T, typename ParallelFor>
-void run_attention_kl_forward(const AttentionKLParams& p, ParallelFor&& parallel_for) {
-  const int row_blocks = ceil_div(p.seqlen_q, kRowBlock);
-  const int64_t tasks = static_cast<int64_t>(p.batch) * p.num_heads * row_blocks;
+// Runs body(b, x, block_begin, block_len) for every (sequence b, index x < inner, block of `block` items
+// within the sequence's `length_of(seq)` items) in parallel; tasks past a sequence's end (varlen: the grid is
+// sized by the longest sequence) do nothing. ParallelFor: callable (int64_t begin, int64_t end, F body)
+// running body(lo, hi) on sub-ranges, e.g. a wrapper around at::parallel_for.
+template <typename T, typename ParallelFor, typename LengthOf, typename Body>
+void for_each_block(const AttentionKLParams& p, int inner, int max_length, int block, ParallelFor&& parallel_for,
+                    LengthOf&& length_of, Body&& body) {
+  const int blocks = ceil_div(max_length, block);
   const int max_dim = std::max(p.student.head_dim, p.teacher.head_dim);
-  parallel_for(int64_t(0), tasks, [&](int64_t lo, int64_t hi) {
+  parallel_for(int64_t(0), int64_t(p.batch) * inner * blocks, [&](int64_t lo, int64_t hi) {
     TileScratch<T> scratch(max_dim);
     for (int64_t task = lo; task < hi; ++task) {
-      const int blk = static_cast<int>(task % row_blocks);
-      const int64_t bh = task / row_blocks;
-      const int row0 = blk * kRowBlock;
-      attention_kl_forward<T>(p, bh / p.num_heads, bh % p.num_heads, row0, std::min(kRowBlock, p.seqlen_q - row0),
-                              scratch);
+      const int begin = static_cast<int>(task % blocks) * block;
+      const int64_t bx = task / blocks;
+      const int b = static_cast<int>(bx / inner);
+      const int length = length_of(p.sequence(b));
+      if (begin < length) body(b, static_cast<int>(bx % inner), begin, std::min(block, length - begin), scratch);
     }
   });
 }
 
+inline int query_length(const AttentionKLParams::Sequence& s) { return s.seqlen_q; }
+inline int key_length(const AttentionKLParams::Sequence& s) { return s.seqlen_k; }
+
+// Entry points.
+template <typename T, typename ParallelFor>
+void run_attention_kl_forward(const AttentionKLParams& p, ParallelFor&& parallel_for) {
+  for_each_block<T>(p, p.num_heads, p.seqlen_q, kRowBlock, parallel_for, query_length,
+                    [&](int b, int h, int row0, int rows, TileScratch<T>& scratch) {
+                      attention_kl_forward<T>(p, b, h, row0, rows, scratch);
+                    });
+}
+
 template <typename T, typename ParallelFor>
 void run_attention_kl_backward(const AttentionKLParams& p, ParallelFor&& parallel_for) {
-  const int max_dim = std::max(p.student.head_dim, p.teacher.head_dim);
-  const int row_blocks = ceil_div(p.seqlen_q, kRowBlock);
-  const int64_t bh_count = static_cast<int64_t>(p.batch) * p.num_heads;
-  parallel_for(int64_t(0), bh_count * row_blocks, [&](int64_t lo, int64_t hi) {
-    TileScratch<T> scratch(max_dim);
-    for (int64_t task = lo; task < hi; ++task) {
-      const int blk = static_cast<int>(task % row_blocks);
-      const int64_t bh = task / row_blocks;
-      const int row0 = blk * kRowBlock;
-      attention_kl_backward_dq<T>(p, bh / p.num_heads, bh % p.num_heads, row0,
-                                  std::min(kRowBlock, p.seqlen_q - row0), scratch);
-    }
-  });
-  const int key_blocks = ceil_div(p.seqlen_k, kKeyTile);
+  for_each_block<T>(p, p.num_heads, p.seqlen_q, kRowBlock, parallel_for, query_length,
+                    [&](int b, int h, int row0, int rows, TileScratch<T>& scratch) {
+                      attention_kl_backward_dq<T>(p, b, h, row0, rows, scratch);
+                    });
   auto dk_sweep = [&](DkSides sides, int kv_heads) {
-    parallel_for(int64_t(0), int64_t(p.batch) * kv_heads * key_blocks, [&](int64_t lo, int64_t hi) {
-      TileScratch<T> scratch(max_dim);
-      for (int64_t task = lo; task < hi; ++task) {
-        const int blk = static_cast<int>(task % key_blocks);
-        const int64_t bh = task / key_blocks;
-        const int key0 = blk * kKeyTile;
-        attention_kl_backward_dk<T>(p, bh / kv_heads, static_cast<int>(bh % kv_heads), sides, key0,
-                                    std::min(kKeyTile, p.seqlen_k - key0), scratch);
-      }
-    });
+    for_each_block<T>(p, kv_heads, p.seqlen_k, kKeyTile, parallel_for, key_length,
+                      [&](int b, int kv_head, int key0, int cols, TileScratch<T>& scratch) {
+                        attention_kl_backward_dk<T>(p, b, kv_head, sides, key0, cols, scratch);
+                      });
   };
   const bool grouped = p.student.num_kv_heads != p.num_heads || p.teacher.num_kv_heads != p.num_heads;
   if (!grouped) {

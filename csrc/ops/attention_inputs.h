@@ -12,10 +12,22 @@ namespace streamkl {
 
 Divergence parse_divergence(const std::string& name);
 
+// Which dimension of a q / k tensor holds what: padded [batch, heads, seq, head_dim] or varlen-packed
+// [total_tokens, heads, head_dim] (no batch dimension: sequences are delimited by cu_seqlens).
+struct TensorLayout {
+  int rank;
+  int batch_dim;  // -1 when packed
+  int head_dim, seq_dim, feature_dim;
+  const char* shape_name;
+};
+constexpr TensorLayout kPaddedLayout{4, 0, 1, 2, 3, "[batch, heads, seq, head_dim]"};
+constexpr TensorLayout kPackedLayout{3, -1, 1, 0, 2, "[total_tokens, heads, head_dim]"};
+
 // Validates ranks, shapes, dtypes and devices; throws c10::Error (RuntimeError/ValueError in Python)
 // naming the argument and the expected shape.
 void check_attention_inputs(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
-                            const at::Tensor& k_t, double scale_s, double scale_t);
+                            const at::Tensor& k_t, double scale_s, double scale_t,
+                            const TensorLayout& layout = kPaddedLayout);
 
 // Last dim must be contiguous for the kernels; other strides are passed through.
 at::Tensor with_contiguous_last_dim(const at::Tensor& t);
@@ -41,13 +53,17 @@ OpOptions check_op_arguments(const at::Tensor& q_s, const at::Tensor& k_s, const
                              const at::Tensor& k_t, double scale_s, double scale_t, bool causal,
                              const std::string& divergence, int64_t window_left, int64_t window_right);
 
-// Fills sizes, strides, pointers and flags (not the output pointers) from already-validated inputs.
+// Fills sizes, strides, pointers and flags (not the output pointers) from already-validated padded inputs.
 AttentionKLParams make_attention_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
                                         const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
                                         Divergence divergence);
+// Same for either layout; the varlen fields (cu_seqlens, max lengths) are the caller's (see varlen_inputs.h).
+AttentionKLParams make_layout_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                                     const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
+                                     Divergence divergence, const TensorLayout& layout);
 
-// The backward's per-row inputs, shape-checked against q_s ([B, H, N_q]) and made contiguous in the
-// statistics dtype. Keep the struct alive until the kernels have run.
+// The backward's per-row inputs, shape-checked against q_s's leading dims ([B, H, N_q] padded, [total_q, H]
+// varlen) and made contiguous in the statistics dtype. Keep the struct alive until the kernels have run.
 struct BackwardRowInputs {
   at::Tensor grad_kl, kl, lse_s, lse_t;
 };
@@ -60,5 +76,8 @@ AttentionKLParams make_backward_params(const at::Tensor& q_s, const at::Tensor& 
                                        const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
                                        Divergence divergence, const BackwardRowInputs& rows, at::Tensor& dq_s,
                                        at::Tensor& dk_s, at::Tensor& dq_t, at::Tensor& dk_t, bool teacher_grad);
+// Adds the backward's per-row inputs and gradient outputs to forward parameters of either layout.
+void set_backward_params(AttentionKLParams& p, const BackwardRowInputs& rows, at::Tensor& dq_s, at::Tensor& dk_s,
+                         at::Tensor& dq_t, at::Tensor& dk_t, bool teacher_grad, const TensorLayout& layout);
 
 }  // namespace streamkl

@@ -20,4 +20,21 @@ TORCH_LIBRARY(streamkl, m) {
       "Tensor lse_s, Tensor lse_t, float scale_s, float scale_t, bool causal, str divergence, "
       "bool teacher_grad, int window_left=-1, int window_right=-1) -> (Tensor dq_s, Tensor dk_s, Tensor dq_t, "
       "Tensor dk_t)");
+
+  // Varlen (FlashAttention packing): q_*: [total_q, H, D_*], k_*: [total_k, H_kv, D_*]; sequence b is rows
+  // cu_seqlens_*[b] .. cu_seqlens_*[b+1] (int32, length B + 1, starting at 0, non-decreasing, ending at the
+  // total); max_seqlen_* >= every sequence's length. Masks are aligned bottom-right per sequence. Returns kl,
+  // lse_s, lse_t, each [total_q, H], and jsd_stats (the generalized JSD's per-row statistics [total_q, H, 4],
+  // an empty [0] tensor for the KL divergences). A sequence with no keys gives 0 and zero gradients.
+  m.def(
+      "attention_kl_varlen_fwd(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale_s, float scale_t, bool causal, "
+      "str divergence, int window_left=-1, int window_right=-1, float beta=0.5) -> (Tensor kl, Tensor lse_s, "
+      "Tensor lse_t, Tensor jsd_stats)");
+  m.def(
+      "attention_kl_varlen_bwd(Tensor grad_kl, Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor kl, Tensor lse_s, "
+      "Tensor lse_t, Tensor jsd_stats, float scale_s, float scale_t, bool causal, str divergence, "
+      "bool teacher_grad, int window_left=-1, int window_right=-1, float beta=0.5) -> (Tensor dq_s, Tensor dk_s, "
+      "Tensor dq_t, Tensor dk_t)");
 }
