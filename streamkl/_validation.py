@@ -6,7 +6,8 @@ import math
 
 import torch
 
-DIVERGENCES = ("forward", "reverse")
+DIVERGENCES = ("forward", "reverse", "jsd")
+KL_DIVERGENCES = ("forward", "reverse")  # what the attention_kl_fwd/bwd ops take (JSD has its own ops)
 REDUCTIONS = ("none", "sum", "mean")
 
 
@@ -102,11 +103,21 @@ def check_window(window_size, *, where):
         raise ValueError(f"{where}: window_size sides must be >= 0, or -1 for unbounded; got {tuple(window_size)}")
 
 
-def check_options(scale_s, scale_t, divergence, reduction=None, *, where):
+def check_options(scale_s, scale_t, divergence, reduction=None, *, where, divergences=DIVERGENCES):
     for name, scale in (("scale_s", scale_s), ("scale_t", scale_t)):
         if not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"{where}: {name} must be a positive finite number, got {scale}")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"{where}: divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    check_divergence(divergence, where=where, divergences=divergences)
     if reduction is not None and reduction not in REDUCTIONS:
         raise ValueError(f"{where}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_divergence(divergence, *, where, divergences=DIVERGENCES):
+    if divergence not in divergences:
+        raise ValueError(f"{where}: divergence must be one of {divergences}, got {divergence!r}")
+
+
+def check_beta(beta, *, where):
+    """beta of the generalized JSD: a number in [0, 1] (0: forward KL, 1: reverse KL)."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"{where}: beta must be a number in [0, 1] (0: forward KL, 1: reverse KL), got {beta!r}")

@@ -6,13 +6,14 @@ from typing import Optional, Tuple
 import torch
 
 from . import _ops
-from ._validation import DIVERGENCES, REDUCTIONS, check_attention_tensors, check_options, check_window
+from ._validation import (REDUCTIONS, check_attention_tensors, check_beta, check_divergence,
+                          check_options, check_window)
 
 
 def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, *,
                  causal: bool = False, scale_s: Optional[float] = None, scale_t: Optional[float] = None,
                  divergence: str = "forward", reduction: str = "none",
-                 window_size: Tuple[int, int] = (-1, -1)) -> torch.Tensor:
+                 window_size: Tuple[int, int] = (-1, -1), beta: float = 0.5) -> torch.Tensor:
     """Row-wise divergence between a teacher's and a student's attention distributions.
 
     For every batch ``b``, head ``h`` and query row ``i``::
@@ -21,8 +22,16 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
         P_t = softmax(scale_t * q_t[b, h, i] @ k_t[b, h].T)      (teacher)
         divergence="forward":  KL(P_t || P_s)   (the usual distillation loss)
         divergence="reverse":  KL(P_s || P_t)
+        divergence="jsd":      generalized Jensen-Shannon divergence with parameter beta in [0, 1]
+            JSD_beta = (1 - beta) KL(P_t || M) + beta KL(P_s || M),   M = beta P_t + (1 - beta) P_s
 
-    computed in one streaming pass over key tiles: neither ``[B, H, N_q, N_k]`` matrix is ever built.
+    The KL divergences take one streaming pass over key tiles; the JSD two (both log-sum-exps, then the
+    mixture, in log-sum-exp form). Neither ``[B, H, N_q, N_k]`` matrix is ever built.
+
+    JSD convention: the weights are chosen so that the end points are exact and continuous: beta = 0 gives
+    M = P_s and forward KL, beta = 1 gives M = P_t and reverse KL, beta = 0.5 the symmetric JSD. (TRL's and
+    Liger's ``beta KL(P_t || M) + (1 - beta) KL(P_s || M)`` with the same M agrees at beta = 0.5 only; it tends
+    to 0 at both ends, which those libraries special-case to the KLs.)
 
     Args:
         q_s, k_s: student queries ``[B, H, N_q, D_s]`` and keys ``[B, H, N_k, D_s]``.
@@ -36,7 +45,8 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
             like ``causal``: row ``i`` sees keys ``j`` with ``i + N_k - N_q - left <= j <= i + N_k - N_q + right``;
             ``-1`` leaves a side unbounded; ``causal=True`` sets ``right = 0``. CPU only for now (CUDA raises
             NotImplementedError until its window path has been validated on a GPU).
-        divergence: ``"forward"`` or ``"reverse"`` (see above).
+        divergence: ``"forward"``, ``"reverse"`` or ``"jsd"`` (see above; ``"jsd"`` is CPU only for now).
+        beta: the JSD's parameter in [0, 1]; ignored by the KL divergences.
         reduction: ``"none"`` returns ``[B, H, N_q]``; ``"sum"``; ``"mean"`` averages over all
             ``B * H * N_q`` rows (fully masked rows count as rows with divergence 0).
 
@@ -48,9 +58,22 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
     scale_s, scale_t = default_scales(q_s, q_t, scale_s, scale_t)
     check_options(scale_s, scale_t, divergence, reduction, where="streamkl.attention_kl")
     check_window(window_size, where="streamkl.attention_kl")
-    kl, _, _ = _ops.ops.attention_kl_fwd(q_s, k_s, q_t, k_t, scale_s, scale_t, bool(causal), divergence,
-                                         int(window_size[0]), int(window_size[1]))
+    check_beta(beta, where="streamkl.attention_kl")
+    window = (int(window_size[0]), int(window_size[1]))
+    if divergence == "jsd":
+        refuse_on_cuda(q_s, "the generalized JSD (divergence='jsd')", where="streamkl.attention_kl")
+        jsd, _, _, _ = _ops.ops.attention_jsd_fwd(q_s, k_s, q_t, k_t, scale_s, scale_t, bool(causal), float(beta),
+                                                  *window)
+        return reduce_rows(jsd, reduction)
+    kl, _, _ = _ops.ops.attention_kl_fwd(q_s, k_s, q_t, k_t, scale_s, scale_t, bool(causal), divergence, *window)
     return reduce_rows(kl, reduction)
+
+
+def refuse_on_cuda(tensor, feature, *, where):
+    """NotImplementedError for features whose CUDA kernels do not exist yet (rather than a dispatcher error)."""
+    if tensor.device.type == "cuda":
+        raise NotImplementedError(f"{where}: {feature} runs on the CPU only for now (no CUDA kernel yet); move the "
+                                  f"inputs to the CPU or use divergence='forward'/'reverse' without it")
 
 
 def default_scales(q_s, q_t, scale_s, scale_t):
@@ -76,20 +99,24 @@ class AttentionKLLoss(torch.nn.Module):
     """
 
     def __init__(self, *, causal: bool = False, scale_s: Optional[float] = None, scale_t: Optional[float] = None,
-                 divergence: str = "forward", reduction: str = "mean", window_size: Tuple[int, int] = (-1, -1)):
+                 divergence: str = "forward", reduction: str = "mean", window_size: Tuple[int, int] = (-1, -1),
+                 beta: float = 0.5):
         super().__init__()
-        if divergence not in DIVERGENCES:
-            raise ValueError(f"streamkl.AttentionKLLoss: divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        where = "streamkl.AttentionKLLoss"
+        check_divergence(divergence, where=where)
         if reduction not in REDUCTIONS:
-            raise ValueError(f"streamkl.AttentionKLLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+            raise ValueError(f"{where}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_window(window_size, where=where)
+        check_beta(beta, where=where)
         self.causal, self.scale_s, self.scale_t = causal, scale_s, scale_t
-        check_window(window_size, where="streamkl.AttentionKLLoss")
-        self.divergence, self.reduction, self.window_size = divergence, reduction, tuple(window_size)
+        self.divergence, self.reduction, self.window_size, self.beta = divergence, reduction, tuple(window_size), beta
 
     def forward(self, q_s, k_s, q_t, k_t):
         return attention_kl(q_s, k_s, q_t, k_t, causal=self.causal, scale_s=self.scale_s, scale_t=self.scale_t,
-                            divergence=self.divergence, reduction=self.reduction, window_size=self.window_size)
+                            divergence=self.divergence, reduction=self.reduction, window_size=self.window_size,
+                            beta=self.beta)
 
     def extra_repr(self):
         return (f"causal={self.causal}, scale_s={self.scale_s}, scale_t={self.scale_t}, "
-                f"divergence={self.divergence!r}, reduction={self.reduction!r}, window_size={self.window_size}")
+                f"divergence={self.divergence!r}, reduction={self.reduction!r}, window_size={self.window_size}"
+                + (f", beta={self.beta}" if self.divergence == "jsd" else ""))

@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "../ops/attention_inputs.h"
 #include "../ops/varlen_inputs.h"
 #include "attention_kl_cpu_kernel.h"
@@ -35,17 +37,25 @@ struct CpuInputs {
 
 struct ForwardOutputs {
   at::Tensor kl, lse_s, lse_t;
+  at::Tensor jsd_stats;  // [rows..., 4] for the JSD, [0] otherwise
 };
 
 // Per-row outputs shaped like q_s without its head dim, then the kernel (unless there is no row at all).
 ForwardOutputs run_forward(AttentionKLParams& p, const CpuInputs& in) {
   const auto opts = in.q_s.options().dtype(in.stats());
   const at::IntArrayRef rows = in.q_s.sizes().slice(0, in.q_s.dim() - 1);
-  ForwardOutputs out{at::empty(rows, opts), at::empty(rows, opts), at::empty(rows, opts)};
+  std::vector<int64_t> stats_shape = {0};
+  if (p.divergence == Divergence::kJsd) {
+    stats_shape.assign(rows.begin(), rows.end());
+    stats_shape.push_back(JsdRowStats<float>::kCount);
+  }
+  ForwardOutputs out{at::empty(rows, opts), at::empty(rows, opts), at::empty(rows, opts),
+                     at::empty(stats_shape, opts)};
   if (out.kl.numel() == 0) return out;
   p.kl = out.kl.data_ptr();
   p.lse_student = out.lse_s.data_ptr();
   p.lse_teacher = out.lse_t.data_ptr();
+  p.jsd_stats = p.divergence == Divergence::kJsd ? out.jsd_stats.data_ptr() : nullptr;
   if (in.q_s.scalar_type() == at::kDouble)
     cpu::run_attention_kl_forward<double>(p, aten_parallel_for);
   else
@@ -56,8 +66,12 @@ ForwardOutputs run_forward(AttentionKLParams& p, const CpuInputs& in) {
 using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Zeroed gradient buffers (the kernels accumulate), the backward kernels, and the cast back to the input dtype.
-Gradients run_backward(AttentionKLParams& p, const CpuInputs& in, const BackwardRowInputs& rows, bool teacher_grad,
-                       const TensorLayout& layout) {
+// jsd_stats: the forward's JSD statistics (read only for Divergence::kJsd).
+Gradients run_backward(AttentionKLParams& p, const CpuInputs& in, const BackwardRowInputs& rows,
+                       const at::Tensor& jsd_stats, bool teacher_grad, const TensorLayout& layout) {
+  const at::Tensor stats =
+      p.divergence == Divergence::kJsd ? prepare_jsd_stats(in.q_s, jsd_stats, in.stats()) : at::Tensor();
+  if (stats.defined()) p.jsd_stats = const_cast<void*>(stats.data_ptr());
   at::Tensor dq_s = at::zeros(in.q_s.sizes(), in.q_s.options()), dk_s = at::zeros(in.k_s.sizes(), in.k_s.options());
   at::Tensor dq_t = teacher_grad ? at::zeros(in.q_t.sizes(), in.q_t.options()) : at::empty({0}, in.q_t.options());
   at::Tensor dk_t = teacher_grad ? at::zeros(in.k_t.sizes(), in.k_t.options()) : at::empty({0}, in.k_t.options());
@@ -97,7 +111,36 @@ Gradients attention_kl_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& q_s_
   const BackwardRowInputs rows = prepare_backward_rows(in.q_s, grad_kl, kl, lse_s, lse_t, in.stats());
   AttentionKLParams p =
       make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, options.mask, options.divergence);
-  return run_backward(p, in, rows, teacher_grad, kPaddedLayout);
+  return run_backward(p, in, rows, at::Tensor(), teacher_grad, kPaddedLayout);
+}
+
+// The generalized JSD on the padded layout: the KL ops' outputs plus the per-row statistics.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_jsd_fwd_cpu(
+    const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in,
+    double scale_s, double scale_t, bool causal, double beta, int64_t window_left, int64_t window_right) {
+  check_attention_inputs(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t);
+  const MaskOptions mask = check_mask_options(causal, window_left, window_right);
+  check_jsd_beta(beta);
+  const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
+  AttentionKLParams p = make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, mask, Divergence::kJsd);
+  p.beta = beta;
+  const ForwardOutputs out = run_forward(p, in);
+  return {out.kl, out.lse_s, out.lse_t, out.jsd_stats};
+}
+
+Gradients attention_jsd_bwd_cpu(const at::Tensor& grad_jsd, const at::Tensor& q_s_in, const at::Tensor& k_s_in,
+                                const at::Tensor& q_t_in, const at::Tensor& k_t_in, const at::Tensor& jsd,
+                                const at::Tensor& lse_s, const at::Tensor& lse_t, const at::Tensor& jsd_stats,
+                                double scale_s, double scale_t, bool causal, double beta, bool teacher_grad,
+                                int64_t window_left, int64_t window_right) {
+  check_attention_inputs(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t);
+  const MaskOptions mask = check_mask_options(causal, window_left, window_right);
+  check_jsd_beta(beta);
+  const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
+  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, grad_jsd, jsd, lse_s, lse_t, in.stats());
+  AttentionKLParams p = make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, mask, Divergence::kJsd);
+  p.beta = beta;
+  return run_backward(p, in, rows, jsd_stats, teacher_grad, kPaddedLayout);
 }
 
 // Varlen: the packed-layout checks and the cu_seqlens, then the same kernels.
@@ -114,14 +157,17 @@ VarlenCall check_varlen_call(const at::Tensor& q_s, const at::Tensor& k_s, const
   const VarlenArgs varlen{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k};
   check_varlen_args(varlen, q_s, k_s);
   const OpOptions options{check_mask_options(causal, window_left, window_right),
-                          parse_divergence(std::string(divergence))};
+                          parse_divergence_or_jsd(std::string(divergence))};
   return VarlenCall{options, contiguous_varlen_args(varlen)};
 }
 
-AttentionKLParams make_varlen_params(const CpuInputs& in, const VarlenCall& call, double scale_s, double scale_t) {
+AttentionKLParams make_varlen_params(const CpuInputs& in, const VarlenCall& call, double scale_s, double scale_t,
+                                     double beta) {
   AttentionKLParams p = make_layout_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, call.options.mask,
                                            call.options.divergence, kPackedLayout);
   set_varlen_params(p, call.varlen);
+  if (p.divergence == Divergence::kJsd) check_jsd_beta(beta);
+  p.beta = beta;
   return p;
 }
 
@@ -134,9 +180,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_varlen_f
                                             max_seqlen_k, scale_s, scale_t, causal, divergence, window_left,
                                             window_right);
   const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  AttentionKLParams p = make_varlen_params(in, call, scale_s, scale_t);
+  AttentionKLParams p = make_varlen_params(in, call, scale_s, scale_t, beta);
   const ForwardOutputs out = run_forward(p, in);
-  return {out.kl, out.lse_s, out.lse_t, at::empty({0}, out.kl.options())};
+  return {out.kl, out.lse_s, out.lse_t, out.jsd_stats};
 }
 
 Gradients attention_kl_varlen_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& q_s_in, const at::Tensor& k_s_in,
@@ -151,8 +197,8 @@ Gradients attention_kl_varlen_bwd_cpu(const at::Tensor& grad_kl, const at::Tenso
                                             window_right);
   const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
   const BackwardRowInputs rows = prepare_backward_rows(in.q_s, grad_kl, kl, lse_s, lse_t, in.stats());
-  AttentionKLParams p = make_varlen_params(in, call, scale_s, scale_t);
-  return run_backward(p, in, rows, teacher_grad, kPackedLayout);
+  AttentionKLParams p = make_varlen_params(in, call, scale_s, scale_t, beta);
+  return run_backward(p, in, rows, jsd_stats, teacher_grad, kPackedLayout);
 }
 
 }  // namespace
@@ -160,6 +206,8 @@ Gradients attention_kl_varlen_bwd_cpu(const at::Tensor& grad_kl, const at::Tenso
 TORCH_LIBRARY_IMPL(streamkl, CPU, m) {
   m.impl("attention_kl_fwd", &attention_kl_fwd_cpu);
   m.impl("attention_kl_bwd", &attention_kl_bwd_cpu);
+  m.impl("attention_jsd_fwd", &attention_jsd_fwd_cpu);
+  m.impl("attention_jsd_bwd", &attention_jsd_bwd_cpu);
   m.impl("attention_kl_varlen_fwd", &attention_kl_varlen_fwd_cpu);
   m.impl("attention_kl_varlen_bwd", &attention_kl_varlen_bwd_cpu);
 }

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "../kernels/attention_mask.h"
@@ -75,6 +76,21 @@ struct TileScratch {
         key_t(static_cast<size_t>(max_dim) * kKeyTile), grad_t(kKeyTile * kRowBlock) {}
 };
 
+// Columns [begin, end) of a tile of keys [key0, key0 + cols) that a row with allowed keys `keys` may see.
+inline KeyRange tile_columns(const KeyRange& keys, int key0, int cols) {
+  const int begin = std::min(std::max(keys.begin - key0, 0), cols);
+  return KeyRange{begin, std::max(std::min(keys.end - key0, cols), begin)};
+}
+
+// Turns a tile of scores into log-probabilities: row r minus its log-sum-exp.
+template <typename T>
+void subtract_row_lse(const AttentionKLParams& p, const T* lse, int b, int h, int row0, int rows, int cols, T* tile) {
+  for (int r = 0; r < rows; ++r) {
+    const T row_lse = lse[p.row_index(b, h, row0 + r)];
+    for (int c = 0; c < cols; ++c) tile[r * kKeyTile + c] -= row_lse;
+  }
+}
+
 template <typename T>
 void attention_kl_forward(const AttentionKLParams& p, int b, int h, int row0, int rows, TileScratch<T>& scratch) {
   const AttentionKLParams::Sequence seq = p.sequence(b);
@@ -92,9 +108,9 @@ void attention_kl_forward(const AttentionKLParams& p, int b, int h, int row0, in
     score_tile(student, row0, rows, key0, cols, scratch.key_t.data(), scratch.student_scores.data());
     score_tile(teacher, row0, rows, key0, cols, scratch.key_t.data(), scratch.teacher_scores.data());
     for (int r = 0; r < rows; ++r) {
-      const KeyRange keys = mask.keys_for_row(row0 + r);
-      const int c_begin = std::max(keys.begin - key0, 0), c_end = std::min(keys.end - key0, cols);
-      if (c_begin >= c_end) continue;
+      const KeyRange columns = tile_columns(mask.keys_for_row(row0 + r), key0, cols);
+      const int c_begin = columns.begin, c_end = columns.end;
+      if (columns.empty()) continue;
       const T* w = (teacher_weights ? scratch.teacher_scores : scratch.student_scores).data() + r * kKeyTile + c_begin;
       const T* o = (teacher_weights ? scratch.student_scores : scratch.teacher_scores).data() + r * kKeyTile + c_begin;
       const int n = c_end - c_begin;
@@ -120,6 +136,82 @@ void attention_kl_forward(const AttentionKLParams& p, int b, int h, int row0, in
   }
 }
 
+// Pass 1 of the two-pass divergences: the log-sum-exp of one side's rows [row0, row0 + rows) of head h,
+// written at row_index into `lse`.
+template <typename T>
+void side_lse_rows(const AttentionKLParams& p, const AttentionSide& side, int b, int h, int row0, int rows, T* lse,
+                   TileScratch<T>& scratch) {
+  const AttentionKLParams::Sequence seq = p.sequence(b);
+  const SideSlice<T> slice = SideSlice<T>::make(side, b, h, p.num_heads, seq);
+  const AttentionMask mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
+  OnlineLSE<T, CpuBase<T>> state[kRowBlock];
+  for (int r = 0; r < rows; ++r) state[r].init();
+  const KeyRange block_keys = mask.keys_for_rows(row0, row0 + rows);
+  for (int key0 = block_keys.begin; key0 < block_keys.end; key0 += kKeyTile) {
+    const int cols = std::min(kKeyTile, block_keys.end - key0);
+    score_tile(slice, row0, rows, key0, cols, scratch.key_t.data(), scratch.student_scores.data());
+    for (int r = 0; r < rows; ++r) {
+      const KeyRange columns = tile_columns(mask.keys_for_row(row0 + r), key0, cols);
+      if (columns.empty()) continue;
+      const T* x = scratch.student_scores.data() + r * kKeyTile + columns.begin;
+      const int n = columns.end - columns.begin;
+      T tile_max = neg_infinity<T>();
+      for (int c = 0; c < n; ++c) tile_max = max_of(tile_max, x[c]);
+      state[r].rescale(tile_max);
+      state[r].add_sum(exp_sum(x, n, state[r].max));
+    }
+  }
+  for (int r = 0; r < rows; ++r) lse[p.row_index(b, h, row0 + r)] = state[r].lse();
+}
+
+// Pass 2 of the generalized JSD for rows [row0, row0 + rows) of head h: the row sums from both sides'
+// log-probabilities (the LSEs come from pass 1), then the divergence and the statistics the backward needs.
+template <typename T>
+void jsd_forward(const AttentionKLParams& p, int b, int h, int row0, int rows, TileScratch<T>& scratch) {
+  const AttentionKLParams::Sequence seq = p.sequence(b);
+  const SideSlice<T> student = SideSlice<T>::make(p.student, b, h, p.num_heads, seq);
+  const SideSlice<T> teacher = SideSlice<T>::make(p.teacher, b, h, p.num_heads, seq);
+  const AttentionMask mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
+  const JsdWeights<T> weights = JsdWeights<T>::from_beta(static_cast<T>(p.beta));
+  JsdRowSums<T> sums[kRowBlock];
+  for (int r = 0; r < rows; ++r) sums[r].init();
+  const KeyRange block_keys = mask.keys_for_rows(row0, row0 + rows);
+  for (int key0 = block_keys.begin; key0 < block_keys.end; key0 += kKeyTile) {
+    const int cols = std::min(kKeyTile, block_keys.end - key0);
+    score_tile(student, row0, rows, key0, cols, scratch.key_t.data(), scratch.student_scores.data());
+    score_tile(teacher, row0, rows, key0, cols, scratch.key_t.data(), scratch.teacher_scores.data());
+    subtract_row_lse(p, static_cast<const T*>(p.lse_student), b, h, row0, rows, cols, scratch.student_scores.data());
+    subtract_row_lse(p, static_cast<const T*>(p.lse_teacher), b, h, row0, rows, cols, scratch.teacher_scores.data());
+    for (int r = 0; r < rows; ++r) {
+      const KeyRange columns = tile_columns(mask.keys_for_row(row0 + r), key0, cols);
+      const T* log_p_s = scratch.student_scores.data() + r * kKeyTile;
+      const T* log_p_t = scratch.teacher_scores.data() + r * kKeyTile;
+      for (int c = columns.begin; c < columns.end; ++c)
+        jsd_add_key<T, CpuBase<T>>(sums[r], log_p_t[c], log_p_s[c], weights);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    const int64_t idx = p.row_index(b, h, row0 + r);
+    const JsdRowStats<T> stats = JsdRowStats<T>::template finalize<CpuBase<T>>(sums[r]);
+    stats.store(static_cast<T*>(p.jsd_stats) + idx * JsdRowStats<T>::kCount);
+    static_cast<T*>(p.kl)[idx] = stats.divergence(weights);
+  }
+}
+
+// In place: raw scores (s_j, t_j) of the n allowed keys of row idx -> g * (dJ/ds_j, dJ/dt_j) of the JSD.
+template <typename T>
+void jsd_grads_row(const AttentionKLParams& p, int64_t idx, T* s, T* t, int n, T lse_s, T lse_t, T g) {
+  const JsdWeights<T> weights = JsdWeights<T>::from_beta(static_cast<T>(p.beta));
+  const JsdRowStats<T> stats =
+      JsdRowStats<T>::load(static_cast<const T*>(p.jsd_stats) + idx * JsdRowStats<T>::kCount);
+  for (int c = 0; c < n; ++c) {
+    T grad_t, grad_s;
+    jsd_score_grads<T, CpuBase<T>>(t[c] - lse_t, s[c] - lse_s, stats, weights, g, grad_t, grad_s);
+    t[c] = grad_t;
+    s[c] = grad_s;
+  }
+}
+
 // Gradient tiles dD/ds and dD/dt (times the row's incoming gradient) for rows [row0, row0+rows) x keys
 // [key0, key0+cols), written over the score buffers; masked entries become 0.
 template <typename T>
@@ -135,13 +227,16 @@ void gradient_tiles(const AttentionKLParams& p, const SideSlice<T>& student, con
   const T* grad_kl = static_cast<const T*>(p.grad_kl);
   for (int r = 0; r < rows; ++r) {
     const int64_t idx = p.row_index(b, h, row0 + r);
-    const KeyRange keys = mask.keys_for_row(row0 + r);
     T* s = scratch.student_scores.data() + r * kKeyTile;
     T* t = scratch.teacher_scores.data() + r * kKeyTile;
-    const int c_begin = std::min(std::max(keys.begin - key0, 0), cols);
-    const int c_end = std::max(std::min(keys.end - key0, cols), c_begin);
+    const KeyRange columns = tile_columns(mask.keys_for_row(row0 + r), key0, cols);
+    const int c_begin = columns.begin, c_end = columns.end;
     for (int c = 0; c < c_begin; ++c) s[c] = t[c] = T(0);  // masked keys get no gradient
     for (int c = c_end; c < cols; ++c) s[c] = t[c] = T(0);
+    if (p.divergence == Divergence::kJsd) {
+      jsd_grads_row(p, idx, s + c_begin, t + c_begin, c_end - c_begin, lse_s[idx], lse_t[idx], grad_kl[idx]);
+      continue;
+    }
     const T lse_w = teacher_weights ? lse_t[idx] : lse_s[idx];
     const T lse_o = teacher_weights ? lse_s[idx] : lse_t[idx];
     score_grads_row(s + c_begin, t + c_begin, c_end - c_begin, teacher_weights, lse_w, lse_o, kl[idx], grad_kl[idx]);
@@ -259,11 +354,25 @@ inline int query_length(const AttentionKLParams::Sequence& s) { return s.seqlen_
 inline int key_length(const AttentionKLParams::Sequence& s) { return s.seqlen_k; }
 
 // Entry points.
+// Forward: KL in one pass (online core); the generalized JSD in two (both LSEs, then the mixture terms).
 template <typename T, typename ParallelFor>
 void run_attention_kl_forward(const AttentionKLParams& p, ParallelFor&& parallel_for) {
+  if (p.divergence != Divergence::kJsd) {
+    for_each_block<T>(p, p.num_heads, p.seqlen_q, kRowBlock, parallel_for, query_length,
+                      [&](int b, int h, int row0, int rows, TileScratch<T>& scratch) {
+                        attention_kl_forward<T>(p, b, h, row0, rows, scratch);
+                      });
+    return;
+  }
+  const std::pair<const AttentionSide*, void*> sides[] = {{&p.student, p.lse_student}, {&p.teacher, p.lse_teacher}};
+  for (const auto& side : sides)
+    for_each_block<T>(p, p.num_heads, p.seqlen_q, kRowBlock, parallel_for, query_length,
+                      [&](int b, int h, int row0, int rows, TileScratch<T>& scratch) {
+                        side_lse_rows<T>(p, *side.first, b, h, row0, rows, static_cast<T*>(side.second), scratch);
+                      });
   for_each_block<T>(p, p.num_heads, p.seqlen_q, kRowBlock, parallel_for, query_length,
                     [&](int b, int h, int row0, int rows, TileScratch<T>& scratch) {
-                      attention_kl_forward<T>(p, b, h, row0, rows, scratch);
+                      jsd_forward<T>(p, b, h, row0, rows, scratch);
                     });
 }
 

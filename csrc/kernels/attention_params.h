@@ -55,6 +55,11 @@ struct AttentionKLParams {
   const int32_t* cu_seqlens_k = nullptr;
 
   Divergence divergence = Divergence::kForward;
+  // Generalized JSD only (Divergence::kJsd): the parameter of JsdWeights::from_beta (online_kl.h), and the
+  // per-row JsdRowStats ([rows, JsdRowStats::kCount], same row order as kl) written by the forward's second
+  // pass and read by the backward.
+  double beta = 0.5;
+  void* jsd_stats = nullptr;
 
   // Per-row outputs of the forward (inputs of the backward); contiguous [B, H, N_q].
   // Element type is float, or double for float64 inputs on the CPU.
@@ -82,9 +87,11 @@ struct AttentionKLParams {
   }
 
   // Index of row i of head h of sequence b in the per-row outputs: [B, H, N_q] padded, [total_q, H] varlen.
-  SKL_HOST_DEVICE int64_t row_index(int b, int h, int i) const {
-    if (cu_seqlens_q != nullptr) return (static_cast<int64_t>(cu_seqlens_q[b]) + i) * num_heads + h;
-    return (static_cast<int64_t>(b) * num_heads + h) * seqlen_q + i;
+  SKL_HOST_DEVICE int64_t row_index(int b, int h, int i) const { return row_index_for_heads(b, h, i, num_heads); }
+  // Same for per-row tensors with `heads` heads ([B, heads, N_q] / [total_q, heads]).
+  SKL_HOST_DEVICE int64_t row_index_for_heads(int b, int h, int i, int heads) const {
+    if (cu_seqlens_q != nullptr) return (static_cast<int64_t>(cu_seqlens_q[b]) + i) * heads + h;
+    return (static_cast<int64_t>(b) * heads + h) * seqlen_q + i;
   }
 };
 

@@ -10,7 +10,20 @@ namespace streamkl {
 Divergence parse_divergence(const std::string& name) {
   if (name == "forward") return Divergence::kForward;
   if (name == "reverse") return Divergence::kReverse;
-  TORCH_CHECK_VALUE(false, "streamkl: divergence must be 'forward' or 'reverse', got '", name, "'");
+  TORCH_CHECK_VALUE(false, "streamkl: divergence must be 'forward' or 'reverse', got '", name,
+                    "' (the generalized JSD has its own ops: attention_jsd_fwd / attention_jsd_bwd)");
+}
+
+Divergence parse_divergence_or_jsd(const std::string& name) {
+  if (name == "jsd") return Divergence::kJsd;
+  TORCH_CHECK_VALUE(name == "forward" || name == "reverse",
+                    "streamkl: divergence must be 'forward', 'reverse' or 'jsd', got '", name, "'");
+  return parse_divergence(name);
+}
+
+void check_jsd_beta(double beta) {
+  TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, "streamkl: beta must be in [0, 1] (0: forward KL, 1: reverse KL), got ",
+                    beta);
 }
 
 void check_attention_inputs(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
@@ -145,6 +158,14 @@ BackwardRowInputs prepare_backward_rows(const at::Tensor& q_s, const at::Tensor&
                     " (q_s's shape without its head dim)");
   return BackwardRowInputs{grad_kl.to(stats).contiguous(), kl.to(stats).contiguous(), lse_s.to(stats).contiguous(),
                            lse_t.to(stats).contiguous()};
+}
+
+at::Tensor prepare_jsd_stats(const at::Tensor& q_s, const at::Tensor& jsd_stats, at::ScalarType stats) {
+  std::vector<int64_t> shape(q_s.sizes().begin(), q_s.sizes().end() - 1);
+  shape.push_back(JsdRowStats<float>::kCount);
+  TORCH_CHECK_VALUE(jsd_stats.sizes() == at::IntArrayRef(shape), "streamkl: the JSD backward expects jsd_stats of shape ",
+                    at::IntArrayRef(shape), " (as returned by the forward), got ", jsd_stats.sizes());
+  return jsd_stats.to(stats).contiguous();
 }
 
 void set_backward_params(AttentionKLParams& p, const BackwardRowInputs& rows, at::Tensor& dq_s, at::Tensor& dk_s,

@@ -10,7 +10,12 @@
 
 namespace streamkl {
 
+// "forward" / "reverse": the KL divergences every op supports.
 Divergence parse_divergence(const std::string& name);
+// Also "jsd" (generalized JSD), for the ops that return its per-row statistics.
+Divergence parse_divergence_or_jsd(const std::string& name);
+// beta of the generalized JSD: finite and in [0, 1] (ValueError otherwise).
+void check_jsd_beta(double beta);
 
 // Which dimension of a q / k tensor holds what: padded [batch, heads, seq, head_dim] or varlen-packed
 // [total_tokens, heads, head_dim] (no batch dimension: sequences are delimited by cu_seqlens).
@@ -76,6 +81,10 @@ AttentionKLParams make_backward_params(const at::Tensor& q_s, const at::Tensor& 
                                        const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
                                        Divergence divergence, const BackwardRowInputs& rows, at::Tensor& dq_s,
                                        at::Tensor& dk_s, at::Tensor& dq_t, at::Tensor& dk_t, bool teacher_grad);
+// The JSD's per-row statistics saved by the forward: shape q_s.shape[:-1] + [4] (JsdRowStats), made contiguous
+// in the statistics dtype.
+at::Tensor prepare_jsd_stats(const at::Tensor& q_s, const at::Tensor& jsd_stats, at::ScalarType stats);
+
 // Adds the backward's per-row inputs and gradient outputs to forward parameters of either layout.
 void set_backward_params(AttentionKLParams& p, const BackwardRowInputs& rows, at::Tensor& dq_s, at::Tensor& dk_s,
                          at::Tensor& dq_t, at::Tensor& dk_t, bool teacher_grad, const TensorLayout& layout);
