@@ -30,36 +30,79 @@ def _check_tensor_basics(tensors, rank, shape_name, *, where):
         raise ValueError(f"{where}: inputs must be floating point, got {first.dtype}")
 
 
-def _check_key_heads_and_dims(q_s, k_s, q_t, k_t, *, head_dim, where):
-    """GQA/MQA head grouping and matching head dims of each side (dims given for the layout)."""
-    H = q_s.shape[head_dim]
+def _check_shapes(q_s, k_s, q_t, k_t, *, packed, teacher_head_group=1, where):
+    """Shapes of the four inputs in either layout (padded [B, H, N, D] or packed [total, H, D]): q_t like q_s
+    (with r times its heads for an aggregated teacher), each side's key heads dividing its query heads (GQA/MQA),
+    matching head dims, the same keys for both sides."""
+    seq, head = (0, 1) if packed else (2, 1)
+    H = q_s.shape[head]
+    expected = list(q_s.shape[:-1])
+    expected[head] = teacher_head_group * H
+    if list(q_t.shape[:-1]) != expected:
+        what = "total query tokens and heads" if packed else "batch, heads and query length"
+        raise ValueError(f"{where}: q_t must match q_s in {what}: expected "
+                         f"[{', '.join(map(str, expected))}, D_t], got {tuple(q_t.shape)}")
     for qn, kn, q, k in (("q_s", "k_s", q_s, k_s), ("q_t", "k_t", q_t, k_t)):
-        kv = k.shape[head_dim]
-        if (H % kv != 0) if kv > 0 else H != 0:
-            raise ValueError(f"{where}: {kn} has {kv} heads, which must divide the {H} query heads of "
+        if not packed and k.shape[0] != q.shape[0]:
+            raise ValueError(f"{where}: {kn} must have the batch of {qn}: expected "
+                             f"[{q.shape[0]}, H_kv, N_k, {q.shape[-1]}], got {tuple(k.shape)}")
+        heads, kv = q.shape[head], k.shape[head]
+        if (heads % kv != 0) if kv > 0 else heads != 0:
+            raise ValueError(f"{where}: {kn} has {kv} heads, which must divide the {heads} query heads of "
                              f"{qn} (GQA/MQA: contiguous groups of query heads share a key head); got shape "
                              f"{tuple(k.shape)}")
         if k.shape[-1] != q.shape[-1]:
             raise ValueError(f"{where}: {kn} must have the head dim of {qn} ({q.shape[-1]}), got "
                              f"{k.shape[-1]} (shape {tuple(k.shape)})")
-
-
-def check_attention_tensors(q_s, k_s, q_t, k_t, *, where):
-    """Types, ranks, dtypes, devices and shapes of the four padded attention inputs [B, H, N, D]."""
-    tensors = {"q_s": q_s, "k_s": k_s, "q_t": q_t, "k_t": k_t}
-    _check_tensor_basics(tensors, 4, "[batch, heads, seq, head_dim]", where=where)
-    B, H, Nq, _ = q_s.shape
-    if tuple(q_t.shape[:3]) != (B, H, Nq):
-        raise ValueError(f"{where}: q_t must match q_s in batch, heads and query length: expected "
-                         f"[{B}, {H}, {Nq}, D_t], got {tuple(q_t.shape)}")
-    for qn, kn, q, k in (("q_s", "k_s", q_s, k_s), ("q_t", "k_t", q_t, k_t)):
-        if k.shape[0] != B:
-            raise ValueError(f"{where}: {kn} must have the batch of {qn}: expected "
-                             f"[{B}, H_kv, N_k, {q.shape[3]}], got {tuple(k.shape)}")
-    _check_key_heads_and_dims(q_s, k_s, q_t, k_t, head_dim=1, where=where)
-    if k_s.shape[2] != k_t.shape[2]:
+    if k_s.shape[seq] != k_t.shape[seq]:
+        name = "total_k" if packed else "N_k"
         raise ValueError(f"{where}: student and teacher must attend over the same keys: k_s has "
-                         f"N_k={k_s.shape[2]} but k_t has N_k={k_t.shape[2]}")
+                         f"{name}={k_s.shape[seq]} but k_t has {name}={k_t.shape[seq]}")
+
+
+def check_attention_tensors(q_s, k_s, q_t, k_t, *, where, teacher_head_reduce="none"):
+    """Types, ranks, dtypes, devices and shapes of the four padded attention inputs [B, H, N, D].
+
+    With ``teacher_head_reduce="mean"`` the teacher has ``r * H`` query heads (returns r; 1 otherwise)."""
+    _check_tensor_basics({"q_s": q_s, "k_s": k_s, "q_t": q_t, "k_t": k_t}, 4, "[batch, heads, seq, head_dim]",
+                         where=where)
+    r = teacher_head_group(teacher_head_reduce, q_s.shape[1], q_t.shape[1], where=where)
+    _check_shapes(q_s, k_s, q_t, k_t, packed=False, teacher_head_group=r, where=where)
+    return r
+
+
+TEACHER_HEAD_REDUCTIONS = ("none", "mean")
+
+
+def teacher_head_group(teacher_head_reduce, student_heads, teacher_heads, *, where):
+    """r, the number of teacher heads averaged per student head: 1 for "none", H_t / H_s for "mean"."""
+    if teacher_head_reduce not in TEACHER_HEAD_REDUCTIONS:
+        raise ValueError(f"{where}: teacher_head_reduce must be one of {TEACHER_HEAD_REDUCTIONS}, got "
+                         f"{teacher_head_reduce!r}")
+    if teacher_head_reduce == "none":
+        return 1
+    if student_heads == 0:
+        return 1
+    if teacher_heads == 0 or teacher_heads % student_heads:
+        raise ValueError(f"{where}: teacher_head_reduce='mean' needs the {teacher_heads} teacher query heads of q_t "
+                         f"to be a positive multiple of the {student_heads} student heads of q_s")
+    return teacher_heads // student_heads
+
+
+def check_teacher_lse(teacher_lse, q_t, teacher_head_reduce, *, where):
+    """Optional precomputed teacher LSE ``[B, H_t, N_q]`` (with teacher_head_reduce="mean" only)."""
+    if teacher_lse is None:
+        return
+    if teacher_head_reduce != "mean":
+        raise ValueError(f"{where}: teacher_lse is the per-head LSE of an aggregated teacher: pass it with "
+                         f"teacher_head_reduce='mean'")
+    if not isinstance(teacher_lse, torch.Tensor):
+        raise TypeError(f"{where}: teacher_lse must be a torch.Tensor, got {type(teacher_lse).__name__}")
+    if tuple(teacher_lse.shape) != tuple(q_t.shape[:-1]) or not teacher_lse.dtype.is_floating_point:
+        raise ValueError(f"{where}: teacher_lse must be a floating-point tensor of shape {tuple(q_t.shape[:-1])} "
+                         f"(one LSE per teacher head and query), got {teacher_lse.dtype} {tuple(teacher_lse.shape)}")
+    if teacher_lse.device != q_t.device:
+        raise ValueError(f"{where}: teacher_lse must be on the device of q_t ({q_t.device}), got {teacher_lse.device}")
 
 
 def check_varlen_tensors(q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, where):
@@ -69,13 +112,7 @@ def check_varlen_tensors(q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k, max_seq
     the op on real data: reading them here would break torch.compile tracing."""
     _check_tensor_basics({"q_s": q_s, "k_s": k_s, "q_t": q_t, "k_t": k_t}, 3, "[total_tokens, heads, head_dim]",
                          where=where)
-    if tuple(q_t.shape[:2]) != tuple(q_s.shape[:2]):
-        raise ValueError(f"{where}: q_t must match q_s in total query tokens and heads: expected "
-                         f"[{q_s.shape[0]}, {q_s.shape[1]}, D_t], got {tuple(q_t.shape)}")
-    _check_key_heads_and_dims(q_s, k_s, q_t, k_t, head_dim=1, where=where)
-    if k_s.shape[0] != k_t.shape[0]:
-        raise ValueError(f"{where}: student and teacher must attend over the same keys: k_s has "
-                         f"total_k={k_s.shape[0]} but k_t has total_k={k_t.shape[0]}")
+    _check_shapes(q_s, k_s, q_t, k_t, packed=True, where=where)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(cu).__name__}")

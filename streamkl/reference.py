@@ -97,9 +97,10 @@ def kl_from_scores(s: torch.Tensor, t: torch.Tensor, *, allowed: Optional[torch.
 def attention_kl_reference(q_s, k_s, q_t, k_t, *, causal: bool = False, scale_s: Optional[float] = None,
                            scale_t: Optional[float] = None, divergence: str = "forward",
                            dtype: Optional[torch.dtype] = torch.float64, window_size=(-1, -1),
-                           beta: float = 0.5) -> torch.Tensor:
+                           beta: float = 0.5, teacher_head_reduce: str = "none") -> torch.Tensor:
     """Per-row divergence ``[B, H, N_q]`` computed by materializing both attention distributions
-    (``divergence`` "forward", "reverse" or "jsd" with ``beta``)."""
+    (``divergence`` "forward", "reverse" or "jsd" with ``beta``). ``teacher_head_reduce="mean"``: q_t has
+    ``r * H`` heads and each student head's target is the mean of its r teacher heads' attention."""
     scale_s = 1.0 / math.sqrt(q_s.shape[-1]) if scale_s is None else scale_s
     scale_t = 1.0 / math.sqrt(q_t.shape[-1]) if scale_t is None else scale_t
     if dtype is not None:
@@ -110,7 +111,20 @@ def attention_kl_reference(q_s, k_s, q_t, k_t, *, causal: bool = False, scale_s:
     s = scale_s * (q_s @ k_s.transpose(-1, -2))
     t = scale_t * (q_t @ k_t.transpose(-1, -2))
     allowed = attention_mask(s.shape[-2], s.shape[-1], s.device, causal=causal, window_size=window_size)
+    if teacher_head_reduce == "mean":
+        t = mean_head_log_probs(t, s.shape[1], allowed)
     return kl_from_scores(s, t, allowed=allowed, divergence=divergence, beta=beta)
+
+
+def mean_head_log_probs(t: torch.Tensor, heads: int, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    """Teacher scores ``[B, r*H, N_q, N_k]`` -> ``log((1/r) sum_g softmax(t_{h*r+g}))`` ``[B, H, N_q, N_k]``: the
+    head-mean attention in log space, usable as scores (its softmax is itself). Rows that see no key use every
+    key, like kl_from_scores, so they stay finite."""
+    if allowed is not None:
+        t = t.masked_fill(~(allowed | ~allowed.any(-1, keepdim=True)), float("-inf"))
+    log_p = torch.log_softmax(_widen(t), dim=-1)
+    B, Ht, Nq, Nk = log_p.shape
+    return torch.logsumexp(log_p.view(B, heads, Ht // heads, Nq, Nk), dim=2) - math.log(Ht // heads)
 
 
 def attention_kl_varlen_reference(q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k, *, causal: bool = False,

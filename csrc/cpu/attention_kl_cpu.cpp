@@ -40,8 +40,10 @@ struct ForwardOutputs {
   at::Tensor jsd_stats;  // [rows..., 4] for the JSD, [0] otherwise
 };
 
-// Per-row outputs shaped like q_s without its head dim, then the kernel (unless there is no row at all).
-ForwardOutputs run_forward(AttentionKLParams& p, const CpuInputs& in) {
+// Per-row outputs shaped like q_s without its head dim (lse_t like q_t's: an aggregated teacher has more heads),
+// then the kernel (unless there is no row at all). teacher_lse: the teacher's LSEs given by the caller, or
+// undefined.
+ForwardOutputs run_forward(AttentionKLParams& p, const CpuInputs& in, const at::Tensor& teacher_lse = at::Tensor()) {
   const auto opts = in.q_s.options().dtype(in.stats());
   const at::IntArrayRef rows = in.q_s.sizes().slice(0, in.q_s.dim() - 1);
   std::vector<int64_t> stats_shape = {0};
@@ -49,8 +51,12 @@ ForwardOutputs run_forward(AttentionKLParams& p, const CpuInputs& in) {
     stats_shape.assign(rows.begin(), rows.end());
     stats_shape.push_back(JsdRowStats<float>::kCount);
   }
-  ForwardOutputs out{at::empty(rows, opts), at::empty(rows, opts), at::empty(rows, opts),
-                     at::empty(stats_shape, opts)};
+  ForwardOutputs out{at::empty(rows, opts), at::empty(rows, opts),
+                     at::empty(in.q_t.sizes().slice(0, in.q_t.dim() - 1), opts), at::empty(stats_shape, opts)};
+  if (teacher_lse.defined()) {
+    out.lse_t.copy_(teacher_lse);  // a copy: an op output must not alias an input
+    p.teacher_lse_ready = true;
+  }
   if (out.kl.numel() == 0) return out;
   p.kl = out.kl.data_ptr();
   p.lse_student = out.lse_s.data_ptr();
@@ -86,17 +92,55 @@ Gradients run_backward(AttentionKLParams& p, const CpuInputs& in, const Backward
   return {dq_s.to(dt), dk_s.to(dt), dq_t.to(dt), dk_t.to(dt)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cpu(const at::Tensor& q_s_in, const at::Tensor& k_s_in,
-                                                                     const at::Tensor& q_t_in, const at::Tensor& k_t_in,
-                                                                     double scale_s, double scale_t, bool causal,
-                                                                     c10::string_view divergence, int64_t window_left,
-                                                                     int64_t window_right) {
-  const OpOptions options = check_op_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal,
-                                                std::string(divergence), window_left, window_right);
-  const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
+// Padded layout: the checks every padded op shares (tensors, mask, teacher heads) and its parameters.
+struct PaddedCall {
+  MaskOptions mask;
+  int64_t teacher_head_group;  // r: teacher heads averaged per student head (1: none)
+};
+
+PaddedCall check_padded_call(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
+                             double scale_s, double scale_t, bool causal, int64_t window_left, int64_t window_right,
+                             c10::string_view teacher_head_reduce) {
+  const int64_t r = parse_teacher_head_reduce(std::string(teacher_head_reduce), q_s, q_t);
+  check_attention_inputs(q_s, k_s, q_t, k_t, scale_s, scale_t, kPaddedLayout, r);
+  return PaddedCall{check_mask_options(causal, window_left, window_right), r};
+}
+
+AttentionKLParams make_padded_params(const CpuInputs& in, const PaddedCall& call, double scale_s, double scale_t,
+                                     Divergence divergence) {
   AttentionKLParams p =
-      make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, options.mask, options.divergence);
-  const ForwardOutputs out = run_forward(p, in);
+      make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, call.mask, divergence);
+  p.teacher_head_group = static_cast<int>(call.teacher_head_group);
+  return p;
+}
+
+// teacher_lse (optional) goes with an aggregated teacher ("mean"), whose per-head LSEs it replaces.
+at::Tensor checked_teacher_lse(const c10::optional<at::Tensor>& teacher_lse, c10::string_view teacher_head_reduce,
+                               const CpuInputs& in) {
+  if (!teacher_lse.has_value()) return at::Tensor();
+  TORCH_CHECK_VALUE(teacher_head_reduce == "mean",
+                    "streamkl: teacher_lse is the per-head LSE of an aggregated teacher: pass it with "
+                    "teacher_head_reduce='mean'");
+  return prepare_teacher_lse(*teacher_lse, in.q_t, in.stats());
+}
+
+// Teacher gradients through the head mean need per-teacher-head row sums (another pass): not supported.
+void refuse_aggregated_teacher_grad(const PaddedCall& call, bool teacher_grad) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!(teacher_grad && call.teacher_head_group > 1),
+                              "streamkl: gradients to an aggregated teacher (teacher_head_reduce='mean') are not "
+                              "supported; detach q_t and k_t (the teacher is a fixed target)");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cpu(
+    const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in,
+    double scale_s, double scale_t, bool causal, c10::string_view divergence, int64_t window_left,
+    int64_t window_right, c10::string_view teacher_head_reduce, const c10::optional<at::Tensor>& teacher_lse) {
+  const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
+                                            window_right, teacher_head_reduce);
+  const Divergence div = parse_divergence(std::string(divergence));
+  const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
+  AttentionKLParams p = make_padded_params(in, call, scale_s, scale_t, div);
+  const ForwardOutputs out = run_forward(p, in, checked_teacher_lse(teacher_lse, teacher_head_reduce, in));
   return {out.kl, out.lse_s, out.lse_t};
 }
 
@@ -104,27 +148,29 @@ Gradients attention_kl_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& q_s_
                                const at::Tensor& q_t_in, const at::Tensor& k_t_in, const at::Tensor& kl,
                                const at::Tensor& lse_s, const at::Tensor& lse_t, double scale_s, double scale_t,
                                bool causal, c10::string_view divergence, bool teacher_grad, int64_t window_left,
-                               int64_t window_right) {
-  const OpOptions options = check_op_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal,
-                                                std::string(divergence), window_left, window_right);
+                               int64_t window_right, c10::string_view teacher_head_reduce) {
+  const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
+                                            window_right, teacher_head_reduce);
+  const Divergence div = parse_divergence(std::string(divergence));
+  refuse_aggregated_teacher_grad(call, teacher_grad);
   const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, grad_kl, kl, lse_s, lse_t, in.stats());
-  AttentionKLParams p =
-      make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, options.mask, options.divergence);
+  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, in.q_t, grad_kl, kl, lse_s, lse_t, in.stats());
+  AttentionKLParams p = make_padded_params(in, call, scale_s, scale_t, div);
   return run_backward(p, in, rows, at::Tensor(), teacher_grad, kPaddedLayout);
 }
 
 // The generalized JSD on the padded layout: the KL ops' outputs plus the per-row statistics.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_jsd_fwd_cpu(
     const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in,
-    double scale_s, double scale_t, bool causal, double beta, int64_t window_left, int64_t window_right) {
-  check_attention_inputs(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t);
-  const MaskOptions mask = check_mask_options(causal, window_left, window_right);
+    double scale_s, double scale_t, bool causal, double beta, int64_t window_left, int64_t window_right,
+    c10::string_view teacher_head_reduce, const c10::optional<at::Tensor>& teacher_lse) {
+  const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
+                                            window_right, teacher_head_reduce);
   check_jsd_beta(beta);
   const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  AttentionKLParams p = make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, mask, Divergence::kJsd);
+  AttentionKLParams p = make_padded_params(in, call, scale_s, scale_t, Divergence::kJsd);
   p.beta = beta;
-  const ForwardOutputs out = run_forward(p, in);
+  const ForwardOutputs out = run_forward(p, in, checked_teacher_lse(teacher_lse, teacher_head_reduce, in));
   return {out.kl, out.lse_s, out.lse_t, out.jsd_stats};
 }
 
@@ -132,13 +178,14 @@ Gradients attention_jsd_bwd_cpu(const at::Tensor& grad_jsd, const at::Tensor& q_
                                 const at::Tensor& q_t_in, const at::Tensor& k_t_in, const at::Tensor& jsd,
                                 const at::Tensor& lse_s, const at::Tensor& lse_t, const at::Tensor& jsd_stats,
                                 double scale_s, double scale_t, bool causal, double beta, bool teacher_grad,
-                                int64_t window_left, int64_t window_right) {
-  check_attention_inputs(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t);
-  const MaskOptions mask = check_mask_options(causal, window_left, window_right);
+                                int64_t window_left, int64_t window_right, c10::string_view teacher_head_reduce) {
+  const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
+                                            window_right, teacher_head_reduce);
   check_jsd_beta(beta);
+  refuse_aggregated_teacher_grad(call, teacher_grad);
   const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, grad_jsd, jsd, lse_s, lse_t, in.stats());
-  AttentionKLParams p = make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, mask, Divergence::kJsd);
+  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, in.q_t, grad_jsd, jsd, lse_s, lse_t, in.stats());
+  AttentionKLParams p = make_padded_params(in, call, scale_s, scale_t, Divergence::kJsd);
   p.beta = beta;
   return run_backward(p, in, rows, jsd_stats, teacher_grad, kPaddedLayout);
 }

@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <utility>
 #include <vector>
 
 #include "../kernels/attention_mask.h"
@@ -67,13 +66,15 @@ void score_tile(const SideSlice<T>& side, int row0, int rows, int key0, int cols
     for (int c = 0; c < cols; ++c) scores[r * kKeyTile + c] *= side.scale;
 }
 
-// Per-task scratch: two score tiles and one transposed key tile sized for the wider side.
+// Per-task scratch: two score tiles, one transposed key tile sized for the wider side, and one more tile for
+// a teacher head being folded into an aggregated teacher.
 template <typename T>
 struct TileScratch {
-  std::vector<T> student_scores, teacher_scores, key_t, grad_t;
+  std::vector<T> student_scores, teacher_scores, key_t, grad_t, head_scores;
   explicit TileScratch(int max_dim)
       : student_scores(kRowBlock * kKeyTile), teacher_scores(kRowBlock * kKeyTile),
-        key_t(static_cast<size_t>(max_dim) * kKeyTile), grad_t(kKeyTile * kRowBlock) {}
+        key_t(static_cast<size_t>(max_dim) * kKeyTile), grad_t(kKeyTile * kRowBlock),
+        head_scores(kRowBlock * kKeyTile) {}
 };
 
 // Columns [begin, end) of a tile of keys [key0, key0 + cols) that a row with allowed keys `keys` may see.
@@ -82,48 +83,108 @@ inline KeyRange tile_columns(const KeyRange& keys, int key0, int cols) {
   return KeyRange{begin, std::max(std::min(keys.end - key0, cols), begin)};
 }
 
-// Turns a tile of scores into log-probabilities: row r minus its log-sum-exp.
+// The sweep every row-block pass shares: for each tile of the keys rows [row0, row0 + rows) may see,
+// tile(key0, cols) computes what the pass needs, then row(r, columns) runs for each row that sees at least one
+// key of the tile (columns: its allowed part of the tile).
+template <typename TileFn, typename RowFn>
+void sweep_key_tiles(const AttentionMask& mask, int row0, int rows, TileFn&& tile, RowFn&& row) {
+  const KeyRange block_keys = mask.keys_for_rows(row0, row0 + rows);
+  for (int key0 = block_keys.begin; key0 < block_keys.end; key0 += kKeyTile) {
+    const int cols = std::min(kKeyTile, block_keys.end - key0);
+    tile(key0, cols);
+    for (int r = 0; r < rows; ++r) {
+      const KeyRange columns = tile_columns(mask.keys_for_row(row0 + r), key0, cols);
+      if (!columns.empty()) row(r, columns);
+    }
+  }
+}
+
 template <typename T>
-void subtract_row_lse(const AttentionKLParams& p, const T* lse, int b, int h, int row0, int rows, int cols, T* tile) {
+T row_max(const T* x, int n) {
+  T m = neg_infinity<T>();
+  for (int c = 0; c < n; ++c) m = max_of(m, x[c]);
+  return m;
+}
+
+// Turns a tile of scores into log-probabilities: row r minus its log-sum-exp, read from `lse` at
+// row_index_for_heads(b, h, row, heads).
+template <typename T>
+void subtract_row_lse(const AttentionKLParams& p, const T* lse, int b, int h, int heads, int row0, int rows, int cols,
+                      T* tile) {
   for (int r = 0; r < rows; ++r) {
-    const T row_lse = lse[p.row_index(b, h, row0 + r)];
+    const T row_lse = lse[p.row_index_for_heads(b, h, row0 + r, heads)];
     for (int c = 0; c < cols; ++c) tile[r * kKeyTile + c] -= row_lse;
   }
 }
+
+// The teacher's side of student head h. Without aggregation, the score tile of teacher head h (raw scores,
+// or log-probabilities when `normalized`); with r teacher heads per student head, always the log of the mean
+// of their probabilities, log pbar (which needs their LSEs, in lse_teacher, first). Rows or keys a row cannot
+// see hold garbage: consumers read only each row's allowed columns.
+template <typename T>
+struct TeacherTiles {
+  const AttentionKLParams& p;
+  int b, h;
+  AttentionKLParams::Sequence seq;
+  SideSlice<T> single;  // teacher head h when not aggregated
+
+  TeacherTiles(const AttentionKLParams& params, int b_, int h_)
+      : p(params), b(b_), h(h_), seq(params.sequence(b_)),
+        single(SideSlice<T>::make(params.teacher, b_, h_, params.num_teacher_heads(), seq)) {}
+
+  bool aggregated() const { return p.teacher_head_group > 1; }
+  // Whether fill() returns log-probabilities (a row's teacher LSE is then 0).
+  bool normalized_output(bool normalized) const { return normalized || aggregated(); }
+
+  void fill(int row0, int rows, int key0, int cols, TileScratch<T>& scratch, bool normalized) const {
+    T* out = scratch.teacher_scores.data();
+    const T* lse = static_cast<const T*>(p.lse_teacher);
+    const int heads = p.num_teacher_heads();
+    if (!aggregated()) {
+      score_tile(single, row0, rows, key0, cols, scratch.key_t.data(), out);
+      if (normalized) subtract_row_lse(p, lse, b, h, heads, row0, rows, cols, out);
+      return;
+    }
+    const int r = p.teacher_head_group;
+    T* head = scratch.head_scores.data();
+    for (int g = 0; g < r; ++g) {
+      const SideSlice<T> slice = SideSlice<T>::make(p.teacher, b, h * r + g, heads, seq);
+      score_tile(slice, row0, rows, key0, cols, scratch.key_t.data(), g == 0 ? out : head);
+      subtract_row_lse(p, lse, b, h * r + g, heads, row0, rows, cols, g == 0 ? out : head);
+      if (g == 0) continue;
+      for (int i = 0; i < rows; ++i)
+        for (int c = 0; c < cols; ++c)
+          out[i * kKeyTile + c] = log_add_exp<T, CpuBase<T>>(out[i * kKeyTile + c], head[i * kKeyTile + c]);
+    }
+    for (int i = 0; i < rows; ++i)
+      for (int c = 0; c < cols; ++c) out[i * kKeyTile + c] = log_mean_from_log_sum<T, CpuBase<T>>(out[i * kKeyTile + c], r);
+  }
+};
 
 template <typename T>
 void attention_kl_forward(const AttentionKLParams& p, int b, int h, int row0, int rows, TileScratch<T>& scratch) {
   const AttentionKLParams::Sequence seq = p.sequence(b);
   const SideSlice<T> student = SideSlice<T>::make(p.student, b, h, p.num_heads, seq);
-  const SideSlice<T> teacher = SideSlice<T>::make(p.teacher, b, h, p.num_heads, seq);
+  const TeacherTiles<T> teacher(p, b, h);
   const AttentionMask mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
   const bool teacher_weights = teacher_is_weighting_side(p.divergence);
 
   OnlineKLState<T, CpuBase<T>> state[kRowBlock];
   for (int r = 0; r < rows; ++r) state[r].init();
-
-  const KeyRange block_keys = mask.keys_for_rows(row0, row0 + rows);
-  for (int key0 = block_keys.begin; key0 < block_keys.end; key0 += kKeyTile) {
-    const int cols = std::min(kKeyTile, block_keys.end - key0);
-    score_tile(student, row0, rows, key0, cols, scratch.key_t.data(), scratch.student_scores.data());
-    score_tile(teacher, row0, rows, key0, cols, scratch.key_t.data(), scratch.teacher_scores.data());
-    for (int r = 0; r < rows; ++r) {
-      const KeyRange columns = tile_columns(mask.keys_for_row(row0 + r), key0, cols);
-      const int c_begin = columns.begin, c_end = columns.end;
-      if (columns.empty()) continue;
-      const T* w = (teacher_weights ? scratch.teacher_scores : scratch.student_scores).data() + r * kKeyTile + c_begin;
-      const T* o = (teacher_weights ? scratch.student_scores : scratch.teacher_scores).data() + r * kKeyTile + c_begin;
-      const int n = c_end - c_begin;
-      T max_w = neg_infinity<T>(), max_o = neg_infinity<T>();
-      for (int c = 0; c < n; ++c) {
-        max_w = max_of(max_w, w[c]);
-        max_o = max_of(max_o, o[c]);
-      }
-      state[r].rescale(max_w, max_o);
-      const ExpSums<T> sums = exp_sums(w, o, n, state[r].max_w, state[r].max_o);
-      state[r].add_sums(sums.sum_w, sums.sum_o, sums.acc);
-    }
-  }
+  sweep_key_tiles(
+      mask, row0, rows,
+      [&](int key0, int cols) {
+        score_tile(student, row0, rows, key0, cols, scratch.key_t.data(), scratch.student_scores.data());
+        teacher.fill(row0, rows, key0, cols, scratch, /*normalized=*/false);  // log pbar when aggregated
+      },
+      [&](int r, const KeyRange& columns) {
+        const T* w = (teacher_weights ? scratch.teacher_scores : scratch.student_scores).data() + r * kKeyTile;
+        const T* o = (teacher_weights ? scratch.student_scores : scratch.teacher_scores).data() + r * kKeyTile;
+        const int n = columns.end - columns.begin;
+        state[r].rescale(row_max(w + columns.begin, n), row_max(o + columns.begin, n));
+        const ExpSums<T> sums = exp_sums(w + columns.begin, o + columns.begin, n, state[r].max_w, state[r].max_o);
+        state[r].add_sums(sums.sum_w, sums.sum_o, sums.acc);
+      });
 
   T* kl = static_cast<T*>(p.kl);
   T* lse_s = static_cast<T*>(p.lse_student);
@@ -132,36 +193,32 @@ void attention_kl_forward(const AttentionKLParams& p, int b, int h, int row0, in
     const int64_t idx = p.row_index(b, h, row0 + r);
     kl[idx] = state[r].divergence();
     lse_s[idx] = teacher_weights ? state[r].lse_o() : state[r].lse_w();
-    lse_t[idx] = teacher_weights ? state[r].lse_w() : state[r].lse_o();
+    // An aggregated teacher's lse_teacher holds its per-head LSEs (inputs of this pass), not this row's.
+    if (!teacher.aggregated()) lse_t[idx] = teacher_weights ? state[r].lse_w() : state[r].lse_o();
   }
 }
 
-// Pass 1 of the two-pass divergences: the log-sum-exp of one side's rows [row0, row0 + rows) of head h,
-// written at row_index into `lse`.
+// Pass 1 of the two-pass divergences: the log-sum-exp of one side's rows [row0, row0 + rows) of head h (of
+// `heads` query heads), written at row_index_for_heads into `lse`.
 template <typename T>
-void side_lse_rows(const AttentionKLParams& p, const AttentionSide& side, int b, int h, int row0, int rows, T* lse,
-                   TileScratch<T>& scratch) {
+void side_lse_rows(const AttentionKLParams& p, const AttentionSide& side, int heads, int b, int h, int row0, int rows,
+                   T* lse, TileScratch<T>& scratch) {
   const AttentionKLParams::Sequence seq = p.sequence(b);
-  const SideSlice<T> slice = SideSlice<T>::make(side, b, h, p.num_heads, seq);
+  const SideSlice<T> slice = SideSlice<T>::make(side, b, h, heads, seq);
   const AttentionMask mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
   OnlineLSE<T, CpuBase<T>> state[kRowBlock];
   for (int r = 0; r < rows; ++r) state[r].init();
-  const KeyRange block_keys = mask.keys_for_rows(row0, row0 + rows);
-  for (int key0 = block_keys.begin; key0 < block_keys.end; key0 += kKeyTile) {
-    const int cols = std::min(kKeyTile, block_keys.end - key0);
-    score_tile(slice, row0, rows, key0, cols, scratch.key_t.data(), scratch.student_scores.data());
-    for (int r = 0; r < rows; ++r) {
-      const KeyRange columns = tile_columns(mask.keys_for_row(row0 + r), key0, cols);
-      if (columns.empty()) continue;
-      const T* x = scratch.student_scores.data() + r * kKeyTile + columns.begin;
-      const int n = columns.end - columns.begin;
-      T tile_max = neg_infinity<T>();
-      for (int c = 0; c < n; ++c) tile_max = max_of(tile_max, x[c]);
-      state[r].rescale(tile_max);
-      state[r].add_sum(exp_sum(x, n, state[r].max));
-    }
-  }
-  for (int r = 0; r < rows; ++r) lse[p.row_index(b, h, row0 + r)] = state[r].lse();
+  T* scores = scratch.student_scores.data();
+  sweep_key_tiles(
+      mask, row0, rows,
+      [&](int key0, int cols) { score_tile(slice, row0, rows, key0, cols, scratch.key_t.data(), scores); },
+      [&](int r, const KeyRange& columns) {
+        const T* x = scores + r * kKeyTile + columns.begin;
+        const int n = columns.end - columns.begin;
+        state[r].rescale(row_max(x, n));
+        state[r].add_sum(exp_sum(x, n, state[r].max));
+      });
+  for (int r = 0; r < rows; ++r) lse[p.row_index_for_heads(b, h, row0 + r, heads)] = state[r].lse();
 }
 
 // Pass 2 of the generalized JSD for rows [row0, row0 + rows) of head h: the row sums from both sides'
@@ -170,26 +227,25 @@ template <typename T>
 void jsd_forward(const AttentionKLParams& p, int b, int h, int row0, int rows, TileScratch<T>& scratch) {
   const AttentionKLParams::Sequence seq = p.sequence(b);
   const SideSlice<T> student = SideSlice<T>::make(p.student, b, h, p.num_heads, seq);
-  const SideSlice<T> teacher = SideSlice<T>::make(p.teacher, b, h, p.num_heads, seq);
+  const TeacherTiles<T> teacher(p, b, h);
   const AttentionMask mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
   const JsdWeights<T> weights = JsdWeights<T>::from_beta(static_cast<T>(p.beta));
   JsdRowSums<T> sums[kRowBlock];
   for (int r = 0; r < rows; ++r) sums[r].init();
-  const KeyRange block_keys = mask.keys_for_rows(row0, row0 + rows);
-  for (int key0 = block_keys.begin; key0 < block_keys.end; key0 += kKeyTile) {
-    const int cols = std::min(kKeyTile, block_keys.end - key0);
-    score_tile(student, row0, rows, key0, cols, scratch.key_t.data(), scratch.student_scores.data());
-    score_tile(teacher, row0, rows, key0, cols, scratch.key_t.data(), scratch.teacher_scores.data());
-    subtract_row_lse(p, static_cast<const T*>(p.lse_student), b, h, row0, rows, cols, scratch.student_scores.data());
-    subtract_row_lse(p, static_cast<const T*>(p.lse_teacher), b, h, row0, rows, cols, scratch.teacher_scores.data());
-    for (int r = 0; r < rows; ++r) {
-      const KeyRange columns = tile_columns(mask.keys_for_row(row0 + r), key0, cols);
-      const T* log_p_s = scratch.student_scores.data() + r * kKeyTile;
-      const T* log_p_t = scratch.teacher_scores.data() + r * kKeyTile;
-      for (int c = columns.begin; c < columns.end; ++c)
-        jsd_add_key<T, CpuBase<T>>(sums[r], log_p_t[c], log_p_s[c], weights);
-    }
-  }
+  sweep_key_tiles(
+      mask, row0, rows,
+      [&](int key0, int cols) {
+        score_tile(student, row0, rows, key0, cols, scratch.key_t.data(), scratch.student_scores.data());
+        subtract_row_lse(p, static_cast<const T*>(p.lse_student), b, h, p.num_heads, row0, rows, cols,
+                         scratch.student_scores.data());
+        teacher.fill(row0, rows, key0, cols, scratch, /*normalized=*/true);
+      },
+      [&](int r, const KeyRange& columns) {
+        const T* log_p_s = scratch.student_scores.data() + r * kKeyTile;
+        const T* log_p_t = scratch.teacher_scores.data() + r * kKeyTile;
+        for (int c = columns.begin; c < columns.end; ++c)
+          jsd_add_key<T, CpuBase<T>>(sums[r], log_p_t[c], log_p_s[c], weights);
+      });
   for (int r = 0; r < rows; ++r) {
     const int64_t idx = p.row_index(b, h, row0 + r);
     const JsdRowStats<T> stats = JsdRowStats<T>::template finalize<CpuBase<T>>(sums[r]);
@@ -215,11 +271,12 @@ void jsd_grads_row(const AttentionKLParams& p, int64_t idx, T* s, T* t, int n, T
 // Gradient tiles dD/ds and dD/dt (times the row's incoming gradient) for rows [row0, row0+rows) x keys
 // [key0, key0+cols), written over the score buffers; masked entries become 0.
 template <typename T>
-void gradient_tiles(const AttentionKLParams& p, const SideSlice<T>& student, const SideSlice<T>& teacher,
+void gradient_tiles(const AttentionKLParams& p, const SideSlice<T>& student, const TeacherTiles<T>& teacher,
                     const AttentionMask& mask, int b, int h, int row0, int rows, int key0, int cols,
                     TileScratch<T>& scratch) {
   score_tile(student, row0, rows, key0, cols, scratch.key_t.data(), scratch.student_scores.data());
-  score_tile(teacher, row0, rows, key0, cols, scratch.key_t.data(), scratch.teacher_scores.data());
+  teacher.fill(row0, rows, key0, cols, scratch, /*normalized=*/false);
+  const bool teacher_normalized = teacher.normalized_output(false);  // log pbar: its row LSE is 0
   const bool teacher_weights = teacher_is_weighting_side(p.divergence);
   const T* kl = static_cast<const T*>(p.kl);
   const T* lse_s = static_cast<const T*>(p.lse_student);
@@ -233,12 +290,13 @@ void gradient_tiles(const AttentionKLParams& p, const SideSlice<T>& student, con
     const int c_begin = columns.begin, c_end = columns.end;
     for (int c = 0; c < c_begin; ++c) s[c] = t[c] = T(0);  // masked keys get no gradient
     for (int c = c_end; c < cols; ++c) s[c] = t[c] = T(0);
+    const T row_lse_t = teacher_normalized ? T(0) : lse_t[idx];
     if (p.divergence == Divergence::kJsd) {
-      jsd_grads_row(p, idx, s + c_begin, t + c_begin, c_end - c_begin, lse_s[idx], lse_t[idx], grad_kl[idx]);
+      jsd_grads_row(p, idx, s + c_begin, t + c_begin, c_end - c_begin, lse_s[idx], row_lse_t, grad_kl[idx]);
       continue;
     }
-    const T lse_w = teacher_weights ? lse_t[idx] : lse_s[idx];
-    const T lse_o = teacher_weights ? lse_s[idx] : lse_t[idx];
+    const T lse_w = teacher_weights ? row_lse_t : lse_s[idx];
+    const T lse_o = teacher_weights ? lse_s[idx] : row_lse_t;
     score_grads_row(s + c_begin, t + c_begin, c_end - c_begin, teacher_weights, lse_w, lse_o, kl[idx], grad_kl[idx]);
   }
 }
@@ -278,7 +336,7 @@ template <typename T>
 void attention_kl_backward_dq(const AttentionKLParams& p, int b, int h, int row0, int rows, TileScratch<T>& scratch) {
   const AttentionKLParams::Sequence seq = p.sequence(b);
   const SideSlice<T> student = SideSlice<T>::make(p.student, b, h, p.num_heads, seq);
-  const SideSlice<T> teacher = SideSlice<T>::make(p.teacher, b, h, p.num_heads, seq);
+  const TeacherTiles<T> teacher(p, b, h);
   const AttentionMask mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
   T* dq_s = side_dq_ptr<T>(p.student, b, h, seq);
   T* dq_t = p.teacher_grad ? side_dq_ptr<T>(p.teacher, b, h, seq) : nullptr;
@@ -288,7 +346,8 @@ void attention_kl_backward_dq(const AttentionKLParams& p, int b, int h, int row0
     gradient_tiles(p, student, teacher, mask, b, h, row0, rows, key0, cols, scratch);
     accumulate_dq(student, dq_s, p.student.dq_row_stride, row0, rows, key0, cols, scratch.student_scores.data());
     if (dq_t)
-      accumulate_dq(teacher, dq_t, p.teacher.dq_row_stride, row0, rows, key0, cols, scratch.teacher_scores.data());
+      accumulate_dq(teacher.single, dq_t, p.teacher.dq_row_stride, row0, rows, key0, cols,
+                    scratch.teacher_scores.data());
   }
 }
 
@@ -311,7 +370,7 @@ void attention_kl_backward_dk(const AttentionKLParams& p, int b, int kv_head, Dk
   T* dk_t = teacher ? side_dk_ptr<T>(p.teacher, b, kv_head, seq) : nullptr;
   for (int h = kv_head * group; h < (kv_head + 1) * group; ++h) {
     const SideSlice<T> student_slice = SideSlice<T>::make(p.student, b, h, p.num_heads, seq);
-    const SideSlice<T> teacher_slice = SideSlice<T>::make(p.teacher, b, h, p.num_heads, seq);
+    const TeacherTiles<T> teacher_slice(p, b, h);
     for (int row0 = 0; row0 < seq.seqlen_q; row0 += kRowBlock) {
       const int rows = std::min(kRowBlock, seq.seqlen_q - row0);
       const KeyRange block_keys = mask.keys_for_rows(row0, row0 + rows);
@@ -321,7 +380,7 @@ void attention_kl_backward_dk(const AttentionKLParams& p, int b, int kv_head, Dk
         accumulate_dk(student_slice, dk_s, p.student.dk_row_stride, row0, rows, key0, cols,
                       scratch.student_scores.data(), scratch.grad_t.data());
       if (dk_t)
-        accumulate_dk(teacher_slice, dk_t, p.teacher.dk_row_stride, row0, rows, key0, cols,
+        accumulate_dk(teacher_slice.single, dk_t, p.teacher.dk_row_stride, row0, rows, key0, cols,
                       scratch.teacher_scores.data(), scratch.grad_t.data());
     }
   }
@@ -354,25 +413,29 @@ inline int query_length(const AttentionKLParams::Sequence& s) { return s.seqlen_
 inline int key_length(const AttentionKLParams::Sequence& s) { return s.seqlen_k; }
 
 // Entry points.
-// Forward: KL in one pass (online core); the generalized JSD in two (both LSEs, then the mixture terms).
+// Forward: KL in one pass (online core); the generalized JSD and aggregated teachers in two (LSEs, then the
+// divergence).
 template <typename T, typename ParallelFor>
 void run_attention_kl_forward(const AttentionKLParams& p, ParallelFor&& parallel_for) {
-  if (p.divergence != Divergence::kJsd) {
-    for_each_block<T>(p, p.num_heads, p.seqlen_q, kRowBlock, parallel_for, query_length,
+  const bool jsd = p.divergence == Divergence::kJsd;
+  auto lse_pass = [&](const AttentionSide& side, int heads, void* lse) {
+    for_each_block<T>(p, heads, p.seqlen_q, kRowBlock, parallel_for, query_length,
                       [&](int b, int h, int row0, int rows, TileScratch<T>& scratch) {
-                        attention_kl_forward<T>(p, b, h, row0, rows, scratch);
+                        side_lse_rows<T>(p, side, heads, b, h, row0, rows, static_cast<T*>(lse), scratch);
                       });
-    return;
-  }
-  const std::pair<const AttentionSide*, void*> sides[] = {{&p.student, p.lse_student}, {&p.teacher, p.lse_teacher}};
-  for (const auto& side : sides)
-    for_each_block<T>(p, p.num_heads, p.seqlen_q, kRowBlock, parallel_for, query_length,
-                      [&](int b, int h, int row0, int rows, TileScratch<T>& scratch) {
-                        side_lse_rows<T>(p, *side.first, b, h, row0, rows, static_cast<T*>(side.second), scratch);
-                      });
+  };
+  // Pass 1: what the divergence pass needs to know first. The JSD's mixture needs both sides normalized; an
+  // aggregated teacher needs its heads' LSEs (unless the caller gave them).
+  if ((jsd || p.teacher_head_group > 1) && !p.teacher_lse_ready)
+    lse_pass(p.teacher, p.num_teacher_heads(), p.lse_teacher);
+  if (jsd) lse_pass(p.student, p.num_heads, p.lse_student);
+  // Pass 2 (the only one for a plain KL): the divergence.
   for_each_block<T>(p, p.num_heads, p.seqlen_q, kRowBlock, parallel_for, query_length,
                     [&](int b, int h, int row0, int rows, TileScratch<T>& scratch) {
-                      jsd_forward<T>(p, b, h, row0, rows, scratch);
+                      if (jsd)
+                        jsd_forward<T>(p, b, h, row0, rows, scratch);
+                      else
+                        attention_kl_forward<T>(p, b, h, row0, rows, scratch);
                     });
 }
 

@@ -61,6 +61,15 @@ struct AttentionKLParams {
   double beta = 0.5;
   void* jsd_stats = nullptr;
 
+  // Head-aggregated teacher (teacher_head_reduce="mean"): the teacher has num_heads * teacher_head_group query
+  // heads, and student head h is compared with the mean of the attention probabilities of teacher heads
+  // h * r .. h * r + r - 1 (r = teacher_head_group; 1 = one teacher head per student head, no aggregation).
+  // Kernels then need the teacher's per-head LSEs first: lse_teacher is [B, H * r, N_q] (teacher_row_index),
+  // an input of the divergence pass, computed by a pass of its own unless teacher_lse_ready (the caller filled
+  // it, e.g. from a FlashAttention forward with the same scale).
+  int teacher_head_group = 1;
+  bool teacher_lse_ready = false;
+
   // Per-row outputs of the forward (inputs of the backward); contiguous [B, H, N_q].
   // Element type is float, or double for float64 inputs on the CPU.
   void* kl = nullptr;
@@ -88,6 +97,11 @@ struct AttentionKLParams {
 
   // Index of row i of head h of sequence b in the per-row outputs: [B, H, N_q] padded, [total_q, H] varlen.
   SKL_HOST_DEVICE int64_t row_index(int b, int h, int i) const { return row_index_for_heads(b, h, i, num_heads); }
+  SKL_HOST_DEVICE int num_teacher_heads() const { return num_heads * teacher_head_group; }
+  // Row i of teacher head h_t of sequence b in lse_teacher (== row_index when the teacher is not aggregated).
+  SKL_HOST_DEVICE int64_t teacher_row_index(int b, int h_t, int i) const {
+    return row_index_for_heads(b, h_t, i, num_teacher_heads());
+  }
   // Same for per-row tensors with `heads` heads ([B, heads, N_q] / [total_q, heads]).
   SKL_HOST_DEVICE int64_t row_index_for_heads(int b, int h, int i, int heads) const {
     if (cu_seqlens_q != nullptr) return (static_cast<int64_t>(cu_seqlens_q[b]) + i) * heads + h;

@@ -283,4 +283,11 @@ SKL_HOST_DEVICE void jsd_score_grads(T log_p_t, T log_p_s, const JsdRowStats<T>&
   grad_s = g * (w.weight_s * k.p_s * ((log_p_s - k.log_m) * Base::to_natural() - st.kl_s) - k.r_s * k.q + k.p_s * st.u_s);
 }
 
+// Head-aggregated teacher: log pbar_j = log((1/r) sum_g p^g_j), accumulated one teacher head at a time in
+// log-sum-exp form (start from -inf, fold each head's log-probability in with log_add_exp), then this once.
+template <typename T, typename Base = NaturalBase<T>>
+SKL_HOST_DEVICE T log_mean_from_log_sum(T log_sum, int r) {
+  return log_sum - Base::log(static_cast<T>(r));
+}
+
 }  // namespace streamkl

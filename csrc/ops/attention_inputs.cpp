@@ -27,7 +27,8 @@ void check_jsd_beta(double beta) {
 }
 
 void check_attention_inputs(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
-                            const at::Tensor& k_t, double scale_s, double scale_t, const TensorLayout& layout) {
+                            const at::Tensor& k_t, double scale_s, double scale_t, const TensorLayout& layout,
+                            int64_t teacher_head_group) {
   const char* names[] = {"q_s", "k_s", "q_t", "k_t"};
   const at::Tensor* ts[] = {&q_s, &k_s, &q_t, &k_t};
   for (int i = 0; i < 4; ++i) {
@@ -44,17 +45,19 @@ void check_attention_inputs(const at::Tensor& q_s, const at::Tensor& k_s, const 
   const bool padded = layout.batch_dim >= 0;
   const int64_t H = q_s.size(layout.head_dim), Nq = q_s.size(layout.seq_dim);
   const int64_t B = padded ? q_s.size(layout.batch_dim) : 0;
-  const bool q_t_matches = q_t.size(layout.head_dim) == H && q_t.size(layout.seq_dim) == Nq &&
+  const int64_t H_t = H * teacher_head_group;
+  const bool q_t_matches = q_t.size(layout.head_dim) == H_t && q_t.size(layout.seq_dim) == Nq &&
                            (!padded || q_t.size(layout.batch_dim) == B);
   if (padded) {
     TORCH_CHECK_VALUE(q_t_matches, "streamkl: q_t must match q_s in batch, heads and query length: expected [", B,
-                      ", ", H, ", ", Nq, ", D_t], got ", q_t.sizes());
+                      ", ", H_t, ", ", Nq, ", D_t], got ", q_t.sizes());
   } else {
     TORCH_CHECK_VALUE(q_t_matches, "streamkl: q_t must match q_s in total query tokens and heads: expected [", Nq,
-                      ", ", H, ", D_t], got ", q_t.sizes());
+                      ", ", H_t, ", D_t], got ", q_t.sizes());
   }
   auto check_keys = [&](const at::Tensor& q, const at::Tensor& k, const char* qn, const char* kn) {
     const int64_t kv_heads = k.size(layout.head_dim), dim = q.size(layout.feature_dim);
+    const int64_t H = q.size(layout.head_dim);  // each side's own query heads
     if (padded)
       TORCH_CHECK_VALUE(k.size(layout.batch_dim) == B, "streamkl: ", kn, " must have the batch of ", qn, ": expected [",
                         B, ", H_kv, N_k, ", dim, "], got ", k.sizes());
@@ -75,6 +78,29 @@ void check_attention_inputs(const at::Tensor& q_s, const at::Tensor& k_s, const 
                     "streamkl: softmax scales must be positive and finite, got scale_s=", scale_s, ", scale_t=", scale_t);
 }
 
+int64_t parse_teacher_head_reduce(const std::string& name, const at::Tensor& q_s, const at::Tensor& q_t,
+                                  const TensorLayout& layout) {
+  TORCH_CHECK_VALUE(name == "none" || name == "mean", "streamkl: teacher_head_reduce must be 'none' or 'mean', got '",
+                    name, "'");
+  if (name == "none" || q_s.dim() != layout.rank || q_t.dim() != layout.rank) return 1;  // ranks: checked later
+  const int64_t H = q_s.size(layout.head_dim), H_t = q_t.size(layout.head_dim);
+  TORCH_CHECK_VALUE(H > 0 ? H_t % H == 0 && H_t > 0 : H_t == 0, "streamkl: teacher_head_reduce='mean' needs the ", H_t,
+                    " teacher query heads of q_t to be a positive multiple of the ", H, " student heads of q_s");
+  return H > 0 ? H_t / H : 1;
+}
+
+at::Tensor prepare_teacher_lse(const at::Tensor& teacher_lse, const at::Tensor& q_t, at::ScalarType stats) {
+  const at::IntArrayRef rows = q_t.sizes().slice(0, q_t.dim() - 1);
+  TORCH_CHECK_VALUE(teacher_lse.sizes() == rows, "streamkl: teacher_lse must have shape ", rows,
+                    " (q_t's shape without its head dim: one LSE per teacher head and query), got ",
+                    teacher_lse.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(teacher_lse.scalar_type()), "streamkl: teacher_lse must be floating point, got ",
+                    teacher_lse.scalar_type());
+  TORCH_CHECK_VALUE(teacher_lse.device() == q_t.device(), "streamkl: teacher_lse must be on the device of q_t (",
+                    q_t.device(), "), got ", teacher_lse.device());
+  return teacher_lse.to(stats).contiguous();
+}
+
 at::Tensor with_contiguous_last_dim(const at::Tensor& t) {
   return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
@@ -83,17 +109,23 @@ at::ScalarType stats_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Batch, head and row strides of a q / k tensor (or its gradient) in either layout; the packed layout has no
+// batch dimension (0: sequences are located through cu_seqlens instead).
+struct RowStrides {
+  int64_t batch, head, row;
+};
+static RowStrides row_strides(const at::Tensor& t, const TensorLayout& layout) {
+  return RowStrides{layout.batch_dim >= 0 ? t.stride(layout.batch_dim) : 0, t.stride(layout.head_dim),
+                    t.stride(layout.seq_dim)};
+}
+
 static void fill_side(AttentionSide& side, const at::Tensor& q, const at::Tensor& k, double scale,
                       const TensorLayout& layout) {
-  const bool padded = layout.batch_dim >= 0;
   side.q = q.data_ptr();
   side.k = k.data_ptr();
-  side.q_batch_stride = padded ? q.stride(layout.batch_dim) : 0;
-  side.q_head_stride = q.stride(layout.head_dim);
-  side.q_row_stride = q.stride(layout.seq_dim);
-  side.k_batch_stride = padded ? k.stride(layout.batch_dim) : 0;
-  side.k_head_stride = k.stride(layout.head_dim);
-  side.k_row_stride = k.stride(layout.seq_dim);
+  const RowStrides qs = row_strides(q, layout), ks = row_strides(k, layout);
+  side.q_batch_stride = qs.batch, side.q_head_stride = qs.head, side.q_row_stride = qs.row;
+  side.k_batch_stride = ks.batch, side.k_head_stride = ks.head, side.k_row_stride = ks.row;
   side.head_dim = static_cast<int>(q.size(layout.feature_dim));
   side.num_kv_heads = static_cast<int>(k.size(layout.head_dim));
   side.scale = scale;
@@ -139,23 +171,28 @@ AttentionKLParams make_attention_params(const at::Tensor& q_s, const at::Tensor&
 }
 
 static void set_side_gradients(AttentionSide& side, at::Tensor& dq, at::Tensor& dk, const TensorLayout& layout) {
-  const bool padded = layout.batch_dim >= 0;
   side.dq = dq.data_ptr();
   side.dk = dk.data_ptr();
-  side.dq_batch_stride = padded ? dq.stride(layout.batch_dim) : 0;
-  side.dq_head_stride = dq.stride(layout.head_dim);
-  side.dq_row_stride = dq.stride(layout.seq_dim);
-  side.dk_batch_stride = padded ? dk.stride(layout.batch_dim) : 0;
-  side.dk_head_stride = dk.stride(layout.head_dim);
-  side.dk_row_stride = dk.stride(layout.seq_dim);
+  const RowStrides qs = row_strides(dq, layout), ks = row_strides(dk, layout);
+  side.dq_batch_stride = qs.batch, side.dq_head_stride = qs.head, side.dq_row_stride = qs.row;
+  side.dk_batch_stride = ks.batch, side.dk_head_stride = ks.head, side.dk_row_stride = ks.row;
 }
 
 BackwardRowInputs prepare_backward_rows(const at::Tensor& q_s, const at::Tensor& grad_kl, const at::Tensor& kl,
                                         const at::Tensor& lse_s, const at::Tensor& lse_t, at::ScalarType stats) {
+  return prepare_backward_rows(q_s, q_s, grad_kl, kl, lse_s, lse_t, stats);
+}
+
+BackwardRowInputs prepare_backward_rows(const at::Tensor& q_s, const at::Tensor& q_t, const at::Tensor& grad_kl,
+                                        const at::Tensor& kl, const at::Tensor& lse_s, const at::Tensor& lse_t,
+                                        at::ScalarType stats) {
   const at::IntArrayRef rows = q_s.sizes().slice(0, q_s.dim() - 1);
-  TORCH_CHECK_VALUE(kl.sizes() == rows && grad_kl.sizes() == rows && lse_s.sizes() == rows && lse_t.sizes() == rows,
-                    "streamkl: the backward expects grad_kl, kl, lse_s, lse_t of shape ", rows,
+  const at::IntArrayRef teacher_rows = q_t.sizes().slice(0, q_t.dim() - 1);
+  TORCH_CHECK_VALUE(kl.sizes() == rows && grad_kl.sizes() == rows && lse_s.sizes() == rows,
+                    "streamkl: the backward expects grad_kl, kl, lse_s of shape ", rows,
                     " (q_s's shape without its head dim)");
+  TORCH_CHECK_VALUE(lse_t.sizes() == teacher_rows, "streamkl: the backward expects lse_t of shape ", teacher_rows,
+                    " (q_t's shape without its head dim), got ", lse_t.sizes());
   return BackwardRowInputs{grad_kl.to(stats).contiguous(), kl.to(stats).contiguous(), lse_s.to(stats).contiguous(),
                            lse_t.to(stats).contiguous()};
 }

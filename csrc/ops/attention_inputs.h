@@ -30,9 +30,21 @@ constexpr TensorLayout kPackedLayout{3, -1, 1, 0, 2, "[total_tokens, heads, head
 
 // Validates ranks, shapes, dtypes and devices; throws c10::Error (RuntimeError/ValueError in Python)
 // naming the argument and the expected shape.
+// teacher_head_group (r): the teacher has r query heads per student head (head-aggregated teacher), and its
+// key heads must divide its own r * H query heads.
 void check_attention_inputs(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
                             const at::Tensor& k_t, double scale_s, double scale_t,
-                            const TensorLayout& layout = kPaddedLayout);
+                            const TensorLayout& layout = kPaddedLayout, int64_t teacher_head_group = 1);
+
+// teacher_head_reduce: "none" (one teacher head per student head) or "mean" (the student head h is compared
+// with the mean attention of teacher heads h*r .. h*r+r-1, r = H_t / H_s). Returns r; ValueError for another
+// name or for H_t not a multiple of H_s.
+int64_t parse_teacher_head_reduce(const std::string& name, const at::Tensor& q_s, const at::Tensor& q_t,
+                                  const TensorLayout& layout = kPaddedLayout);
+
+// A caller-provided teacher LSE: shape q_t's without its head dim ([B, H_t, N_q]), floating point, on q_t's
+// device; returned contiguous in the statistics dtype.
+at::Tensor prepare_teacher_lse(const at::Tensor& teacher_lse, const at::Tensor& q_t, at::ScalarType stats);
 
 // Last dim must be contiguous for the kernels; other strides are passed through.
 at::Tensor with_contiguous_last_dim(const at::Tensor& t);
@@ -74,6 +86,10 @@ struct BackwardRowInputs {
 };
 BackwardRowInputs prepare_backward_rows(const at::Tensor& q_s, const at::Tensor& grad_kl, const at::Tensor& kl,
                                         const at::Tensor& lse_s, const at::Tensor& lse_t, at::ScalarType stats);
+// Same, with lse_t shaped like q_t's rows (the per-head LSEs of a head-aggregated teacher).
+BackwardRowInputs prepare_backward_rows(const at::Tensor& q_s, const at::Tensor& q_t, const at::Tensor& grad_kl,
+                                        const at::Tensor& kl, const at::Tensor& lse_s, const at::Tensor& lse_t,
+                                        at::ScalarType stats);
 
 // Backward parameters: the forward's, the per-row inputs, and the gradient outputs (contiguous, shaped like
 // q / k; the teacher's only when teacher_grad).
