@@ -157,25 +157,35 @@ struct TeacherTiles {
           out[i * kKeyTile + c] = log_add_exp<T, CpuBase<T>>(out[i * kKeyTile + c], head[i * kKeyTile + c]);
     }
     for (int i = 0; i < rows; ++i)
-      for (int c = 0; c < cols; ++c) out[i * kKeyTile + c] = log_mean_from_log_sum<T, CpuBase<T>>(out[i * kKeyTile + c], r);
+      for (int c = 0; c < cols; ++c)
+        out[i * kKeyTile + c] = log_mean_from_log_sum<T, CpuBase<T>>(out[i * kKeyTile + c], r);
   }
+};
+
+// What every pass over query rows of one (sequence b, student head h) works with.
+template <typename T>
+struct HeadView {
+  AttentionKLParams::Sequence seq;
+  SideSlice<T> student;
+  TeacherTiles<T> teacher;
+  AttentionMask mask;
+  HeadView(const AttentionKLParams& p, int b, int h)
+      : seq(p.sequence(b)), student(SideSlice<T>::make(p.student, b, h, p.num_heads, seq)), teacher(p, b, h),
+        mask(AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k)) {}
 };
 
 template <typename T>
 void attention_kl_forward(const AttentionKLParams& p, int b, int h, int row0, int rows, TileScratch<T>& scratch) {
-  const AttentionKLParams::Sequence seq = p.sequence(b);
-  const SideSlice<T> student = SideSlice<T>::make(p.student, b, h, p.num_heads, seq);
-  const TeacherTiles<T> teacher(p, b, h);
-  const AttentionMask mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
+  const HeadView<T> view(p, b, h);
   const bool teacher_weights = teacher_is_weighting_side(p.divergence);
 
   OnlineKLState<T, CpuBase<T>> state[kRowBlock];
   for (int r = 0; r < rows; ++r) state[r].init();
   sweep_key_tiles(
-      mask, row0, rows,
+      view.mask, row0, rows,
       [&](int key0, int cols) {
-        score_tile(student, row0, rows, key0, cols, scratch.key_t.data(), scratch.student_scores.data());
-        teacher.fill(row0, rows, key0, cols, scratch, /*normalized=*/false);  // log pbar when aggregated
+        score_tile(view.student, row0, rows, key0, cols, scratch.key_t.data(), scratch.student_scores.data());
+        view.teacher.fill(row0, rows, key0, cols, scratch, /*normalized=*/false);  // log pbar when aggregated
       },
       [&](int r, const KeyRange& columns) {
         const T* w = (teacher_weights ? scratch.teacher_scores : scratch.student_scores).data() + r * kKeyTile;
@@ -194,7 +204,7 @@ void attention_kl_forward(const AttentionKLParams& p, int b, int h, int row0, in
     kl[idx] = state[r].divergence();
     lse_s[idx] = teacher_weights ? state[r].lse_o() : state[r].lse_w();
     // An aggregated teacher's lse_teacher holds its per-head LSEs (inputs of this pass), not this row's.
-    if (!teacher.aggregated()) lse_t[idx] = teacher_weights ? state[r].lse_w() : state[r].lse_o();
+    if (!view.teacher.aggregated()) lse_t[idx] = teacher_weights ? state[r].lse_w() : state[r].lse_o();
   }
 }
 
@@ -225,20 +235,17 @@ void side_lse_rows(const AttentionKLParams& p, const AttentionSide& side, int he
 // log-probabilities (the LSEs come from pass 1), then the divergence and the statistics the backward needs.
 template <typename T>
 void jsd_forward(const AttentionKLParams& p, int b, int h, int row0, int rows, TileScratch<T>& scratch) {
-  const AttentionKLParams::Sequence seq = p.sequence(b);
-  const SideSlice<T> student = SideSlice<T>::make(p.student, b, h, p.num_heads, seq);
-  const TeacherTiles<T> teacher(p, b, h);
-  const AttentionMask mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
+  const HeadView<T> view(p, b, h);
   const JsdWeights<T> weights = JsdWeights<T>::from_beta(static_cast<T>(p.beta));
   JsdRowSums<T> sums[kRowBlock];
   for (int r = 0; r < rows; ++r) sums[r].init();
   sweep_key_tiles(
-      mask, row0, rows,
+      view.mask, row0, rows,
       [&](int key0, int cols) {
-        score_tile(student, row0, rows, key0, cols, scratch.key_t.data(), scratch.student_scores.data());
+        score_tile(view.student, row0, rows, key0, cols, scratch.key_t.data(), scratch.student_scores.data());
         subtract_row_lse(p, static_cast<const T*>(p.lse_student), b, h, p.num_heads, row0, rows, cols,
                          scratch.student_scores.data());
-        teacher.fill(row0, rows, key0, cols, scratch, /*normalized=*/true);
+        view.teacher.fill(row0, rows, key0, cols, scratch, /*normalized=*/true);
       },
       [&](int r, const KeyRange& columns) {
         const T* log_p_s = scratch.student_scores.data() + r * kKeyTile;
@@ -334,19 +341,16 @@ T* side_dk_ptr(const AttentionSide& s, int b, int kv_head, const AttentionKLPara
 // Sweep 1 of the backward: dQ of both sides for one block of query rows (dq must start zeroed).
 template <typename T>
 void attention_kl_backward_dq(const AttentionKLParams& p, int b, int h, int row0, int rows, TileScratch<T>& scratch) {
-  const AttentionKLParams::Sequence seq = p.sequence(b);
-  const SideSlice<T> student = SideSlice<T>::make(p.student, b, h, p.num_heads, seq);
-  const TeacherTiles<T> teacher(p, b, h);
-  const AttentionMask mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
-  T* dq_s = side_dq_ptr<T>(p.student, b, h, seq);
-  T* dq_t = p.teacher_grad ? side_dq_ptr<T>(p.teacher, b, h, seq) : nullptr;
-  const KeyRange block_keys = mask.keys_for_rows(row0, row0 + rows);
+  const HeadView<T> view(p, b, h);
+  T* dq_s = side_dq_ptr<T>(p.student, b, h, view.seq);
+  T* dq_t = p.teacher_grad ? side_dq_ptr<T>(p.teacher, b, h, view.seq) : nullptr;
+  const KeyRange block_keys = view.mask.keys_for_rows(row0, row0 + rows);
   for (int key0 = block_keys.begin; key0 < block_keys.end; key0 += kKeyTile) {
     const int cols = std::min(kKeyTile, block_keys.end - key0);
-    gradient_tiles(p, student, teacher, mask, b, h, row0, rows, key0, cols, scratch);
-    accumulate_dq(student, dq_s, p.student.dq_row_stride, row0, rows, key0, cols, scratch.student_scores.data());
+    gradient_tiles(p, view.student, view.teacher, view.mask, b, h, row0, rows, key0, cols, scratch);
+    accumulate_dq(view.student, dq_s, p.student.dq_row_stride, row0, rows, key0, cols, scratch.student_scores.data());
     if (dq_t)
-      accumulate_dq(teacher.single, dq_t, p.teacher.dq_row_stride, row0, rows, key0, cols,
+      accumulate_dq(view.teacher.single, dq_t, p.teacher.dq_row_stride, row0, rows, key0, cols,
                     scratch.teacher_scores.data());
   }
 }

@@ -175,7 +175,9 @@ struct OnlineLSE {
     if (other_sum != T(0)) sum += other_sum * Base::exp(other_max - max);
   }
   // Natural units; -inf for a row with no allowed key.
-  SKL_HOST_DEVICE T lse() const { return sum == T(0) ? neg_infinity<T>() : (max + Base::log(sum)) * Base::to_natural(); }
+  SKL_HOST_DEVICE T lse() const {
+    return sum == T(0) ? neg_infinity<T>() : (max + Base::log(sum)) * Base::to_natural();
+  }
 };
 
 // log(e^x + e^y) in Base units, exact for -inf arguments (log_add_exp(-inf, y) = y) and never NaN for finite
@@ -279,8 +281,10 @@ template <typename T, typename Base = NaturalBase<T>>
 SKL_HOST_DEVICE void jsd_score_grads(T log_p_t, T log_p_s, const JsdRowStats<T>& st, const JsdWeights<T>& w, T g,
                                      T& grad_t, T& grad_s) {
   const JsdKeyTerms<T, Base> k = JsdKeyTerms<T, Base>::make(log_p_t, log_p_s, w);
-  grad_t = g * (w.weight_t * k.p_t * ((log_p_t - k.log_m) * Base::to_natural() - st.kl_t) - k.r_t * k.q + k.p_t * st.u_t);
-  grad_s = g * (w.weight_s * k.p_s * ((log_p_s - k.log_m) * Base::to_natural() - st.kl_s) - k.r_s * k.q + k.p_s * st.u_s);
+  const T log_ratio_t = (log_p_t - k.log_m) * Base::to_natural();
+  const T log_ratio_s = (log_p_s - k.log_m) * Base::to_natural();
+  grad_t = g * (w.weight_t * k.p_t * (log_ratio_t - st.kl_t) - k.r_t * k.q + k.p_t * st.u_t);
+  grad_s = g * (w.weight_s * k.p_s * (log_ratio_s - st.kl_s) - k.r_s * k.q + k.p_s * st.u_s);
 }
 
 // Head-aggregated teacher: log pbar_j = log((1/r) sum_g p^g_j), accumulated one teacher head at a time in

@@ -200,8 +200,8 @@ BackwardRowInputs prepare_backward_rows(const at::Tensor& q_s, const at::Tensor&
 at::Tensor prepare_jsd_stats(const at::Tensor& q_s, const at::Tensor& jsd_stats, at::ScalarType stats) {
   std::vector<int64_t> shape(q_s.sizes().begin(), q_s.sizes().end() - 1);
   shape.push_back(JsdRowStats<float>::kCount);
-  TORCH_CHECK_VALUE(jsd_stats.sizes() == at::IntArrayRef(shape), "streamkl: the JSD backward expects jsd_stats of shape ",
-                    at::IntArrayRef(shape), " (as returned by the forward), got ", jsd_stats.sizes());
+  TORCH_CHECK_VALUE(jsd_stats.sizes() == at::IntArrayRef(shape),
+                    "streamkl: the JSD backward expects jsd_stats of shape ", at::IntArrayRef(shape), " (as returned by the forward), got ", jsd_stats.sizes());
   return jsd_stats.to(stats).contiguous();
 }
 

@@ -8,8 +8,8 @@ namespace {
 // One cu_seqlens tensor against the packed length it delimits; returns the longest sequence.
 int64_t check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, const char* total_name,
                          const at::Tensor& q_s) {
-  TORCH_CHECK_VALUE(cu.scalar_type() == at::kInt, "streamkl: ", name, " must be int32 (FlashAttention convention), got ",
-                    cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.scalar_type() == at::kInt, "streamkl: ", name,
+                    " must be int32 (FlashAttention convention), got ", cu.scalar_type());
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1, "streamkl: ", name,
                     " must be a 1-D tensor of length batch + 1 >= 1, got shape ", cu.sizes());
   TORCH_CHECK_VALUE(cu.device() == q_s.device(), "streamkl: ", name, " must be on the device of q_s (", q_s.device(),
