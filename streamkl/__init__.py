@@ -5,7 +5,8 @@ Public API:
     attention_kl_varlen, AttentionKLVarlenLoss -- the same on varlen-packed sequences (cu_seqlens)
     attention_kl_reference, attention_kl_varlen_reference -- float64 materializing references
     cuda_available()                -- whether the CUDA kernels were built into this install
-Operators: torch.ops.streamkl.attention_kl_fwd / _bwd, attention_kl_varlen_fwd / _bwd.
+Operators: torch.ops.streamkl.attention_kl_fwd / _bwd (forward / reverse KL), attention_jsd_fwd / _bwd
+(generalized JSD), attention_kl_varlen_fwd / _bwd (packed sequences, all three divergences).
 """
 
 from . import _ops  # noqa: F401  (loads the extension, registers fake kernels and autograd)

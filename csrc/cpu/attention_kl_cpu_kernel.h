@@ -3,7 +3,12 @@
 // Work is split into (batch, head, block of kRowBlock query rows) tasks. Each task walks the key tiles its
 // rows may see, computes the student and teacher score tiles into small fixed-size buffers, and feeds them
 // to the shared online two-softmax core. Nothing proportional to N_q * N_k is ever allocated: the scratch
-// per task is O((kRowBlock + D) * kKeyTile).
+// per task is O((kRowBlock + D) * kKeyTile). One template serves the padded and the varlen layouts
+// (AttentionKLParams::sequence / row_index locate each sequence's rows).
+//
+// Forward and reverse KL take one pass. The generalized JSD and head-aggregated teachers take two: pass 1
+// computes the log-sum-exps the second needs (side_lse_rows), pass 2 the divergence from log-probabilities
+// (a head-aggregated teacher's log pbar is folded from its heads' tiles by TeacherTiles).
 //
 // The backward recomputes the score tiles from the saved log-sum-exps. dQ and dK are produced by two
 // sweeps (over row blocks, then over key blocks), so every output element has exactly one writer: no
