@@ -44,12 +44,27 @@ def attention_mask(n_q: int, n_k: int, device, *, causal: bool = False, window_s
     return allowed
 
 
+def jsd_from_log_probs(log_p_t: torch.Tensor, log_p_s: torch.Tensor, beta: float,
+                       allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Generalized JSD per row, ``(1 - beta) KL(P_t || M) + beta KL(P_s || M)`` with
+    ``M = beta P_t + (1 - beta) P_s``, from log-probabilities (``-inf`` where masked)."""
+    p_t, p_s = log_p_t.exp(), log_p_s.exp()
+    if allowed is not None:  # finite stand-ins where masked (p = 0 there), so no -inf - -inf reaches autograd
+        log_p_t = torch.where(allowed, log_p_t, torch.zeros_like(log_p_t))
+        log_p_s = torch.where(allowed, log_p_s, torch.zeros_like(log_p_s))
+    beta = torch.tensor(float(beta), dtype=log_p_t.dtype, device=log_p_t.device)
+    log_m = torch.logaddexp(log_p_t + beta.log(), log_p_s + (1 - beta).log())
+    kl_t = (p_t * (log_p_t - log_m)).sum(-1)
+    kl_s = (p_s * (log_p_s - log_m)).sum(-1)
+    return (1 - beta) * kl_t + beta * kl_s
+
+
 def kl_from_scores(s: torch.Tensor, t: torch.Tensor, *, allowed: Optional[torch.Tensor] = None,
-                   divergence: str = "forward") -> torch.Tensor:
+                   divergence: str = "forward", beta: float = 0.5) -> torch.Tensor:
     """Per-row divergence from materialized student / teacher scores ``[..., N_q, N_k]``.
 
     ``allowed`` (bool ``[N_q, N_k]``, or None for no mask) marks the visible keys; rows that see no key
-    contribute 0 with finite (zero) gradients.
+    contribute 0 with finite (zero) gradients. ``divergence="jsd"`` uses ``beta`` (see jsd_from_log_probs).
     """
     if allowed is not None:
         empty_row = ~allowed.any(-1, keepdim=True)
@@ -59,6 +74,9 @@ def kl_from_scores(s: torch.Tensor, t: torch.Tensor, *, allowed: Optional[torch.
         t = t.masked_fill(~allowed, float("-inf"))
     log_p_s = torch.log_softmax(_widen(s), dim=-1)
     log_p_t = torch.log_softmax(_widen(t), dim=-1)
+    if divergence == "jsd":
+        kl = jsd_from_log_probs(log_p_t, log_p_s, beta, allowed)
+        return kl * (~empty_row.squeeze(-1)).to(kl.dtype) if allowed is not None else kl
     if divergence == "forward":
         log_p_w, log_p_o = log_p_t, log_p_s
     elif divergence == "reverse":
@@ -78,8 +96,11 @@ def kl_from_scores(s: torch.Tensor, t: torch.Tensor, *, allowed: Optional[torch.
 
 def attention_kl_reference(q_s, k_s, q_t, k_t, *, causal: bool = False, scale_s: Optional[float] = None,
                            scale_t: Optional[float] = None, divergence: str = "forward",
-                           dtype: Optional[torch.dtype] = torch.float64, window_size=(-1, -1)) -> torch.Tensor:
-    """Per-row divergence ``[B, H, N_q]`` computed by materializing both attention distributions."""
+                           dtype: Optional[torch.dtype] = torch.float64, window_size=(-1, -1),
+                           beta: float = 0.5, teacher_head_reduce: str = "none") -> torch.Tensor:
+    """Per-row divergence ``[B, H, N_q]`` computed by materializing both attention distributions
+    (``divergence`` "forward", "reverse" or "jsd" with ``beta``). ``teacher_head_reduce="mean"``: q_t has
+    ``r * H`` heads and each student head's target is the mean of its r teacher heads' attention."""
     scale_s = 1.0 / math.sqrt(q_s.shape[-1]) if scale_s is None else scale_s
     scale_t = 1.0 / math.sqrt(q_t.shape[-1]) if scale_t is None else scale_t
     if dtype is not None:
@@ -90,4 +111,43 @@ def attention_kl_reference(q_s, k_s, q_t, k_t, *, causal: bool = False, scale_s:
     s = scale_s * (q_s @ k_s.transpose(-1, -2))
     t = scale_t * (q_t @ k_t.transpose(-1, -2))
     allowed = attention_mask(s.shape[-2], s.shape[-1], s.device, causal=causal, window_size=window_size)
-    return kl_from_scores(s, t, allowed=allowed, divergence=divergence)
+    if teacher_head_reduce == "mean":
+        t = mean_head_log_probs(t, s.shape[1], allowed)
+    return kl_from_scores(s, t, allowed=allowed, divergence=divergence, beta=beta)
+
+
+def mean_head_log_probs(t: torch.Tensor, heads: int, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    """Teacher scores ``[B, r*H, N_q, N_k]`` -> ``log((1/r) sum_g softmax(t_{h*r+g}))`` ``[B, H, N_q, N_k]``: the
+    head-mean attention in log space, usable as scores (its softmax is itself). Rows that see no key use every
+    key, like kl_from_scores, so they stay finite."""
+    if allowed is not None:
+        t = t.masked_fill(~(allowed | ~allowed.any(-1, keepdim=True)), float("-inf"))
+    log_p = torch.log_softmax(_widen(t), dim=-1)
+    B, Ht, Nq, Nk = log_p.shape
+    return torch.logsumexp(log_p.view(B, heads, Ht // heads, Nq, Nk), dim=2) - math.log(Ht // heads)
+
+
+def attention_kl_varlen_reference(q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k, *, causal: bool = False,
+                                  scale_s: Optional[float] = None, scale_t: Optional[float] = None,
+                                  divergence: str = "forward", dtype: Optional[torch.dtype] = torch.float64,
+                                  window_size=(-1, -1), **divergence_options) -> torch.Tensor:
+    """Per-row divergence ``[total_q, H]`` of packed sequences: one padded reference call per sequence (each
+    with its own bottom-right mask alignment). A sequence with no keys gives zeros (still connected to the
+    inputs, so gradients are zeros rather than missing)."""
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    pieces = []
+    for b in range(len(bounds_q) - 1):
+        qs, qe, ks, ke = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
+        seq = [x[lo:hi].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+               for x, (lo, hi) in ((q_s, (qs, qe)), (k_s, (ks, ke)), (q_t, (qs, qe)), (k_t, (ks, ke)))]
+        if ke == ks:
+            zero = sum(x.sum() for x in seq) * 0
+            out = torch.zeros(seq[0].shape[1], qe - qs, dtype=dtype or q_s.dtype, device=q_s.device) + zero
+        else:
+            out = attention_kl_reference(*seq, causal=causal, scale_s=scale_s, scale_t=scale_t,
+                                         divergence=divergence, dtype=dtype, window_size=window_size,
+                                         **divergence_options)[0]
+        pieces.append(out.transpose(0, 1))  # [n_q, H]
+    if not pieces:
+        return torch.zeros(0, q_s.shape[1], dtype=dtype or q_s.dtype, device=q_s.device)
+    return torch.cat(pieces, dim=0)

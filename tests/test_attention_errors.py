@@ -139,7 +139,7 @@ def test_zero_dim_tensor_input(which):
         streamkl.attention_kl(*inputs)
 
 
-@pytest.mark.parametrize("divergence", ["jsd", "Forward", "", "kl"])
+@pytest.mark.parametrize("divergence", ["JSD", "Forward", "", "kl"])
 def test_unknown_divergence(divergence):
     inputs = _inputs()
     with pytest.raises(ValueError, match="divergence"):
@@ -148,6 +148,12 @@ def test_unknown_divergence(divergence):
         streamkl.AttentionKLLoss(divergence=divergence)
     with pytest.raises(ValueError, match="divergence"):
         fwd_op(*inputs, 0.5, 0.5, False, divergence)
+
+
+def test_kl_op_points_jsd_to_its_own_op():
+    """The KL ops keep their three outputs; the JSD (which saves more per row) has attention_jsd_fwd/bwd."""
+    with pytest.raises(ValueError, match="attention_jsd_fwd"):
+        fwd_op(*_inputs(), 0.5, 0.5, False, "jsd")
 
 
 @pytest.mark.parametrize("reduction", ["avg", "batchmean", "", "None"])

@@ -56,6 +56,14 @@ inline ExpSums<T> exp_sums_generic(const T* w, const T* o, int n, T max_w, T max
 }
 
 template <typename T>
+inline T exp_sum_generic(const T* x, int n, T max) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int j = 0; j < n; ++j) sum += CpuBase<T>::exp(x[j] - max);
+  return sum;
+}
+
+template <typename T>
 inline void score_grads_row_generic(T* s, T* t, int n, bool teacher_weights, T lse_w, T lse_o, T div, T g) {
   T* w = teacher_weights ? t : s;
   T* o = teacher_weights ? s : t;
@@ -116,6 +124,9 @@ ExpSums<float> exp_sums(const float* w, const float* o, int n, float max_w, floa
 }
 
 STREAMKL_CPU_CLONES
+float exp_sum(const float* x, int n, float max) { return exp_sum_generic(x, n, max); }
+
+STREAMKL_CPU_CLONES
 void score_grads_row(float* s, float* t, int n, bool teacher_weights, float lse_w, float lse_o, float div, float g) {
   score_grads_row_generic(s, t, n, teacher_weights, lse_w, lse_o, div, g);
 }
@@ -128,6 +139,8 @@ void gemm_accumulate(int M, int N, int K, const double* A, int64_t lda, const do
 ExpSums<double> exp_sums(const double* w, const double* o, int n, double max_w, double max_o) {
   return exp_sums_generic(w, o, n, max_w, max_o);
 }
+
+double exp_sum(const double* x, int n, double max) { return exp_sum_generic(x, n, max); }
 
 void score_grads_row(double* s, double* t, int n, bool teacher_weights, double lse_w, double lse_o, double div,
                      double g) {

@@ -67,6 +67,10 @@ struct ExpSums {
 ExpSums<float> exp_sums(const float* w, const float* o, int n, float max_w, float max_o);
 ExpSums<double> exp_sums(const double* w, const double* o, int n, double max_w, double max_o);
 
+// sum_j exp(x_j - max) over n allowed keys of one side (OnlineLSE::add_sum).
+float exp_sum(const float* x, int n, float max);
+double exp_sum(const double* x, int n, double max);
+
 // In place: (s_j, t_j) -> g * (dD/ds_j, dD/dt_j) for n allowed keys of one row (divergence_score_grads).
 void score_grads_row(float* s, float* t, int n, bool teacher_weights, float lse_w, float lse_o, float div, float g);
 void score_grads_row(double* s, double* t, int n, bool teacher_weights, double lse_w, double lse_o, double div,

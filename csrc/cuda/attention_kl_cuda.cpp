@@ -41,6 +41,14 @@ void check_teacher_grad_grouping(bool teacher_grad, const at::Tensor& k_s, const
                               "); detach the teacher, or run this configuration on the CPU");
 }
 
+// Head-aggregated teachers (teacher_head_reduce="mean", teacher_lse) run on the CPU only until their CUDA
+// kernels exist: refuse them clearly.
+void refuse_aggregated_teacher(c10::string_view teacher_head_reduce, bool has_teacher_lse) {
+  TORCH_CHECK_NOT_IMPLEMENTED(teacher_head_reduce == "none" && !has_teacher_lse,
+                              "streamkl: head-aggregated teachers (teacher_head_reduce='", std::string(teacher_head_reduce),
+                              "', teacher_lse) are not implemented on CUDA yet; run them on the CPU for now");
+}
+
 // STREAMKL_FUSED_BACKWARD=1 selects the fused student-only backward (one kernel, dQ by fp32 atomics). It is
 // correct (tools/device_check.sh runs it) but measured slower than the default two-kernel backward on H100
 // (bench/RESULTS.md), so it is opt-in until its atomics and shared-memory round trip are cheaper.
@@ -66,7 +74,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cuda(const at::T
                                                                       const at::Tensor& q_t_in, const at::Tensor& k_t_in,
                                                                       double scale_s, double scale_t, bool causal,
                                                                       c10::string_view divergence, int64_t window_left,
-                                                                     int64_t window_right) {
+                                                                      int64_t window_right,
+                                                                      c10::string_view teacher_head_reduce,
+                                                                      const c10::optional<at::Tensor>& teacher_lse) {
+  refuse_aggregated_teacher(teacher_head_reduce, teacher_lse.has_value());
   const OpOptions options = check_op_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal,
                                                 std::string(divergence), window_left, window_right);
   const MaskOptions& mask = options.mask;
@@ -91,7 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cuda
     const at::Tensor& grad_kl, const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in,
     const at::Tensor& k_t_in, const at::Tensor& kl, const at::Tensor& lse_s, const at::Tensor& lse_t, double scale_s,
     double scale_t, bool causal, c10::string_view divergence, bool teacher_grad, int64_t window_left,
-    int64_t window_right) {
+    int64_t window_right, c10::string_view teacher_head_reduce) {
+  refuse_aggregated_teacher(teacher_head_reduce, false);
   const OpOptions options = check_op_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal,
                                                 std::string(divergence), window_left, window_right);
   const MaskOptions& mask = options.mask;

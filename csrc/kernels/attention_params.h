@@ -1,8 +1,11 @@
 // Plain parameter struct for the attention-KL kernels (CPU and CUDA), in the spirit of FlashAttention's
 // Flash_fwd_params: raw pointers, strides in elements, sizes and flags. Torch-free.
 //
-// Layout: q is [B, H, N_q, D], k is [B, H_kv, N_k, D] per side, last dim contiguous, any other strides.
-// Outputs (kl, lse_student, lse_teacher, grad_kl) are contiguous [B, H, N_q].
+// Padded layout: q is [B, H, N_q, D], k is [B, H_kv, N_k, D] per side, last dim contiguous, any other
+// strides; per-row outputs (kl, lse_student, lse_teacher, grad_kl) are contiguous [B, H, N_q].
+// Varlen layout (cu_seqlens_q/k set): q is [total_q, H, D], k is [total_k, H_kv, D] (batch strides 0,
+// sequence b starts at row cu_seqlens[b]); per-row outputs are contiguous [total_q, H]. Kernels index
+// through sequence() and row_index(), so one kernel serves both layouts.
 // Fields for features that later kernels add (GQA, sliding windows, varlen) are here already so that
 // adding them does not change the struct's shape; kernels that do not support them check and refuse.
 #pragma once
@@ -45,11 +48,27 @@ struct AttentionKLParams {
   int window_left = -1;
   int window_right = -1;
 
-  // Varlen packing (FlashAttention conventions); null for the padded [B, H, N, D] layout.
+  // Varlen packing (FlashAttention conventions: int32, length batch + 1, cu_seqlens[0] = 0, non-decreasing);
+  // null for the padded [B, H, N, D] layout. With varlen, seqlen_q / seqlen_k hold the maxima over the
+  // batch (they size the task grid; a task past its sequence's end does nothing).
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
 
   Divergence divergence = Divergence::kForward;
+  // Generalized JSD only (Divergence::kJsd): the parameter of JsdWeights::from_beta (online_kl.h), and the
+  // per-row JsdRowStats ([rows, JsdRowStats::kCount], same row order as kl) written by the forward's second
+  // pass and read by the backward.
+  double beta = 0.5;
+  void* jsd_stats = nullptr;
+
+  // Head-aggregated teacher (teacher_head_reduce="mean"): the teacher has num_heads * teacher_head_group query
+  // heads, and student head h is compared with the mean of the attention probabilities of teacher heads
+  // h * r .. h * r + r - 1 (r = teacher_head_group; 1 = one teacher head per student head, no aggregation).
+  // Kernels then need the teacher's per-head LSEs first: lse_teacher is [B, H * r, N_q] (teacher_row_index),
+  // an input of the divergence pass, computed by a pass of its own unless teacher_lse_ready (the caller filled
+  // it, e.g. from a FlashAttention forward with the same scale).
+  int teacher_head_group = 1;
+  bool teacher_lse_ready = false;
 
   // Per-row outputs of the forward (inputs of the backward); contiguous [B, H, N_q].
   // Element type is float, or double for float64 inputs on the CPU.
@@ -64,8 +83,29 @@ struct AttentionKLParams {
   // with atomics (see cuda/attention_kl_bwd.cuh); null where unused.
   void* dq_accum = nullptr;
 
-  SKL_HOST_DEVICE int64_t row_index(int b, int h, int i) const {
-    return (static_cast<int64_t>(b) * num_heads + h) * seqlen_q + i;
+  // Where sequence b lives: its first query / key row (0 in the padded layout, whose batch strides do the
+  // work) and its lengths.
+  struct Sequence {
+    int64_t q_start, k_start;
+    int seqlen_q, seqlen_k;
+  };
+  SKL_HOST_DEVICE Sequence sequence(int b) const {
+    if (cu_seqlens_q == nullptr) return Sequence{0, 0, seqlen_q, seqlen_k};
+    return Sequence{cu_seqlens_q[b], cu_seqlens_k[b], cu_seqlens_q[b + 1] - cu_seqlens_q[b],
+                    cu_seqlens_k[b + 1] - cu_seqlens_k[b]};
+  }
+
+  // Index of row i of head h of sequence b in the per-row outputs: [B, H, N_q] padded, [total_q, H] varlen.
+  SKL_HOST_DEVICE int64_t row_index(int b, int h, int i) const { return row_index_for_heads(b, h, i, num_heads); }
+  SKL_HOST_DEVICE int num_teacher_heads() const { return num_heads * teacher_head_group; }
+  // Row i of teacher head h_t of sequence b in lse_teacher (== row_index when the teacher is not aggregated).
+  SKL_HOST_DEVICE int64_t teacher_row_index(int b, int h_t, int i) const {
+    return row_index_for_heads(b, h_t, i, num_teacher_heads());
+  }
+  // Same for per-row tensors with `heads` heads ([B, heads, N_q] / [total_q, heads]).
+  SKL_HOST_DEVICE int64_t row_index_for_heads(int b, int h, int i, int heads) const {
+    if (cu_seqlens_q != nullptr) return (static_cast<int64_t>(cu_seqlens_q[b]) + i) * heads + h;
+    return (static_cast<int64_t>(b) * heads + h) * seqlen_q + i;
   }
 };
 

@@ -21,6 +21,7 @@ namespace streamkl {
 enum class Divergence : int {
   kForward = 0,  // KL(P_teacher || P_student): weighting side = teacher
   kReverse = 1,  // KL(P_student || P_teacher): weighting side = student
+  kJsd = 2,      // generalized Jensen-Shannon, see JsdWeights below (two passes: LSEs first)
 };
 
 SKL_HOST_DEVICE bool teacher_is_weighting_side(Divergence d) { return d == Divergence::kForward; }
@@ -151,8 +152,149 @@ SKL_HOST_DEVICE void divergence_score_grads(T w, T o, T lse_w, T lse_o, T div, T
   grad_o = g * (p_o - p_w);
 }
 
+// Online log-sum-exp of one side alone (pass 1 of the two-pass divergences: JSD, head-aggregated
+// teachers). Same rescale-then-add protocol as OnlineKLState.
+template <typename T, typename Base = NaturalBase<T>>
+struct OnlineLSE {
+  T max, sum;
 
-// ---- Generalized Jensen-Shannon divergence (appended for the hidden-state path; generic) -----------------
+  SKL_HOST_DEVICE void init() {
+    max = neg_infinity<T>();
+    sum = T(0);
+  }
+  SKL_HOST_DEVICE void rescale(T tile_max) {
+    const T new_max = max_of(max, tile_max);
+    if (max != new_max) sum *= Base::exp(max - new_max);  // also covers max = -inf (sum is 0 then)
+    max = new_max;
+  }
+  // Sum of exp(x_j - max) over a batch of allowed keys, relative to the current max.
+  SKL_HOST_DEVICE void add_sum(T batch_sum) { sum += batch_sum; }
+  SKL_HOST_DEVICE void merge(const OnlineLSE& other) {
+    const T other_max = other.max, other_sum = other.sum;
+    rescale(other_max);
+    if (other_sum != T(0)) sum += other_sum * Base::exp(other_max - max);
+  }
+  // Natural units; -inf for a row with no allowed key.
+  SKL_HOST_DEVICE T lse() const {
+    return sum == T(0) ? neg_infinity<T>() : (max + Base::log(sum)) * Base::to_natural();
+  }
+};
+
+// log(e^x + e^y) in Base units, exact for -inf arguments (log_add_exp(-inf, y) = y) and never NaN for finite
+// or -inf inputs: the log-sum-exp form of a mixture that the peer libraries' log(p + q) lacks.
+template <typename T, typename Base = NaturalBase<T>>
+SKL_HOST_DEVICE T log_add_exp(T x, T y) {
+  const T hi = max_of(x, y), lo = min_of(x, y);
+  if (lo == neg_infinity<T>()) return hi;
+  return hi + Base::log(T(1) + Base::exp(lo - hi));
+}
+
+// Generalized Jensen-Shannon divergence with parameter beta in [0, 1]:
+//     JSD_beta = (1 - beta) KL(P_t || M) + beta KL(P_s || M),   M = beta P_t + (1 - beta) P_s.
+// beta = 0 gives M = P_s and JSD = KL(P_t || P_s) (forward KL); beta = 1 gives M = P_t and KL(P_s || P_t)
+// (reverse KL); beta = 1/2 the symmetric JSD. (The form beta KL(P_t||M) + (1-beta) KL(P_s||M) with this M,
+// used by TRL / Liger between their special-cased end points, tends to 0 at both ends instead.)
+// The kernels only see the weights below, so the convention lives in this one function.
+template <typename T>
+struct JsdWeights {
+  T weight_t, weight_s;    // weights of KL(P_t || M) and KL(P_s || M)
+  T mix_t, mix_s;          // mixture weights: M = mix_t P_t + mix_s P_s
+  static SKL_HOST_DEVICE JsdWeights from_beta(T beta) {
+    return JsdWeights{T(1) - beta, beta, beta, T(1) - beta};
+  }
+};
+
+// Row sums of pass 2 of the JSD, from both log-probabilities of each allowed key (Base units):
+//     kl_t = KL(P_t || M), kl_s = KL(P_s || M)                           (the two terms of the divergence)
+//     u_t = sum_j r_t,j q_j,  u_s = sum_j r_s,j q_j                       (for the backward)
+// with r_t,j = mix_t p_t,j / m_j, r_s,j = mix_s p_s,j / m_j (both in [0, 1]) and q_j = weight_t p_t,j +
+// weight_s p_s,j. When the term weights equal the mixture weights q = m, u_t = mix_t, u_s = mix_s and the
+// backward reduces to the familiar w p (log(p / m) - KL); the end points of the convention above need the
+// general form. Plain sums (the LSEs are known by then): merging is addition.
+template <typename T>
+struct JsdRowSums {
+  T kl_t, kl_s, u_t, u_s;  // kl_* in Base log units until divergence()/stats are read out
+
+  SKL_HOST_DEVICE void init() { kl_t = kl_s = u_t = u_s = T(0); }
+  SKL_HOST_DEVICE void merge(const JsdRowSums& o) {
+    kl_t += o.kl_t;
+    kl_s += o.kl_s;
+    u_t += o.u_t;
+    u_s += o.u_s;
+  }
+};
+
+// What the JSD needs of one key: mixture log-probability, both probabilities and the responsibilities.
+template <typename T, typename Base = NaturalBase<T>>
+struct JsdKeyTerms {
+  T log_m, p_t, p_s, r_t, r_s, q;
+  static SKL_HOST_DEVICE JsdKeyTerms make(T log_p_t, T log_p_s, const JsdWeights<T>& w) {
+    const T log_mix_t = Base::log(w.mix_t), log_mix_s = Base::log(w.mix_s);  // -inf for a zero weight
+    JsdKeyTerms k;
+    k.log_m = log_add_exp<T, Base>(log_mix_t + log_p_t, log_mix_s + log_p_s);
+    k.p_t = Base::exp(log_p_t);
+    k.p_s = Base::exp(log_p_s);
+    k.r_t = Base::exp(log_mix_t + log_p_t - k.log_m);
+    k.r_s = Base::exp(log_mix_s + log_p_s - k.log_m);
+    k.q = w.weight_t * k.p_t + w.weight_s * k.p_s;
+    return k;
+  }
+};
+
+// Adds one allowed key to the row sums.
+template <typename T, typename Base = NaturalBase<T>>
+SKL_HOST_DEVICE void jsd_add_key(JsdRowSums<T>& sums, T log_p_t, T log_p_s, const JsdWeights<T>& w) {
+  const JsdKeyTerms<T, Base> k = JsdKeyTerms<T, Base>::make(log_p_t, log_p_s, w);
+  sums.kl_t += k.p_t * (log_p_t - k.log_m);
+  sums.kl_s += k.p_s * (log_p_s - k.log_m);
+  sums.u_t += k.r_t * k.q;
+  sums.u_s += k.r_s * k.q;
+}
+
+// Per-row statistics saved by the forward for the backward (natural units; the KLs clamped at 0, as they are
+// >= 0 exactly and only rounding makes them negative). Layout of the saved tensor: [..., 4] in this order.
+template <typename T>
+struct JsdRowStats {
+  T kl_t, kl_s, u_t, u_s;
+  static constexpr int kCount = 4;
+  template <typename Base>
+  static SKL_HOST_DEVICE JsdRowStats finalize(const JsdRowSums<T>& s) {
+    const T kl_t = s.kl_t * Base::to_natural(), kl_s = s.kl_s * Base::to_natural();
+    return JsdRowStats{kl_t < T(0) ? T(0) : kl_t, kl_s < T(0) ? T(0) : kl_s, s.u_t, s.u_s};
+  }
+  SKL_HOST_DEVICE T divergence(const JsdWeights<T>& w) const { return w.weight_t * kl_t + w.weight_s * kl_s; }
+  SKL_HOST_DEVICE void store(T* out) const {
+    out[0] = kl_t;
+    out[1] = kl_s;
+    out[2] = u_t;
+    out[3] = u_s;
+  }
+  static SKL_HOST_DEVICE JsdRowStats load(const T* in) { return JsdRowStats{in[0], in[1], in[2], in[3]}; }
+};
+
+// Gradient of one row's JSD with respect to the teacher and student scores of one key (log-probabilities in
+// Base units), times the row's incoming gradient g:
+//     dJ/dt_j = weight_t p_t,j (log(p_t,j / m_j) - KL_t) - r_t,j q_j + p_t,j u_t
+//     dJ/ds_j = weight_s p_s,j (log(p_s,j / m_j) - KL_s) - r_s,j q_j + p_s,j u_s
+// (softmax Jacobian applied to dJ/dp, whose mixture part -mix (q_j / m_j) is what r q and p u carry).
+template <typename T, typename Base = NaturalBase<T>>
+SKL_HOST_DEVICE void jsd_score_grads(T log_p_t, T log_p_s, const JsdRowStats<T>& st, const JsdWeights<T>& w, T g,
+                                     T& grad_t, T& grad_s) {
+  const JsdKeyTerms<T, Base> k = JsdKeyTerms<T, Base>::make(log_p_t, log_p_s, w);
+  const T log_ratio_t = (log_p_t - k.log_m) * Base::to_natural();
+  const T log_ratio_s = (log_p_s - k.log_m) * Base::to_natural();
+  grad_t = g * (w.weight_t * k.p_t * (log_ratio_t - st.kl_t) - k.r_t * k.q + k.p_t * st.u_t);
+  grad_s = g * (w.weight_s * k.p_s * (log_ratio_s - st.kl_s) - k.r_s * k.q + k.p_s * st.u_s);
+}
+
+// Head-aggregated teacher: log pbar_j = log((1/r) sum_g p^g_j), accumulated one teacher head at a time in
+// log-sum-exp form (start from -inf, fold each head's log-probability in with log_add_exp), then this once.
+template <typename T, typename Base = NaturalBase<T>>
+SKL_HOST_DEVICE T log_mean_from_log_sum(T log_sum, int r) {
+  return log_sum - Base::log(static_cast<T>(r));
+}
+
+// ---- Generalized Jensen-Shannon divergence of the hidden-state path (linear_kl; TRL's convention) -----------------
 // JSD_beta = beta * KL(P_t || M) + (1 - beta) * KL(P_s || M),  M = beta * P_t + (1 - beta) * P_s.
 // It needs both normalizers before the mixture can be formed, so kernels run a first pass for the two
 // log-sum-exps (OnlineKLState) and then evaluate these per-element helpers. Natural log units; `Exp` only

@@ -10,12 +10,41 @@
 
 namespace streamkl {
 
+// "forward" / "reverse": the KL divergences every op supports.
 Divergence parse_divergence(const std::string& name);
+// Also "jsd" (generalized JSD), for the ops that return its per-row statistics.
+Divergence parse_divergence_or_jsd(const std::string& name);
+// beta of the generalized JSD: finite and in [0, 1] (ValueError otherwise).
+void check_jsd_beta(double beta);
+
+// Which dimension of a q / k tensor holds what: padded [batch, heads, seq, head_dim] or varlen-packed
+// [total_tokens, heads, head_dim] (no batch dimension: sequences are delimited by cu_seqlens).
+struct TensorLayout {
+  int rank;
+  int batch_dim;  // -1 when packed
+  int head_dim, seq_dim, feature_dim;
+  const char* shape_name;
+};
+constexpr TensorLayout kPaddedLayout{4, 0, 1, 2, 3, "[batch, heads, seq, head_dim]"};
+constexpr TensorLayout kPackedLayout{3, -1, 1, 0, 2, "[total_tokens, heads, head_dim]"};
 
 // Validates ranks, shapes, dtypes and devices; throws c10::Error (RuntimeError/ValueError in Python)
 // naming the argument and the expected shape.
+// teacher_head_group (r): the teacher has r query heads per student head (head-aggregated teacher), and its
+// key heads must divide its own r * H query heads.
 void check_attention_inputs(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
-                            const at::Tensor& k_t, double scale_s, double scale_t);
+                            const at::Tensor& k_t, double scale_s, double scale_t,
+                            const TensorLayout& layout = kPaddedLayout, int64_t teacher_head_group = 1);
+
+// teacher_head_reduce: "none" (one teacher head per student head) or "mean" (the student head h is compared
+// with the mean attention of teacher heads h*r .. h*r+r-1, r = H_t / H_s). Returns r; ValueError for another
+// name or for H_t not a multiple of H_s.
+int64_t parse_teacher_head_reduce(const std::string& name, const at::Tensor& q_s, const at::Tensor& q_t,
+                                  const TensorLayout& layout = kPaddedLayout);
+
+// A caller-provided teacher LSE: shape q_t's without its head dim ([B, H_t, N_q]), floating point, on q_t's
+// device; returned contiguous in the statistics dtype.
+at::Tensor prepare_teacher_lse(const at::Tensor& teacher_lse, const at::Tensor& q_t, at::ScalarType stats);
 
 // Last dim must be contiguous for the kernels; other strides are passed through.
 at::Tensor with_contiguous_last_dim(const at::Tensor& t);
@@ -41,18 +70,26 @@ OpOptions check_op_arguments(const at::Tensor& q_s, const at::Tensor& k_s, const
                              const at::Tensor& k_t, double scale_s, double scale_t, bool causal,
                              const std::string& divergence, int64_t window_left, int64_t window_right);
 
-// Fills sizes, strides, pointers and flags (not the output pointers) from already-validated inputs.
+// Fills sizes, strides, pointers and flags (not the output pointers) from already-validated padded inputs.
 AttentionKLParams make_attention_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
                                         const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
                                         Divergence divergence);
+// Same for either layout; the varlen fields (cu_seqlens, max lengths) are the caller's (see varlen_inputs.h).
+AttentionKLParams make_layout_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                                     const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
+                                     Divergence divergence, const TensorLayout& layout);
 
-// The backward's per-row inputs, shape-checked against q_s ([B, H, N_q]) and made contiguous in the
-// statistics dtype. Keep the struct alive until the kernels have run.
+// The backward's per-row inputs, shape-checked against q_s's leading dims ([B, H, N_q] padded, [total_q, H]
+// varlen) and made contiguous in the statistics dtype. Keep the struct alive until the kernels have run.
 struct BackwardRowInputs {
   at::Tensor grad_kl, kl, lse_s, lse_t;
 };
 BackwardRowInputs prepare_backward_rows(const at::Tensor& q_s, const at::Tensor& grad_kl, const at::Tensor& kl,
                                         const at::Tensor& lse_s, const at::Tensor& lse_t, at::ScalarType stats);
+// Same, with lse_t shaped like q_t's rows (the per-head LSEs of a head-aggregated teacher).
+BackwardRowInputs prepare_backward_rows(const at::Tensor& q_s, const at::Tensor& q_t, const at::Tensor& grad_kl,
+                                        const at::Tensor& kl, const at::Tensor& lse_s, const at::Tensor& lse_t,
+                                        at::ScalarType stats);
 
 // Backward parameters: the forward's, the per-row inputs, and the gradient outputs (contiguous, shaped like
 // q / k; the teacher's only when teacher_grad).
@@ -60,5 +97,12 @@ AttentionKLParams make_backward_params(const at::Tensor& q_s, const at::Tensor& 
                                        const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
                                        Divergence divergence, const BackwardRowInputs& rows, at::Tensor& dq_s,
                                        at::Tensor& dk_s, at::Tensor& dq_t, at::Tensor& dk_t, bool teacher_grad);
+// The JSD's per-row statistics saved by the forward: shape q_s.shape[:-1] + [4] (JsdRowStats), made contiguous
+// in the statistics dtype.
+at::Tensor prepare_jsd_stats(const at::Tensor& q_s, const at::Tensor& jsd_stats, at::ScalarType stats);
+
+// Adds the backward's per-row inputs and gradient outputs to forward parameters of either layout.
+void set_backward_params(AttentionKLParams& p, const BackwardRowInputs& rows, at::Tensor& dq_s, at::Tensor& dk_s,
+                         at::Tensor& dq_t, at::Tensor& dk_t, bool teacher_grad, const TensorLayout& layout);
 
 }  // namespace streamkl
