@@ -76,28 +76,25 @@ inline void score_grads_row_generic(T* s, T* t, int n, bool teacher_weights, T l
   }
 }
 
+// linear_kl's JSD (JsdWeights::mixture_weighted) through the shared core in online_kl.h.
 template <typename T>
-inline JsdSums<T> jsd_sums_generic(const T* s, const T* t, int n, T lse_s, T lse_t, T beta) {
-  const T log_beta = std::log(beta), log_one_minus_beta = std::log1p(-beta);
-  T kl_t_m = 0, kl_s_m = 0;
-#pragma omp simd reduction(+ : kl_t_m, kl_s_m)
-  for (int j = 0; j < n; ++j) {
-    T term_t, term_s;
-    jsd_terms<T, CpuBase<T>>(t[j] - lse_t, s[j] - lse_s, log_beta, log_one_minus_beta, term_t, term_s);
-    kl_t_m += term_t;
-    kl_s_m += term_s;
-  }
-  return JsdSums<T>{kl_t_m, kl_s_m};
+inline JsdRowSums<T> jsd_sums_generic(const T* s, const T* t, int n, T lse_s, T lse_t, T beta) {
+  const JsdWeights<T> weights = JsdWeights<T>::mixture_weighted(beta);
+  JsdRowSums<T> sums;
+  sums.init();
+  for (int j = 0; j < n; ++j) jsd_add_key<T, CpuBase<T>>(sums, t[j] - lse_t, s[j] - lse_s, weights);
+  return sums;
 }
 
+// With term weights equal to the mixture weights, u_t = mix_t and u_s = mix_s exactly (JsdRowSums), so the
+// backward needs only the two KL terms of the row.
 template <typename T>
 inline void jsd_score_grads_row_generic(T* s, T* t, int n, T lse_s, T lse_t, T beta, T kl_t_m, T kl_s_m, T g) {
-  const T log_beta = std::log(beta), log_one_minus_beta = std::log1p(-beta);
-#pragma omp simd
+  const JsdWeights<T> weights = JsdWeights<T>::mixture_weighted(beta);
+  const JsdRowStats<T> stats{kl_t_m, kl_s_m, weights.mix_t, weights.mix_s};
   for (int j = 0; j < n; ++j) {
     T grad_t, grad_s;
-    jsd_score_grads<T, CpuBase<T>>(t[j] - lse_t, s[j] - lse_s, beta, log_beta, log_one_minus_beta, kl_t_m, kl_s_m, g,
-                                   grad_t, grad_s);
+    jsd_score_grads<T, CpuBase<T>>(t[j] - lse_t, s[j] - lse_s, stats, weights, g, grad_t, grad_s);
     s[j] = grad_s;
     t[j] = grad_t;
   }
@@ -148,7 +145,7 @@ void score_grads_row(double* s, double* t, int n, bool teacher_weights, double l
 }
 
 STREAMKL_CPU_CLONES
-JsdSums<float> jsd_sums(const float* s, const float* t, int n, float lse_s, float lse_t, float beta) {
+JsdRowSums<float> jsd_sums(const float* s, const float* t, int n, float lse_s, float lse_t, float beta) {
   return jsd_sums_generic(s, t, n, lse_s, lse_t, beta);
 }
 
@@ -158,7 +155,7 @@ void jsd_score_grads_row(float* s, float* t, int n, float lse_s, float lse_t, fl
   jsd_score_grads_row_generic(s, t, n, lse_s, lse_t, beta, kl_t_m, kl_s_m, g);
 }
 
-JsdSums<double> jsd_sums(const double* s, const double* t, int n, double lse_s, double lse_t, double beta) {
+JsdRowSums<double> jsd_sums(const double* s, const double* t, int n, double lse_s, double lse_t, double beta) {
   return jsd_sums_generic(s, t, n, lse_s, lse_t, beta);
 }
 

@@ -76,14 +76,11 @@ void score_grads_row(float* s, float* t, int n, bool teacher_weights, float lse_
 void score_grads_row(double* s, double* t, int n, bool teacher_weights, double lse_w, double lse_o, double div,
                      double g);
 
-// Generalized JSD over n keys of one row with both log-sum-exps known (the second pass): the row's sums of
-// jsd_terms, i.e. KL(P_t || M) and KL(P_s || M) restricted to these keys.
-template <typename T>
-struct JsdSums {
-  T kl_t_m, kl_s_m;
-};
-JsdSums<float> jsd_sums(const float* s, const float* t, int n, float lse_s, float lse_t, float beta);
-JsdSums<double> jsd_sums(const double* s, const double* t, int n, double lse_s, double lse_t, double beta);
+// linear_kl's generalized JSD (JsdWeights::mixture_weighted, online_kl.h) over n keys of one row with both
+// log-sum-exps known (the second pass): the row's JsdRowSums (kl_t = KL(P_t || M), kl_s = KL(P_s || M)
+// restricted to these keys, natural units).
+JsdRowSums<float> jsd_sums(const float* s, const float* t, int n, float lse_s, float lse_t, float beta);
+JsdRowSums<double> jsd_sums(const double* s, const double* t, int n, double lse_s, double lse_t, double beta);
 
 // In place: (s_j, t_j) -> g * (dJ/ds_j, dJ/dt_j) for n keys of one row (jsd_score_grads).
 void jsd_score_grads_row(float* s, float* t, int n, float lse_s, float lse_t, float beta, float kl_t_m,

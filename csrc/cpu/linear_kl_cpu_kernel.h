@@ -166,10 +166,10 @@ void jsd_mixture_pass(const Problem<T>& pb, int64_t row0, int rows, const T* lse
     pb.logit_tiles(rows, v0, cols, scratch);
     for (int r = 0; r < rows; ++r) {
       if (pb.p.row_ignored(row0 + r)) continue;
-      const JsdSums<T> sums = jsd_sums(scratch.student.data() + r * kVocabTile, scratch.teacher.data() + r * kVocabTile,
+      const JsdRowSums<T> sums = jsd_sums(scratch.student.data() + r * kVocabTile, scratch.teacher.data() + r * kVocabTile,
                                        cols, lse_s[r], lse_t[r], beta);
-      kl_t_m[r] += sums.kl_t_m;
-      kl_s_m[r] += sums.kl_s_m;
+      kl_t_m[r] += sums.kl_t;
+      kl_s_m[r] += sums.kl_s;
     }
   }
 }

@@ -194,14 +194,20 @@ SKL_HOST_DEVICE T log_add_exp(T x, T y) {
 // beta = 0 gives M = P_s and JSD = KL(P_t || P_s) (forward KL); beta = 1 gives M = P_t and KL(P_s || P_t)
 // (reverse KL); beta = 1/2 the symmetric JSD. (The form beta KL(P_t||M) + (1-beta) KL(P_s||M) with this M,
 // used by TRL / Liger between their special-cased end points, tends to 0 at both ends instead.)
-// The kernels only see the weights below, so the convention lives in this one function.
+// The kernels only see the weights below, so a convention lives in one named constructor: from_beta (the
+// attention ops) or mixture_weighted (linear_kl, TRL / Liger's form, term weights = mixture weights).
 template <typename T>
 struct JsdWeights {
-  T weight_t, weight_s;    // weights of KL(P_t || M) and KL(P_s || M)
-  T mix_t, mix_s;          // mixture weights: M = mix_t P_t + mix_s P_s
-  static SKL_HOST_DEVICE JsdWeights from_beta(T beta) {
-    return JsdWeights{T(1) - beta, beta, beta, T(1) - beta};
+  T weight_t, weight_s;          // weights of KL(P_t || M) and KL(P_s || M)
+  T mix_t, mix_s;                // mixture weights: M = mix_t P_t + mix_s P_s
+  T log_mix_t, log_mix_s;        // their natural logs (-inf for a zero weight), computed once per call
+
+  static SKL_HOST_DEVICE JsdWeights make(T weight_t, T weight_s, T mix_t, T mix_s) {
+    return JsdWeights{weight_t, weight_s, mix_t, mix_s, NaturalBase<T>::log(mix_t), NaturalBase<T>::log(mix_s)};
   }
+  static SKL_HOST_DEVICE JsdWeights from_beta(T beta) { return make(T(1) - beta, beta, beta, T(1) - beta); }
+  // beta KL(P_t || M) + (1 - beta) KL(P_s || M), M = beta P_t + (1 - beta) P_s (0 at beta = 0 and 1).
+  static SKL_HOST_DEVICE JsdWeights mixture_weighted(T beta) { return make(beta, T(1) - beta, beta, T(1) - beta); }
 };
 
 // Row sums of pass 2 of the JSD, from both log-probabilities of each allowed key (Base units):
@@ -229,7 +235,7 @@ template <typename T, typename Base = NaturalBase<T>>
 struct JsdKeyTerms {
   T log_m, p_t, p_s, r_t, r_s, q;
   static SKL_HOST_DEVICE JsdKeyTerms make(T log_p_t, T log_p_s, const JsdWeights<T>& w) {
-    const T log_mix_t = Base::log(w.mix_t), log_mix_s = Base::log(w.mix_s);  // -inf for a zero weight
+    const T log_mix_t = w.log_mix_t / Base::to_natural(), log_mix_s = w.log_mix_s / Base::to_natural();
     JsdKeyTerms k;
     k.log_m = log_add_exp<T, Base>(log_mix_t + log_p_t, log_mix_s + log_p_s);
     k.p_t = Base::exp(log_p_t);
@@ -292,45 +298,6 @@ SKL_HOST_DEVICE void jsd_score_grads(T log_p_t, T log_p_s, const JsdRowStats<T>&
 template <typename T, typename Base = NaturalBase<T>>
 SKL_HOST_DEVICE T log_mean_from_log_sum(T log_sum, int r) {
   return log_sum - Base::log(static_cast<T>(r));
-}
-
-// ---- Generalized Jensen-Shannon divergence of the hidden-state path (linear_kl; TRL's convention) -----------------
-// JSD_beta = beta * KL(P_t || M) + (1 - beta) * KL(P_s || M),  M = beta * P_t + (1 - beta) * P_s.
-// It needs both normalizers before the mixture can be formed, so kernels run a first pass for the two
-// log-sum-exps (OnlineKLState) and then evaluate these per-element helpers. Natural log units; `Exp` only
-// chooses how exponentials are evaluated (e.g. a vectorizable approximation on the CPU). The mixture is
-// formed in log-sum-exp form, log m = logaddexp(log beta + log p_t, log(1 - beta) + log p_s), never as
-// log(p_t + p_s) of rounded probabilities (which gives NaN or negative losses in low precision).
-
-// log m_j from the two log-probabilities; -inf when both are -inf (a masked key), never NaN.
-template <typename T, typename Exp = NaturalBase<T>>
-SKL_HOST_DEVICE T jsd_log_mixture(T log_p_t, T log_p_s, T log_beta, T log_one_minus_beta) {
-  const T a = log_beta + log_p_t, b = log_one_minus_beta + log_p_s;
-  const T hi = max_of(a, b), lo = min_of(a, b);
-  if (hi == neg_infinity<T>()) return hi;
-  return hi + std::log1p(Exp::exp(lo - hi));
-}
-
-// One element's contributions p_t (log p_t - log m) to KL(P_t || M) and p_s (log p_s - log m) to KL(P_s || M).
-template <typename T, typename Exp = NaturalBase<T>>
-SKL_HOST_DEVICE void jsd_terms(T log_p_t, T log_p_s, T log_beta, T log_one_minus_beta, T& kl_t_m, T& kl_s_m) {
-  const T log_m = jsd_log_mixture<T, Exp>(log_p_t, log_p_s, log_beta, log_one_minus_beta);
-  const T p_t = Exp::exp(log_p_t), p_s = Exp::exp(log_p_s);
-  kl_t_m = p_t == T(0) ? T(0) : p_t * (log_p_t - log_m);
-  kl_s_m = p_s == T(0) ? T(0) : p_s * (log_p_s - log_m);
-}
-
-// Gradient of one row's JSD_beta with respect to one pair of logits, times the incoming gradient g, given
-// the row's KL(P_t || M) and KL(P_s || M) from the second forward pass:
-//     dJ/dt_j = beta p_t,j (log(p_t,j / m_j) - KL(P_t || M)),
-//     dJ/ds_j = (1 - beta) p_s,j (log(p_s,j / m_j) - KL(P_s || M)).
-template <typename T, typename Exp = NaturalBase<T>>
-SKL_HOST_DEVICE void jsd_score_grads(T log_p_t, T log_p_s, T beta, T log_beta, T log_one_minus_beta, T kl_t_m,
-                                     T kl_s_m, T g, T& grad_t, T& grad_s) {
-  const T log_m = jsd_log_mixture<T, Exp>(log_p_t, log_p_s, log_beta, log_one_minus_beta);
-  const T p_t = Exp::exp(log_p_t), p_s = Exp::exp(log_p_s);
-  grad_t = p_t == T(0) ? T(0) : g * beta * p_t * (log_p_t - log_m - kl_t_m);
-  grad_s = p_s == T(0) ? T(0) : g * (T(1) - beta) * p_s * (log_p_s - log_m - kl_s_m);
 }
 
 }  // namespace streamkl
