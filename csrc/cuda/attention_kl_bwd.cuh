@@ -109,18 +109,34 @@ struct GradAccumulators {
   }
 };
 
-// ---------------------------------------------------------------------------------------------------- dQ
-template <typename Traits, bool kTeacherGrad, bool kTeacherWeights>
-struct DqPolicy {
-  static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
-  static constexpr int kThreadRows = 2 * (kBlockM / (16 * Traits::kNWarps));
+// What both backward policies hold: the mask, the base-2 score scales, the shared-memory plan and the
+// gradient accumulators of the CTA's X rows, set up the same way by both kernels.
+template <typename Traits, bool kTeacherGrad>
+struct GradPolicyBase {
   AttentionMask mask;
-  int row0;
   float scale_s2, scale_t2;
-  static constexpr bool teacher_weights = kTeacherWeights;
-  RowGradInputs rows[kThreadRows];
   const SmemPlan<Traits>* smem;
   GradAccumulators<Traits, kTeacherGrad> grads;
+
+  __device__ void init(const AttentionKLParams& p, const SmemPlan<Traits>& plan) {
+    mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
+    scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
+    scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
+    smem = &plan;
+    grads.clear_all();
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------- dQ
+template <typename Traits, bool kTeacherGrad, bool kTeacherWeights>
+struct DqPolicy : GradPolicyBase<Traits, kTeacherGrad> {
+  using Base = GradPolicyBase<Traits, kTeacherGrad>;
+  using Base::grads, Base::mask, Base::scale_s2, Base::scale_t2, Base::smem;
+  static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  static constexpr int kThreadRows = 2 * (kBlockM / (16 * Traits::kNWarps));
+  int row0;
+  static constexpr bool teacher_weights = kTeacherWeights;
+  RowGradInputs rows[kThreadRows];
 
   __device__ void stage_stats(int, float*) {}
 
@@ -163,12 +179,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dq_kernel(
   const int row0 = m_block * Traits::kBlockM;
 
   DqPolicy<Traits, kTeacherGrad, kTeacherWeights> policy;
-  policy.mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
+  policy.init(p, smem);
   policy.row0 = row0;
-  policy.scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
-  policy.scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
-  policy.smem = &smem;
-  policy.grads.clear_all();
   {
     Tensor coords = accumulator_coords<Traits::kBlockM, Traits::kBlockN>(policy.grads.tiled_mma, threadIdx.x);
     CUTE_UNROLL
@@ -189,16 +201,14 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dq_kernel(
 
 // ---------------------------------------------------------------------------------------------------- dK
 template <typename Traits, bool kTeacherGrad, bool kTeacherWeights>
-struct DkPolicy {
+struct DkPolicy : GradPolicyBase<Traits, kTeacherGrad> {
+  using Base = GradPolicyBase<Traits, kTeacherGrad>;
+  using Base::grads, Base::mask, Base::scale_s2, Base::scale_t2, Base::smem;
   static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
-  AttentionMask mask;
   int key0;  // first key of the CTA (X rows are keys, Y rows are queries)
-  float scale_s2, scale_t2;
   static constexpr bool teacher_weights = kTeacherWeights;
   const AttentionKLParams* params;
   int b, h;
-  const SmemPlan<Traits>* smem;
-  GradAccumulators<Traits, kTeacherGrad> grads;
 
   // Stage the gradient inputs of the tile's query rows: [kRowStats][kBlockN] floats.
   __device__ void stage_stats(int y0, float* stats) {
@@ -311,14 +321,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dk_kernel(
   const int group = p.num_heads / p.student.num_kv_heads;
 
   DkPolicy<Traits, kTeacherGrad, kTeacherWeights> policy;
-  policy.mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
+  policy.init(p, smem);
   policy.key0 = key0;
-  policy.scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
-  policy.scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
   policy.params = &p;
   policy.b = b;
-  policy.smem = &smem;
-  policy.grads.clear_all();
 
   // X = keys, Y = queries of each head of the group.
   const int key_end = min_of(key0 + Traits::kBlockM, p.seqlen_k);
