@@ -46,6 +46,22 @@ def make_inputs(B, H, Nq, Nk, Ds, Dt, *, seed, dtype=torch.float32, device="cpu"
     return q_s, k_s, q_t, k_t
 
 
+def gqa_inputs(B, H, kv_s, kv_t, Nq, Nk, Ds, Dt, *, seed, dtype=torch.float64, device="cpu", requires_grad=True,
+               teacher_requires_grad=None):
+    """Random (q_s, k_s, q_t, k_t) with grouped key heads: [B,H,Nq,Ds], [B,kv_s,Nk,Ds], [B,H,Nq,Dt], [B,kv_t,Nk,Dt].
+
+    ``teacher_requires_grad`` defaults to ``requires_grad``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, H, Nq, Ds), (B, kv_s, Nk, Ds), (B, H, Nq, Dt), (B, kv_t, Nk, Dt)]
+    tensors = [randn(s, g, dtype=dtype, device=device) for s in shapes]
+    if teacher_requires_grad is None:
+        teacher_requires_grad = requires_grad
+    for i, t in enumerate(tensors):
+        t.requires_grad_(requires_grad if i < 2 else teacher_requires_grad)
+    return tensors
+
+
 def upstream_grad(shape, seed, *, device="cpu", dtype=torch.float32):
     """A random (not all-ones) incoming gradient for the per-row output."""
     g = torch.Generator().manual_seed(seed + 1)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import streamkl
-from helpers import assert_grads_close, assert_rel_close, make_inputs, reference_grads, seed_of, upstream_grad
+from helpers import (assert_grads_close, assert_rel_close, gqa_inputs, make_inputs, reference_grads, seed_of,
+                     upstream_grad)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -73,15 +74,6 @@ def test_cuda_window_matches_reference(shape, window, causal, divergence, dtype)
         assert (grads[0][:, :, empty] == 0).all()
 
 
-def gqa_inputs(H, kv_s, kv_t, Nq, Nk, Ds, Dt, *, seed, dtype, teacher_grad):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(1, H, Nq, Ds), (1, kv_s, Nk, Ds), (1, H, Nq, Dt), (1, kv_t, Nk, Dt)]
-    tensors = [torch.randn(s, generator=g, dtype=torch.float64).to(device=DEVICE, dtype=dtype) for s in shapes]
-    for i, t in enumerate(tensors):
-        t.requires_grad_(i < 2 or teacher_grad)
-    return tensors
-
-
 # (H, H_kv student, H_kv teacher): GQA, MQA, one side grouped, different groupings.
 HEADS = [(4, 2, 2), (8, 1, 1), (6, 3, 6), (6, 6, 2), (8, 2, 4)]
 
@@ -98,15 +90,16 @@ def test_cuda_gqa_matches_reference(shape, heads, mask, divergence, dtype):
     Nq, Nk, Ds, Dt = shape
     teacher_grad = kv_s == kv_t  # the CUDA dK kernel gives teacher gradients when both sides group alike
     seed = seed_of("cuda-gqa", shape, heads, tuple(mask.items()), divergence, dtype)
-    inputs = gqa_inputs(H, kv_s, kv_t, Nq, Nk, Ds, Dt, seed=seed, dtype=dtype, teacher_grad=teacher_grad)
+    inputs = gqa_inputs(1, H, kv_s, kv_t, Nq, Nk, Ds, Dt, seed=seed, dtype=dtype, device=DEVICE,
+                        teacher_requires_grad=teacher_grad)
     grad_out = upstream_grad((1, H, Nq), seed, device=DEVICE)
     _, grads = _check(inputs, grad_out, divergence=divergence, **mask)
     assert grads[1].shape == inputs[1].shape
 
 
 def test_cuda_gqa_teacher_grads_need_same_grouping():
-    inputs = gqa_inputs(4, 2, 4, 64, 64, 64, 64, seed=seed_of("cuda-gqa-refuse"), dtype=torch.bfloat16,
-                        teacher_grad=True)
+    inputs = gqa_inputs(1, 4, 2, 4, 64, 64, 64, 64, seed=seed_of("cuda-gqa-refuse"), dtype=torch.bfloat16,
+                        device=DEVICE)
     with pytest.raises(NotImplementedError, match="key heads"):
         streamkl.attention_kl(*inputs).sum().backward()
     # Student-only gradients run for the same shapes.

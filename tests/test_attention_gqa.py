@@ -5,17 +5,10 @@ import pytest
 import torch
 
 import streamkl
-from helpers import assert_grads_close, assert_rel_close, reference_grads, seed_of, upstream_grad
+from helpers import assert_grads_close, assert_rel_close, gqa_inputs, reference_grads, seed_of, upstream_grad
 
 fwd_op = torch.ops.streamkl.attention_kl_fwd
 bwd_op = torch.ops.streamkl.attention_kl_bwd
-
-
-def gqa_inputs(B, H, kv_s, kv_t, Nq, Nk, Ds, Dt, *, seed, dtype=torch.float64, requires_grad=True):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(B, H, Nq, Ds), (B, kv_s, Nk, Ds), (B, H, Nq, Dt), (B, kv_t, Nk, Dt)]
-    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
-            for s in shapes]
 
 
 # (H, H_kv student, H_kv teacher): GQA, MQA, mixed (one side grouped, the other not).
