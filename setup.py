@@ -35,8 +35,9 @@ def _want_cuda() -> bool:
 
 def _extension():
     # -fopenmp-simd: omp simd pragmas only (no OpenMP runtime); -fno-trapping-math: lets the CPU loops'
-    # conditional selects vectorize (csrc/cpu/cpu_math.h).
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp-simd", "-fno-trapping-math"]
+    # conditional selects vectorize (csrc/cpu/cpu_math.h). No -std flag: torch's build adds the language
+    # standard its headers are written for (C++20 in recent releases; under C++17 their headers warn).
+    cxx_flags = ["-O3", "-fopenmp-simd", "-fno-trapping-math"]
     sources = build_config.cpu_sources(ROOT)
     if not _want_cuda():
         print("streamkl: building the CPU extension (torch.version.cuda=%s, CUDA_HOME=%s)"

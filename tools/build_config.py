@@ -34,7 +34,9 @@ def cuda_archs():
 
 
 def nvcc_flags(archs):
-    flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math",
+    # No -std flag: inside the torch build, torch adds the standard of its headers; the bare-nvcc compile test
+    # (tests/test_cuda_compile.py) builds torch-free kernel files with nvcc's default (C++17).
+    flags = ["-O3", "--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math",
              "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
              "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     for a in archs:
