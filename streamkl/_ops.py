@@ -106,8 +106,9 @@ def _attention_kl_backward(ctx, grad_kl, _grad_lse_s, _grad_lse_t):
     q_s, k_s, q_t, k_t, kl, lse_s, lse_t = ctx.saved_tensors
     teacher_grad = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
     if teacher_grad and q_s.is_cuda and k_s.shape[1] != k_t.shape[1]:
-        # The CUDA op refuses this too; raising here keeps the error out of the autograd engine's worker
-        # thread (a C++ exception thrown there crashed the process on the H100 test machine).
+        # The CUDA op refuses this too. Raising here as well keeps autograd users runnable on the GPU test
+        # machine, whose torch 2.11 environment crashes on any C++ error message that formats a number
+        # (tools/repro_c10_str.py reproduces it with a minimal extension: not StreamKL's code).
         raise NotImplementedError(
             f"streamkl: teacher gradients on CUDA need the same number of key heads on both sides (student "
             f"{k_s.shape[1]}, teacher {k_t.shape[1]}); detach the teacher, or run this configuration on the CPU")

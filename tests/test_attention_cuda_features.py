@@ -108,8 +108,8 @@ def test_cuda_gqa_teacher_grads_need_same_grouping():
     assert detached[1].grad is not None and torch.isfinite(detached[1].grad).all()
 
 
-@pytest.mark.xfail(reason="known bug: on the GPU build (torch 2.11+cu130) an error thrown inside attention_kl_bwd "
-                          "crashes the process (SIGSEGV) instead of raising; see the issue notes of 2026-11-22",
+@pytest.mark.xfail(reason="the GPU test machine's torch 2.11 environment crashes (SIGSEGV) on any C++ error message "
+                          "that formats a number, in any extension (tools/repro_c10_str.py); passes elsewhere",
                    strict=False)
 def test_cuda_gqa_teacher_grads_refused_by_the_op():
     """The op itself refuses too (checked in a subprocess: it runs outside the autograd engine)."""
@@ -124,7 +124,7 @@ def test_cuda_gqa_teacher_grads_refused_by_the_op():
         try:
             torch.ops.streamkl.attention_kl_bwd(torch.ones_like(kl), q_s, k_s, q_t, k_t, kl, lse_s, lse_t, 0.125,
                                                 0.125, False, "forward", True)
-        except (ValueError, NotImplementedError) as e:
+        except NotImplementedError as e:
             assert "key heads" in str(e), e
             print("refused")
     """)

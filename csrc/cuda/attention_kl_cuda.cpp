@@ -35,7 +35,7 @@ at::Tensor kernel_ready(const at::Tensor& t) {
 // The dK kernel accumulates over the query heads that share a student key head; the teacher's dK rows
 // have a single writer only when the teacher groups its heads the same way.
 void check_teacher_grad_grouping(bool teacher_grad, const at::Tensor& k_s, const at::Tensor& k_t) {
-  TORCH_CHECK_VALUE(!teacher_grad || k_s.size(1) == k_t.size(1),
+  TORCH_CHECK_NOT_IMPLEMENTED(!teacher_grad || k_s.size(1) == k_t.size(1),
                               "streamkl: teacher gradients on CUDA need the same number of key heads on both sides "
                               "(student ", k_s.size(1), ", teacher ", k_t.size(1),
                               "); detach the teacher, or run this configuration on the CPU");
