@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._validation import REDUCTIONS
+from ._validation import REDUCTIONS, check_same_dtype_device
 
 LINEAR_DIVERGENCES = ("forward", "reverse", "jsd")
 NUM_STATS = 4  # rows of the forward's per-row statistics (csrc/kernels/linear_params.h, LinearStat)
@@ -15,12 +15,7 @@ NUM_STATS = 4  # rows of the forward's per-row statistics (csrc/kernels/linear_p
 def _check_float(name, t, x_s, where):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != x_s.dtype:
-        raise ValueError(f"{where}: x_s, w_s, x_t, w_t and the biases must share one dtype; x_s is {x_s.dtype} "
-                         f"but {name} is {t.dtype}")
-    if t.device != x_s.device:
-        raise ValueError(f"{where}: all inputs must be on one device; x_s is on {x_s.device} but {name} is on "
-                         f"{t.device}")
+    check_same_dtype_device({"x_s": x_s, name: t}, where=where, subject="x_s, w_s, x_t, w_t and the biases")
 
 
 def check_linear_tensors(x_s, w_s, x_t, w_t, b_s=None, b_t=None, labels=None, *, where, flat=False):

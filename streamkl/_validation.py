@@ -11,6 +11,19 @@ KL_DIVERGENCES = ("forward", "reverse")  # what the attention_kl_fwd/bwd ops tak
 REDUCTIONS = ("none", "sum", "mean")
 
 
+def check_same_dtype_device(tensors, *, where, subject="all inputs"):
+    """The named tensors (a dict, the first is the reference) share the first one's dtype and device.
+    ``subject`` names them in the dtype message."""
+    first_name, first = next(iter(tensors.items()))
+    for name, t in tensors.items():
+        if t.dtype != first.dtype:
+            raise ValueError(f"{where}: {subject} must share one dtype; {first_name} is {first.dtype} but {name} is "
+                             f"{t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{where}: all inputs must be on one device; {first_name} is on {first.device} "
+                             f"but {name} is on {t.device}")
+
+
 def _check_tensor_basics(tensors, rank, shape_name, *, where):
     """Types, ranks, one dtype (floating point) and one device for the named tensors."""
     for name, t in tensors.items():
@@ -18,14 +31,8 @@ def _check_tensor_basics(tensors, rank, shape_name, *, where):
             raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != rank:
             raise ValueError(f"{where}: {name} must be {rank}-D {shape_name}, got shape {tuple(t.shape)}")
-    first_name, first = next(iter(tensors.items()))
-    for name, t in tensors.items():
-        if t.dtype != first.dtype:
-            raise ValueError(f"{where}: all inputs must share one dtype; {first_name} is {first.dtype} but {name} is "
-                             f"{t.dtype}")
-        if t.device != first.device:
-            raise ValueError(f"{where}: all inputs must be on one device; {first_name} is on {first.device} "
-                             f"but {name} is on {t.device}")
+    check_same_dtype_device(tensors, where=where)
+    first = next(iter(tensors.values()))
     if not first.dtype.is_floating_point:
         raise ValueError(f"{where}: inputs must be floating point, got {first.dtype}")
 
