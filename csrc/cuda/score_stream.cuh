@@ -62,19 +62,25 @@ struct StreamOperands {
   int64_t y_stride;
 };
 
-// Key head read by query head h on one side (GQA/MQA: contiguous groups of query heads share a key head).
-__device__ __forceinline__ int key_head_of(const AttentionSide& side, int num_heads, int h) {
-  return h / (num_heads / side.num_kv_heads);
-}
+// Row 0 of the queries of head h and of the keys that head reads, on one side of batch entry b (GQA/MQA:
+// contiguous groups of query heads share a key head).
+template <typename Element>
+struct HeadRows {
+  const Element* q;
+  const Element* k;
+  __device__ __forceinline__ HeadRows(const AttentionSide& side, int num_heads, int b, int h) {
+    const int kv_head = h / (num_heads / side.num_kv_heads);
+    q = static_cast<const Element*>(side.q) + b * side.q_batch_stride + h * side.q_head_stride;
+    k = static_cast<const Element*>(side.k) + b * side.k_batch_stride + kv_head * side.k_head_stride;
+  }
+};
 
 // One side's operands for a CTA that owns query rows [row0, row0 + kBlockM) of (b, h) and streams keys.
 template <typename Element>
 __device__ __forceinline__ StreamOperands<Element> query_block_operands(const AttentionSide& side, int num_heads,
                                                                        int b, int h, int row0) {
-  const Element* q = static_cast<const Element*>(side.q) + b * side.q_batch_stride + h * side.q_head_stride;
-  const Element* k = static_cast<const Element*>(side.k) + b * side.k_batch_stride +
-                     key_head_of(side, num_heads, h) * side.k_head_stride;
-  return StreamOperands<Element>{q + row0 * side.q_row_stride, side.q_row_stride, k, side.k_row_stride};
+  const HeadRows<Element> rows(side, num_heads, b, h);
+  return StreamOperands<Element>{rows.q + row0 * side.q_row_stride, side.q_row_stride, rows.k, side.k_row_stride};
 }
 
 // One side's operands for a CTA that owns keys [key0, key0 + kBlockM) of the key head that query head h
@@ -82,10 +88,8 @@ __device__ __forceinline__ StreamOperands<Element> query_block_operands(const At
 template <typename Element>
 __device__ __forceinline__ StreamOperands<Element> key_block_operands(const AttentionSide& side, int num_heads, int b,
                                                                      int h, int key0) {
-  const Element* q = static_cast<const Element*>(side.q) + b * side.q_batch_stride + h * side.q_head_stride;
-  const Element* k = static_cast<const Element*>(side.k) + b * side.k_batch_stride +
-                     key_head_of(side, num_heads, h) * side.k_head_stride;
-  return StreamOperands<Element>{k + key0 * side.k_row_stride, side.k_row_stride, q, side.q_row_stride};
+  const HeadRows<Element> rows(side, num_heads, b, h);
+  return StreamOperands<Element>{rows.k + key0 * side.k_row_stride, side.k_row_stride, rows.q, side.q_row_stride};
 }
 
 template <typename Traits, typename Policy>
