@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <torch/library.h>
 
 #include "../ops/attention_inputs.h"
@@ -60,6 +61,15 @@ bool fused_backward_enabled() {
   return enabled;
 }
 
+// The Hopper-path forward (wgmma) runs on compute capability 9.x unless STREAMKL_CUDA_PATH=ampere (read at
+// every call, so tests and benchmarks can run both paths on one GPU). Head dims without a Hopper
+// instantiation run on the Ampere path, which is a complete implementation on every GPU.
+bool hopper_path_enabled(const at::Tensor& t) {
+  const char* path = std::getenv("STREAMKL_CUDA_PATH");
+  if (path != nullptr && std::string(path) == "ampere") return false;
+  return at::cuda::getDeviceProperties(t.device().index())->major == 9;
+}
+
 cuda::LaunchFn find_launcher(cuda::KernelFamily family, const at::Tensor& q_s, const at::Tensor& q_t,
                              const at::Tensor& k_s, const at::Tensor& k_t) {
   const cuda::KernelKey key{family, element_type(q_s), static_cast<int>(q_s.size(3)), static_cast<int>(q_t.size(3))};
@@ -88,7 +98,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cuda(const at::T
   const auto opts = q_s.options().dtype(at::kFloat);
   at::Tensor kl = at::empty({q_s.size(0), q_s.size(1), q_s.size(2)}, opts);
   at::Tensor lse_s = at::empty_like(kl), lse_t = at::empty_like(kl);
-  const cuda::LaunchFn launch = find_launcher(cuda::KernelFamily::kForward, q_s, q_t, k_s, k_t);
+  cuda::LaunchFn launch = nullptr;
+  if (hopper_path_enabled(q_s))
+    launch = cuda::find_kernel({cuda::KernelFamily::kForwardSm90, element_type(q_s), static_cast<int>(q_s.size(3)),
+                                static_cast<int>(q_t.size(3))});
+  if (launch == nullptr) launch = find_launcher(cuda::KernelFamily::kForward, q_s, q_t, k_s, k_t);
   if (kl.numel() == 0) return {kl, lse_s, lse_t};
   AttentionKLParams p = make_attention_params(q_s, k_s, q_t, k_t, scale_s, scale_t, mask, div);
   p.kl = kl.data_ptr();

@@ -13,6 +13,7 @@
 #include "attention_kl_fwd.cuh"
 #include "kernel_registry.h"
 #include "kernel_traits.cuh"
+#include "kernel_traits_sm90.cuh"
 
 namespace streamkl {
 namespace cuda {
@@ -65,6 +66,13 @@ void run_attention_kl_fwd_with(const AttentionKLParams& p, cudaStream_t stream) 
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_fwd(const AttentionKLParams& p, cudaStream_t stream) {
   run_attention_kl_fwd_with<ForwardTraits<Element, kDimS, kDimT>>(p, stream);
+}
+
+// Hopper path (sm_90a, head dims 64 and 128): the same forward kernel with wgmma score products, 128 query
+// rows (two warpgroups) against key tiles of 128.
+template <typename Element, int kDimS, int kDimT>
+void run_attention_kl_fwd_sm90(const AttentionKLParams& p, cudaStream_t stream) {
+  run_attention_kl_fwd_with<KernelTraitsSm90<Element, kDimS, kDimT>>(p, stream);
 }
 
 template <typename Traits, bool kTeacherGrad, bool kTeacherWeights>

@@ -10,7 +10,8 @@
 namespace streamkl {
 namespace cuda {
 
-enum class KernelFamily : int { kForward = 0, kBackward = 1 };
+// kForwardSm90: the Hopper-path forward (wgmma, sm_90a), chosen over kForward on compute capability 9.x.
+enum class KernelFamily : int { kForward = 0, kBackward = 1, kForwardSm90 = 2 };
 enum class ElementType : int { kFloat16 = 0, kBFloat16 = 1 };
 
 struct KernelKey {

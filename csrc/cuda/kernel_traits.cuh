@@ -49,6 +49,7 @@ struct KernelTraits {
   // Keep the X fragments in registers for the whole stream (loaded from shared memory once) instead of
   // re-reading them with ldmatrix for every Y tile: halves the shared-memory traffic of the score products.
   static constexpr bool kXInRegisters = kXInRegisters_;
+  static constexpr bool kWarpgroupMma = false;  // mma.sync; the Hopper path's traits (kernel_traits_sm90.cuh) say true
   // Backward dK kernel that also produces dQ (student only): the dS^T tile goes through shared memory and
   // dQ += dS K is added into an fp32 workspace with atomics, so the score tiles are computed once.
   static constexpr bool kFusedDq = kFusedDq_;

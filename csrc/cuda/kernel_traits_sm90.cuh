@@ -1,0 +1,64 @@
+// Compile-time shape of the Hopper-path (sm_90a) attention-KL kernels: the score products run as warpgroup
+// MMAs (wgmma) reading both operands from shared memory, so neither X nor Y fragments occupy registers and
+// the accumulators can span 128 keys. Torch-free.
+//
+// The kernels are the Ampere path's kernels (same policies, same score_stream loop); only the traits differ:
+// shared-memory tiles in the canonical GMMA layout and a warpgroup TiledMma. See kernel_traits.cuh.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/numeric_types.h>
+
+namespace streamkl {
+namespace cuda {
+
+using namespace cute;
+
+// Shared-memory tile [kRows, kDim] in the K-major 128-byte-swizzle layout that wgmma reads through a
+// descriptor, filled with 16-byte cp.async per thread (8 contiguous elements stay contiguous under the
+// swizzle, which permutes 16-byte chunks).
+template <typename Element, int kRows, int kDim, int kNThreads>
+struct GmmaSmemTile {
+  static_assert(kDim % 64 == 0, "the Hopper path takes head dims that are multiples of 64");
+  using Layout = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kRows>, Int<kDim>>{}));
+  static constexpr int kElements = kRows * kDim;
+
+  static constexpr int kThreadsPerRow = 8;  // 64 columns of a swizzle atom, 8 elements per thread
+  using GmemCopy = decltype(make_tiled_copy(
+      Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{},
+      cute::Layout<Shape<Int<kNThreads / kThreadsPerRow>, Int<kThreadsPerRow>>, Stride<Int<kThreadsPerRow>, _1>>{},
+      cute::Layout<Shape<_1, _8>>{}));
+};
+
+// Two consumer warpgroups of 64 query rows each (kBlockM = 128), key tiles of kBlockN.
+template <typename Element_, int kDimS_, int kDimT_, int kBlockN_ = 128>
+struct KernelTraitsSm90 {
+  using Element = Element_;
+  static constexpr int kDimS = kDimS_, kDimT = kDimT_;
+  static constexpr int kBlockM = 128, kBlockN = kBlockN_, kNWarps = 8;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr bool kWarpgroupMma = true;
+  static constexpr bool kXInRegisters = false;
+  static constexpr bool kFusedDq = false;
+
+  // One 64 x kBlockN x 16 wgmma per warpgroup and k-step; the K extent only has to divide both head dims.
+  using TiledMma = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockN>, _64>>(), Layout<Shape<_2, _1, _1>>{}));
+
+  using XTileS = GmmaSmemTile<Element, kBlockM, kDimS, kNThreads>;
+  using XTileT = GmmaSmemTile<Element, kBlockM, kDimT, kNThreads>;
+  using YTileS = GmmaSmemTile<Element, kBlockN, kDimS, kNThreads>;
+  using YTileT = GmmaSmemTile<Element, kBlockN, kDimT, kNThreads>;
+  static constexpr int kStages = 2;
+  static constexpr int kRowStats = 4;
+  static constexpr int kDsElements = 0;
+
+  static constexpr int kSmemElements =
+      XTileS::kElements + XTileT::kElements + kStages * (YTileS::kElements + YTileT::kElements);
+  static constexpr int kSmemBytes =
+      kSmemElements * int(sizeof(Element)) + kStages * kBlockN * kRowStats * int(sizeof(float));
+};
+
+}  // namespace cuda
+}  // namespace streamkl

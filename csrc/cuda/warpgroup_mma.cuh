@@ -1,0 +1,44 @@
+// acc = A * B^T on Hopper tensor cores (wgmma), both operands read from shared memory through GMMA
+// descriptors. Each warpgroup of the TiledMma computes its 64-row slab. The caller brackets one or more of
+// these products with warpgroup_products_begin / _end, so several products can be in flight together.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+
+namespace streamkl {
+namespace cuda {
+
+using namespace cute;
+
+template <typename TiledMma, typename Acc, typename SA, typename SB>
+__device__ __forceinline__ void warpgroup_gemm_ss(TiledMma tiled_mma, Acc& acc, const SA& sA, const SB& sB, int tid) {
+  auto thr_mma = tiled_mma.get_thread_slice(tid);
+  Tensor rA = thr_mma.partition_fragment_A(sA);  // descriptors, not data
+  Tensor rB = thr_mma.partition_fragment_B(sB);
+  tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;  // the first k-step overwrites the accumulator
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(rA); ++k) {
+    cute::gemm(tiled_mma, rA(_, _, k), rB(_, _, k), acc);
+    tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+}
+
+// Make the accumulators' registers visible to the asynchronous MMAs and open a batch.
+template <typename... Accs>
+__device__ __forceinline__ void warpgroup_products_begin(Accs&... accs) {
+  (warpgroup_fence_operand(accs), ...);
+  warpgroup_arrive();
+}
+
+// Close the batch and wait until every product in it has landed in the accumulators.
+template <typename... Accs>
+__device__ __forceinline__ void warpgroup_products_end(Accs&... accs) {
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  (warpgroup_fence_operand(accs), ...);
+}
+
+}  // namespace cuda
+}  // namespace streamkl

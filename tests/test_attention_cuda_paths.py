@@ -1,0 +1,93 @@
+"""Both CUDA forward paths on one GPU: the Hopper path (wgmma, chosen on compute capability 9.x for head dims
+64 and 128) and the Ampere path (mma.sync, every GPU), selected with STREAMKL_CUDA_PATH=ampere.
+
+Each path is checked against the float64 reference on fresh random inputs, and the dispatch is checked by
+the kernel names the profiler records (so a silent fall-back to the other path would fail here). The full
+CUDA suite (test_attention_cuda*.py) runs on whichever path the environment selects; tools/device_check.sh
+runs it under both.
+"""
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import streamkl
+from helpers import assert_rel_close, gqa_inputs, make_inputs, seed_of
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not (torch.cuda.is_available() and streamkl.cuda_available()),
+                       reason="needs a CUDA device and the CUDA build of streamkl"),
+]
+
+PATHS = ("default", "ampere")
+FWD_TOL = 1e-2
+
+
+def _is_hopper():
+    return torch.cuda.get_device_capability()[0] == 9
+
+
+def _select(monkeypatch, path):
+    if path == "ampere":
+        monkeypatch.setenv("STREAMKL_CUDA_PATH", "ampere")
+    else:
+        monkeypatch.delenv("STREAMKL_CUDA_PATH", raising=False)
+
+
+def _forward_kernel_names(fn):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "attention_kl_fwd_kernel" in e.name]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dims", [(64, 64), (128, 128), (64, 128), (128, 64), (96, 96)], ids=lambda d: f"d{d[0]}x{d[1]}")
+def test_dispatch_picks_the_expected_path(monkeypatch, path, dims):
+    _select(monkeypatch, path)
+    inputs = make_inputs(1, 2, 300, 300, *dims, seed=seed_of("dispatch", path, dims), dtype=torch.bfloat16,
+                         device="cuda")
+    names = _forward_kernel_names(lambda: streamkl.attention_kl(*inputs))
+    assert names, "no forward kernel ran"
+    hopper_kernel = any("KernelTraitsSm90" in n for n in names)
+    expect_hopper = path == "default" and _is_hopper() and dims[0] in (64, 128) and dims[1] in (64, 128)
+    assert hopper_kernel == expect_hopper, names
+
+
+# (B, H, N_q, N_k, D_s, D_t): tails of every kind around the 128 x 128 tiles of the Hopper path.
+SHAPES = [
+    pytest.param((1, 2, 1, 1, 64, 64), id="n1"),
+    pytest.param((2, 3, 127, 129, 128, 128), id="nq127-nk129"),
+    pytest.param((1, 2, 257, 100, 64, 128), id="nq257-nk100-ds64-dt128"),
+    pytest.param((1, 1, 1000, 1000, 128, 64), id="n1000-ds128-dt64"),
+    pytest.param((1, 1, 64, 2000, 128, 128), id="nq64-nk2000"),
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("divergence", ["forward", "reverse"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_paths_match_reference(monkeypatch, path, shape, causal, divergence, dtype):
+    _select(monkeypatch, path)
+    inputs = make_inputs(*shape, seed=seed_of("paths", shape, causal, divergence, dtype), dtype=dtype, device="cuda",
+                         sharpness=2.0)
+    out = streamkl.attention_kl(*inputs, causal=causal, divergence=divergence)
+    ref = streamkl.attention_kl_reference(*[x.double().cpu() for x in inputs], causal=causal, divergence=divergence)
+    if shape[3] == 1:  # one key: both distributions are the same point mass
+        assert out.abs().max() < 1e-4
+        return
+    assert_rel_close(out, ref, FWD_TOL)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("window", [(64, 0), (100, 37), (-1, 5)], ids=str)
+def test_forward_paths_windows_and_gqa(monkeypatch, path, window):
+    _select(monkeypatch, path)
+    inputs = gqa_inputs(2, 8, 2, 4, 333, 333, 128, 64, seed=seed_of("paths-gqa", path, window), dtype=torch.bfloat16,
+                        device="cuda", requires_grad=False)
+    out = streamkl.attention_kl(*inputs, window_size=window)
+    ref = streamkl.attention_kl_reference(*[x.double().cpu() for x in inputs], window_size=window)
+    assert_rel_close(out, ref, FWD_TOL)
