@@ -11,6 +11,7 @@
 #include "../kernels/attention_params.h"
 #include "../kernels/online_kl.h"
 #include "score_stream.cuh"
+#include "score_stream_warpgroup.cuh"
 
 namespace streamkl {
 namespace cuda {
@@ -115,9 +116,12 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(con
 
   const int row_end = min_of(row0 + Traits::kBlockM, p.seqlen_q);
   const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
-  score_stream<Traits>(policy, smem, query_block_operands<Element>(p.student, p.num_heads, b, h, row0),
-                       query_block_operands<Element>(p.teacher, p.num_heads, b, h, row0), p.seqlen_q - row0,
-                       keys.begin, keys.end, p.seqlen_k);
+  const auto student = query_block_operands<Element>(p.student, p.num_heads, b, h, row0);
+  const auto teacher = query_block_operands<Element>(p.teacher, p.num_heads, b, h, row0);
+  if constexpr (Traits::kWarpgroupMma)  // Hopper path: wgmma products, software-pipelined
+    score_stream_warpgroup<Traits>(policy, smem, student, teacher, p.seqlen_q - row0, keys.begin, keys.end, p.seqlen_k);
+  else
+    score_stream<Traits>(policy, smem, student, teacher, p.seqlen_q - row0, keys.begin, keys.end, p.seqlen_k);
 
   typename Traits::TiledMma tiled_mma;
   Tensor coords = accumulator_coords<Traits::kBlockM, Traits::kBlockN>(tiled_mma, threadIdx.x);

@@ -31,8 +31,9 @@ struct GmmaSmemTile {
       cute::Layout<Shape<_1, _8>>{}));
 };
 
-// Two consumer warpgroups of 64 query rows each (kBlockM = 128), key tiles of kBlockN.
-template <typename Element_, int kDimS_, int kDimT_, int kBlockN_ = 128>
+// Two warpgroups of 64 query rows each (kBlockM = 128), key tiles of kBlockN = 64: each warpgroup holds the
+// accumulators of two key tiles at once (score_stream_warpgroup.cuh), 2 x 2 x 32 registers per thread.
+template <typename Element_, int kDimS_, int kDimT_, int kBlockN_ = 64>
 struct KernelTraitsSm90 {
   using Element = Element_;
   static constexpr int kDimS = kDimS_, kDimT = kDimT_;
@@ -50,7 +51,7 @@ struct KernelTraitsSm90 {
   using XTileT = GmmaSmemTile<Element, kBlockM, kDimT, kNThreads>;
   using YTileS = GmmaSmemTile<Element, kBlockN, kDimS, kNThreads>;
   using YTileT = GmmaSmemTile<Element, kBlockN, kDimT, kNThreads>;
-  static constexpr int kStages = 2;
+  static constexpr int kStages = 3;
   static constexpr int kRowStats = 4;
   static constexpr int kDsElements = 0;
 

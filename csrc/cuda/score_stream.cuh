@@ -12,7 +12,6 @@
 
 #include "../kernels/attention_params.h"
 #include "cute_helpers.cuh"
-#include "warpgroup_mma.cuh"
 
 namespace streamkl {
 namespace cuda {
@@ -127,20 +126,13 @@ __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Trai
     cp_async_fence();
     cp_async_wait<1>();
     policy.stage_stats(y0, smem.stats(stage));
-    // cp.async filled the tiles through the generic proxy; wgmma reads them through the async proxy.
-    if constexpr (Traits::kWarpgroupMma) cutlass::arch::fence_view_async_shared();
     __syncthreads();
 
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     Tensor acc_t = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    if constexpr (Traits::kWarpgroupMma) {  // Hopper: both products in flight together, overwriting acc
-      warpgroup_products_begin(acc_s, acc_t);
-      warpgroup_gemm_ss(tiled_mma, acc_s, x_s, smem.y_s_tile(stage), tid);
-      warpgroup_gemm_ss(tiled_mma, acc_t, x_t, smem.y_t_tile(stage), tid);
-      warpgroup_products_end(acc_s, acc_t);
-    } else if constexpr (Traits::kXInRegisters) {
-      clear(acc_s);
-      clear(acc_t);
+    clear(acc_s);
+    clear(acc_t);
+    if constexpr (Traits::kXInRegisters) {
       if (tile == 0) {  // X arrived with the first Y tile
         load_operand_a(tiled_mma, x_s_regs, x_s, tid);
         load_operand_a(tiled_mma, x_t_regs, x_t, tid);
@@ -148,8 +140,6 @@ __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Trai
       gemm_regs_smem<false>(tiled_mma, acc_s, x_s_regs, smem.y_s_tile(stage), tid);
       gemm_regs_smem<false>(tiled_mma, acc_t, x_t_regs, smem.y_t_tile(stage), tid);
     } else {
-      clear(acc_s);
-      clear(acc_t);
       gemm_smem_smem(tiled_mma, acc_s, x_s, smem.y_s_tile(stage), tid);
       gemm_smem_smem(tiled_mma, acc_t, x_t, smem.y_t_tile(stage), tid);
     }

@@ -1,6 +1,7 @@
 // acc = A * B^T on Hopper tensor cores (wgmma), both operands read from shared memory through GMMA
-// descriptors. Each warpgroup of the TiledMma computes its 64-row slab. The caller brackets one or more of
-// these products with warpgroup_products_begin / _end, so several products can be in flight together.
+// descriptors. Each warpgroup of the TiledMma computes its 64-row slab. The caller opens a batch with
+// warpgroup_products_begin, issues one or more products, commits the batch (warpgroup_commit_batch) and later
+// waits for it (warpgroup_wait<N>, then warpgroup_fence_operand on the accumulators it reads).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -30,14 +31,6 @@ template <typename... Accs>
 __device__ __forceinline__ void warpgroup_products_begin(Accs&... accs) {
   (warpgroup_fence_operand(accs), ...);
   warpgroup_arrive();
-}
-
-// Close the batch and wait until every product in it has landed in the accumulators.
-template <typename... Accs>
-__device__ __forceinline__ void warpgroup_products_end(Accs&... accs) {
-  warpgroup_commit_batch();
-  warpgroup_wait<0>();
-  (warpgroup_fence_operand(accs), ...);
 }
 
 }  // namespace cuda
