@@ -13,6 +13,8 @@ from ._validation import (KL_DIVERGENCES, check_attention_tensors, check_beta, c
 
 ops = torch.ops.streamkl
 
+JSD_NUM_STATS = 2  # per-row statistics the JSD forward saves: JsdRowStats::kCount (csrc/kernels/online_kl.h)
+
 
 def _stats_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -31,7 +33,7 @@ def _gradients_like(q_s, k_s, q_t, k_t, teacher_grad):
 
 
 def _jsd_stats_like(rows, divergence):
-    return rows.new_empty((0,)) if divergence != "jsd" else rows.new_empty((*rows.shape, 4))
+    return rows.new_empty((0,)) if divergence != "jsd" else rows.new_empty((*rows.shape, JSD_NUM_STATS))
 
 
 def _check_row_tensors(rows_shape, named, *, where):
@@ -148,7 +150,7 @@ def _attention_jsd_bwd_fake(grad_jsd, q_s, k_s, q_t, k_t, jsd, lse_s, lse_t, jsd
     _check_jsd_op(q_s, k_s, q_t, k_t, scale_s, scale_t, beta, (window_left, window_right), teacher_head_reduce,
                   where=where)
     _check_backward_rows(q_s, q_t, (("grad_jsd", grad_jsd), ("jsd", jsd), ("lse_s", lse_s)), lse_t, where=where)
-    _check_row_tensors((*q_s.shape[:3], 4), (("jsd_stats", jsd_stats),), where=where)
+    _check_row_tensors((*q_s.shape[:3], JSD_NUM_STATS), (("jsd_stats", jsd_stats),), where=where)
     return _gradients_like(q_s, k_s, q_t, k_t, teacher_grad)
 
 
@@ -199,7 +201,7 @@ def _attention_kl_varlen_bwd_fake(grad_kl, q_s, k_s, q_t, k_t, cu_seqlens_q, cu_
     _check_row_tensors(q_s.shape[:2], (("grad_kl", grad_kl), ("kl", kl), ("lse_s", lse_s), ("lse_t", lse_t)),
                        where=where)
     if divergence == "jsd":
-        _check_row_tensors((*q_s.shape[:2], 4), (("jsd_stats", jsd_stats),), where=where)
+        _check_row_tensors((*q_s.shape[:2], JSD_NUM_STATS), (("jsd_stats", jsd_stats),), where=where)
     return _gradients_like(q_s, k_s, q_t, k_t, teacher_grad)
 
 

@@ -24,15 +24,15 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
         divergence="forward":  KL(P_t || P_s)   (the usual distillation loss)
         divergence="reverse":  KL(P_s || P_t)
         divergence="jsd":      generalized Jensen-Shannon divergence with parameter beta in [0, 1]
-            JSD_beta = (1 - beta) KL(P_t || M) + beta KL(P_s || M),   M = beta P_t + (1 - beta) P_s
+            (TRL / Liger convention, shared with streamkl.linear_kl):
+            0 < beta < 1:  beta KL(P_t || M) + (1 - beta) KL(P_s || M),   M = beta P_t + (1 - beta) P_s
+            beta = 0:      KL(P_t || P_s)   (forward KL, exactly)
+            beta = 1:      KL(P_s || P_t)   (reverse KL, exactly)
+            The formula is 0 at the ends; the KLs there are its limits divided by beta, resp. 1 - beta.
+            beta = 0.5 is the symmetric JSD (<= log 2).
 
     The KL divergences take one streaming pass over key tiles; the JSD two (both log-sum-exps, then the
-    mixture, in log-sum-exp form). Neither ``[B, H, N_q, N_k]`` matrix is ever built.
-
-    JSD convention: the weights are chosen so that the end points are exact and continuous: beta = 0 gives
-    M = P_s and forward KL, beta = 1 gives M = P_t and reverse KL, beta = 0.5 the symmetric JSD. (TRL's and
-    Liger's ``beta KL(P_t || M) + (1 - beta) KL(P_s || M)`` with the same M agrees at beta = 0.5 only; it tends
-    to 0 at both ends, which those libraries special-case to the KLs.)
+    mixture, in log-sum-exp form: no NaN, never negative). Neither ``[B, H, N_q, N_k]`` matrix is ever built.
 
     Args:
         q_s, k_s: student queries ``[B, H, N_q, D_s]`` and keys ``[B, H, N_k, D_s]``.
@@ -47,7 +47,7 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
             ``-1`` leaves a side unbounded; ``causal=True`` sets ``right = 0``. CPU only for now (CUDA raises
             NotImplementedError until its window path has been validated on a GPU).
         divergence: ``"forward"``, ``"reverse"`` or ``"jsd"`` (see above; ``"jsd"`` is CPU only for now).
-        beta: the JSD's parameter in [0, 1]; ignored by the KL divergences.
+        beta: the JSD's parameter in [0, 1] (the teacher's mixture weight); ignored by the KL divergences.
         teacher_head_reduce: ``"none"``, or ``"mean"`` for a head-aggregated teacher: ``q_t`` has ``H_t = r * H``
             heads (``k_t``: ``H_kv_t`` dividing ``H_t``) and the target of student head ``h`` is the mean of the
             attention probabilities of teacher heads ``h*r .. h*r+r-1`` (DeepSeek DSA's indexer target when

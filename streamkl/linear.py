@@ -35,9 +35,10 @@ def linear_kl(x_s: torch.Tensor, w_s: torch.Tensor, x_t: torch.Tensor, w_t: torc
         P_s = softmax(s_i),  P_t = softmax(t_i)
         divergence="forward":  KL(P_t || P_s)               (the usual distillation loss)
         divergence="reverse":  KL(P_s || P_t)
-        divergence="jsd":      beta * KL(P_t || M) + (1 - beta) * KL(P_s || M),  M = beta P_t + (1 - beta) P_s
-                               (TRL / Liger convention: beta = 0 gives forward KL, beta = 1 reverse KL, the
-                               limits of the JSD divided by beta, resp. 1 - beta)
+        divergence="jsd":      the generalized JSD with parameter beta, as in streamkl.attention_kl:
+                               beta * KL(P_t || M) + (1 - beta) * KL(P_s || M),  M = beta P_t + (1 - beta) P_s
+                               for 0 < beta < 1; exactly forward KL at beta = 0 and reverse KL at beta = 1
+                               (TRL / Liger: the limits of the JSD divided by beta, resp. 1 - beta)
 
     computed by streaming over vocabulary tiles with the online two-softmax core: extra memory is O(T).
     Logits and softmax statistics are kept in fp32 (fp64 for fp64 inputs), never rounded to bf16/fp16.

@@ -5,29 +5,11 @@ tests can compare gradients too. ``dtype=None`` keeps the input dtype for the pr
 fp32 or wider), i.e. what one writes by hand in eager PyTorch.
 """
 
-import math
 from typing import Optional
 
 import torch
 
 from .reference import kl_from_scores
-
-
-def jsd_from_scores(s: torch.Tensor, t: torch.Tensor, beta: float) -> torch.Tensor:
-    """Per-row generalized JSD from materialized logits ``[..., V]``:
-    ``beta * KL(P_t || M) + (1 - beta) * KL(P_s || M)``, ``M = beta * P_t + (1 - beta) * P_s``, with the
-    TRL / Liger endpoints ``beta = 0`` -> ``KL(P_t || P_s)`` and ``beta = 1`` -> ``KL(P_s || P_t)``. The mixture
-    is formed in log-sum-exp form."""
-    if beta == 0:
-        return kl_from_scores(s, t, divergence="forward")
-    if beta == 1:
-        return kl_from_scores(s, t, divergence="reverse")
-    log_p_s = torch.log_softmax(s, dim=-1)
-    log_p_t = torch.log_softmax(t, dim=-1)
-    log_m = torch.logsumexp(torch.stack([log_p_t + math.log(beta), log_p_s + math.log1p(-beta)]), dim=0)
-    kl_t_m = (log_p_t.exp() * (log_p_t - log_m)).sum(-1)
-    kl_s_m = (log_p_s.exp() * (log_p_s - log_m)).sum(-1)
-    return beta * kl_t_m + (1 - beta) * kl_s_m
 
 
 def logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
@@ -56,10 +38,7 @@ def linear_kl_reference(x_s, w_s, x_t, w_t, *, b_s=None, b_t=None, temperature: 
     lead = x_s.shape[:-1]
     s = logits(x_s.reshape(-1, x_s.shape[-1]), w_s, b_s, temperature)
     t = logits(x_t.reshape(-1, x_t.shape[-1]), w_t, b_t, temperature)
-    if divergence == "jsd":
-        rows = jsd_from_scores(s, t, beta)
-    else:
-        rows = kl_from_scores(s, t, divergence=divergence)
+    rows = kl_from_scores(s, t, divergence=divergence, beta=beta)  # the attention reference's formulas
     if scale_by_temperature_sq:
         rows = rows * temperature ** 2
     valid = None

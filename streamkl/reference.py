@@ -44,19 +44,41 @@ def attention_mask(n_q: int, n_k: int, device, *, causal: bool = False, window_s
     return allowed
 
 
+def kl_from_log_probs(log_p_w: torch.Tensor, log_p_o: torch.Tensor,
+                      allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-row ``KL(P_w || P_o) = sum_j p_w,j (log p_w,j - log p_o,j)`` from log-probabilities (``-inf`` where
+    masked; ``allowed`` marks the visible keys, or None for no mask)."""
+    log_ratio = log_p_w - log_p_o
+    if allowed is not None:
+        # Masked entries have p_w = 0 and a log-ratio of -inf - -inf; select 0 there *before* multiplying so
+        # the backward sees no 0 * nan.
+        log_ratio = torch.where(allowed, log_ratio, torch.zeros_like(log_ratio))
+    return (log_p_w.exp() * log_ratio).sum(-1)
+
+
+def _kl_to_mixture(p: torch.Tensor, log_p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``sum_j p_j log(p_j / m_j)`` per row over the keys with ``p_j > 0`` (0 log 0 = 0; there ``m_j > 0``)."""
+    seen = p > 0
+    log_m = torch.log(torch.where(seen, m, torch.ones_like(m)))
+    return (p * torch.where(seen, log_p - log_m, torch.zeros_like(log_p))).sum(-1)
+
+
 def jsd_from_log_probs(log_p_t: torch.Tensor, log_p_s: torch.Tensor, beta: float,
                        allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Generalized JSD per row, ``(1 - beta) KL(P_t || M) + beta KL(P_s || M)`` with
-    ``M = beta P_t + (1 - beta) P_s``, from log-probabilities (``-inf`` where masked)."""
+    """Generalized JSD per row in the TRL / Liger convention, from log-probabilities (``-inf`` where masked)::
+
+        beta * KL(P_t || M) + (1 - beta) * KL(P_s || M),   M = beta * P_t + (1 - beta) * P_s,
+
+    and, where that formula is 0, its limits divided by the vanishing weight: ``KL(P_t || P_s)`` at ``beta = 0``,
+    ``KL(P_s || P_t)`` at ``beta = 1``. Written the plain way, with ``M`` materialized as probabilities (the
+    kernels' log-sum-exp algebra is what this checks)."""
+    if beta == 0:
+        return kl_from_log_probs(log_p_t, log_p_s, allowed)
+    if beta == 1:
+        return kl_from_log_probs(log_p_s, log_p_t, allowed)
     p_t, p_s = log_p_t.exp(), log_p_s.exp()
-    if allowed is not None:  # finite stand-ins where masked (p = 0 there), so no -inf - -inf reaches autograd
-        log_p_t = torch.where(allowed, log_p_t, torch.zeros_like(log_p_t))
-        log_p_s = torch.where(allowed, log_p_s, torch.zeros_like(log_p_s))
-    beta = torch.tensor(float(beta), dtype=log_p_t.dtype, device=log_p_t.device)
-    log_m = torch.logaddexp(log_p_t + beta.log(), log_p_s + (1 - beta).log())
-    kl_t = (p_t * (log_p_t - log_m)).sum(-1)
-    kl_s = (p_s * (log_p_s - log_m)).sum(-1)
-    return (1 - beta) * kl_t + beta * kl_s
+    m = beta * p_t + (1 - beta) * p_s
+    return beta * _kl_to_mixture(p_t, log_p_t, m) + (1 - beta) * _kl_to_mixture(p_s, log_p_s, m)
 
 
 def kl_from_scores(s: torch.Tensor, t: torch.Tensor, *, allowed: Optional[torch.Tensor] = None,
@@ -76,19 +98,12 @@ def kl_from_scores(s: torch.Tensor, t: torch.Tensor, *, allowed: Optional[torch.
     log_p_t = torch.log_softmax(_widen(t), dim=-1)
     if divergence == "jsd":
         kl = jsd_from_log_probs(log_p_t, log_p_s, beta, allowed)
-        return kl * (~empty_row.squeeze(-1)).to(kl.dtype) if allowed is not None else kl
-    if divergence == "forward":
-        log_p_w, log_p_o = log_p_t, log_p_s
+    elif divergence == "forward":
+        kl = kl_from_log_probs(log_p_t, log_p_s, allowed)
     elif divergence == "reverse":
-        log_p_w, log_p_o = log_p_s, log_p_t
+        kl = kl_from_log_probs(log_p_s, log_p_t, allowed)
     else:
         raise ValueError(f"unknown divergence {divergence!r}")
-    log_ratio = log_p_w - log_p_o
-    if allowed is not None:
-        # Masked entries have p_w = 0 and a log-ratio of -inf - -inf; select 0 there *before* multiplying so
-        # the backward sees no 0 * nan.
-        log_ratio = torch.where(allowed, log_ratio, torch.zeros_like(log_ratio))
-    kl = (log_p_w.exp() * log_ratio).sum(-1)
     if allowed is not None:
         kl = kl * (~empty_row.squeeze(-1)).to(kl.dtype)
     return kl

@@ -20,10 +20,7 @@ def _rounded_logits_grads(inputs, divergence, beta, labels):
     x_s, w_s, _, x_t, w_t, _ = leaves
     s = (x_s @ w_s.T).float()  # bf16 matmul output: the logits are rounded to bf16 here
     t = (x_t @ w_t.T).float()
-    if divergence == "jsd":
-        rows = streamkl.linear_reference.jsd_from_scores(s, t, beta)
-    else:
-        rows = streamkl.reference.kl_from_scores(s, t, divergence=divergence)
+    rows = streamkl.reference.kl_from_scores(s, t, divergence=divergence, beta=beta)
     valid = labels != -100
     loss = torch.where(valid, rows, torch.zeros_like(rows)).sum() / valid.sum()
     wrt = [x_s, w_s]

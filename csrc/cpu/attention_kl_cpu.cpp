@@ -37,12 +37,13 @@ struct CpuInputs {
 
 struct ForwardOutputs {
   at::Tensor kl, lse_s, lse_t;
-  at::Tensor jsd_stats;  // [rows..., 4] for the JSD, [0] otherwise
+  at::Tensor jsd_stats;  // [rows..., JsdRowStats::kCount] for the JSD (zeros at beta = 0 / 1), [0] otherwise
 };
 
 // Per-row outputs shaped like q_s without its head dim (lse_t like q_t's: an aggregated teacher has more heads),
 // then the kernel (unless there is no row at all). teacher_lse: the teacher's LSEs given by the caller, or
-// undefined.
+// undefined. Here and in run_backward the kernels get kernel_attention_params(p), which runs a JSD at beta = 0 / 1
+// as the KL it equals; its statistics, unused then, stay zero.
 ForwardOutputs run_forward(AttentionKLParams& p, const CpuInputs& in, const at::Tensor& teacher_lse = at::Tensor()) {
   const auto opts = in.q_s.options().dtype(in.stats());
   const at::IntArrayRef rows = in.q_s.sizes().slice(0, in.q_s.dim() - 1);
@@ -52,7 +53,7 @@ ForwardOutputs run_forward(AttentionKLParams& p, const CpuInputs& in, const at::
     stats_shape.push_back(JsdRowStats<float>::kCount);
   }
   ForwardOutputs out{at::empty(rows, opts), at::empty(rows, opts),
-                     at::empty(in.q_t.sizes().slice(0, in.q_t.dim() - 1), opts), at::empty(stats_shape, opts)};
+                     at::empty(in.q_t.sizes().slice(0, in.q_t.dim() - 1), opts), at::zeros(stats_shape, opts)};
   if (teacher_lse.defined()) {
     out.lse_t.copy_(teacher_lse);  // a copy: an op output must not alias an input
     p.teacher_lse_ready = true;
@@ -62,10 +63,11 @@ ForwardOutputs run_forward(AttentionKLParams& p, const CpuInputs& in, const at::
   p.lse_student = out.lse_s.data_ptr();
   p.lse_teacher = out.lse_t.data_ptr();
   p.jsd_stats = p.divergence == Divergence::kJsd ? out.jsd_stats.data_ptr() : nullptr;
+  const AttentionKLParams kernel = kernel_attention_params(p);
   if (in.q_s.scalar_type() == at::kDouble)
-    cpu::run_attention_kl_forward<double>(p, aten_parallel_for);
+    cpu::run_attention_kl_forward<double>(kernel, aten_parallel_for);
   else
-    cpu::run_attention_kl_forward<float>(p, aten_parallel_for);
+    cpu::run_attention_kl_forward<float>(kernel, aten_parallel_for);
   return out;
 }
 
@@ -83,10 +85,11 @@ Gradients run_backward(AttentionKLParams& p, const CpuInputs& in, const Backward
   at::Tensor dk_t = teacher_grad ? at::zeros(in.k_t.sizes(), in.k_t.options()) : at::empty({0}, in.k_t.options());
   if (rows.kl.numel() != 0 && in.k_s.size(layout.seq_dim) != 0) {
     set_backward_params(p, rows, dq_s, dk_s, dq_t, dk_t, teacher_grad, layout);
+    const AttentionKLParams kernel = kernel_attention_params(p);
     if (in.q_s.scalar_type() == at::kDouble)
-      cpu::run_attention_kl_backward<double>(p, aten_parallel_for);
+      cpu::run_attention_kl_backward<double>(kernel, aten_parallel_for);
     else
-      cpu::run_attention_kl_backward<float>(p, aten_parallel_for);
+      cpu::run_attention_kl_backward<float>(kernel, aten_parallel_for);
   }
   const auto dt = in.input_dtype;
   return {dq_s.to(dt), dk_s.to(dt), dq_t.to(dt), dk_t.to(dt)};

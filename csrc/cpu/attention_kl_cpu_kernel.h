@@ -238,10 +238,11 @@ void side_lse_rows(const AttentionKLParams& p, const AttentionSide& side, int he
 
 // Pass 2 of the generalized JSD for rows [row0, row0 + rows) of head h: the row sums from both sides'
 // log-probabilities (the LSEs come from pass 1), then the divergence and the statistics the backward needs.
+// The ops map beta = 0 / 1 to the KL kernels, so 0 < beta < 1 here (jsd_divergence_for_beta, online_kl.h).
 template <typename T>
 void jsd_forward(const AttentionKLParams& p, int b, int h, int row0, int rows, TileScratch<T>& scratch) {
   const HeadView<T> view(p, b, h);
-  const JsdWeights<T> weights = JsdWeights<T>::from_beta(static_cast<T>(p.beta));
+  const T beta = static_cast<T>(p.beta);
   JsdRowSums<T> sums[kRowBlock];
   for (int r = 0; r < rows; ++r) sums[r].init();
   sweep_key_tiles(
@@ -253,30 +254,17 @@ void jsd_forward(const AttentionKLParams& p, int b, int h, int row0, int rows, T
         view.teacher.fill(row0, rows, key0, cols, scratch, /*normalized=*/true);
       },
       [&](int r, const KeyRange& columns) {
-        const T* log_p_s = scratch.student_scores.data() + r * kKeyTile;
-        const T* log_p_t = scratch.teacher_scores.data() + r * kKeyTile;
-        for (int c = columns.begin; c < columns.end; ++c)
-          jsd_add_key<T, CpuBase<T>>(sums[r], log_p_t[c], log_p_s[c], weights);
+        const T* log_p_s = scratch.student_scores.data() + r * kKeyTile + columns.begin;
+        const T* log_p_t = scratch.teacher_scores.data() + r * kKeyTile + columns.begin;
+        // The tiles hold log-probabilities already: row log-sum-exps 0.
+        sums[r].merge(jsd_sums(log_p_s, log_p_t, columns.end - columns.begin, T(0), T(0), beta));
       });
+  const JsdWeights<T> weights = JsdWeights<T>::mixture_weighted(beta);
   for (int r = 0; r < rows; ++r) {
     const int64_t idx = p.row_index(b, h, row0 + r);
     const JsdRowStats<T> stats = JsdRowStats<T>::template finalize<CpuBase<T>>(sums[r]);
     stats.store(static_cast<T*>(p.jsd_stats) + idx * JsdRowStats<T>::kCount);
     static_cast<T*>(p.kl)[idx] = stats.divergence(weights);
-  }
-}
-
-// In place: raw scores (s_j, t_j) of the n allowed keys of row idx -> g * (dJ/ds_j, dJ/dt_j) of the JSD.
-template <typename T>
-void jsd_grads_row(const AttentionKLParams& p, int64_t idx, T* s, T* t, int n, T lse_s, T lse_t, T g) {
-  const JsdWeights<T> weights = JsdWeights<T>::from_beta(static_cast<T>(p.beta));
-  const JsdRowStats<T> stats =
-      JsdRowStats<T>::load(static_cast<const T*>(p.jsd_stats) + idx * JsdRowStats<T>::kCount);
-  for (int c = 0; c < n; ++c) {
-    T grad_t, grad_s;
-    jsd_score_grads<T, CpuBase<T>>(t[c] - lse_t, s[c] - lse_s, stats, weights, g, grad_t, grad_s);
-    t[c] = grad_t;
-    s[c] = grad_s;
   }
 }
 
@@ -294,6 +282,7 @@ void gradient_tiles(const AttentionKLParams& p, const SideSlice<T>& student, con
   const T* lse_s = static_cast<const T*>(p.lse_student);
   const T* lse_t = static_cast<const T*>(p.lse_teacher);
   const T* grad_kl = static_cast<const T*>(p.grad_kl);
+  const T* jsd_stats = static_cast<const T*>(p.jsd_stats);
   for (int r = 0; r < rows; ++r) {
     const int64_t idx = p.row_index(b, h, row0 + r);
     T* s = scratch.student_scores.data() + r * kKeyTile;
@@ -304,7 +293,9 @@ void gradient_tiles(const AttentionKLParams& p, const SideSlice<T>& student, con
     for (int c = c_end; c < cols; ++c) s[c] = t[c] = T(0);
     const T row_lse_t = teacher_normalized ? T(0) : lse_t[idx];
     if (p.divergence == Divergence::kJsd) {
-      jsd_grads_row(p, idx, s + c_begin, t + c_begin, c_end - c_begin, lse_s[idx], row_lse_t, grad_kl[idx]);
+      const JsdRowStats<T> stats = JsdRowStats<T>::load(jsd_stats + idx * JsdRowStats<T>::kCount);
+      jsd_score_grads_row(s + c_begin, t + c_begin, c_end - c_begin, lse_s[idx], row_lse_t, static_cast<T>(p.beta),
+                          stats, grad_kl[idx]);
       continue;
     }
     const T lse_w = teacher_weights ? row_lse_t : lse_s[idx];

@@ -76,7 +76,7 @@ inline void score_grads_row_generic(T* s, T* t, int n, bool teacher_weights, T l
   }
 }
 
-// linear_kl's JSD (JsdWeights::mixture_weighted) through the shared core in online_kl.h.
+// The generalized JSD through the shared core in online_kl.h.
 template <typename T>
 inline JsdRowSums<T> jsd_sums_generic(const T* s, const T* t, int n, T lse_s, T lse_t, T beta) {
   const JsdWeights<T> weights = JsdWeights<T>::mixture_weighted(beta);
@@ -86,12 +86,10 @@ inline JsdRowSums<T> jsd_sums_generic(const T* s, const T* t, int n, T lse_s, T 
   return sums;
 }
 
-// With term weights equal to the mixture weights, u_t = mix_t and u_s = mix_s exactly (JsdRowSums), so the
-// backward needs only the two KL terms of the row.
 template <typename T>
-inline void jsd_score_grads_row_generic(T* s, T* t, int n, T lse_s, T lse_t, T beta, T kl_t_m, T kl_s_m, T g) {
+inline void jsd_score_grads_row_generic(T* s, T* t, int n, T lse_s, T lse_t, T beta, const JsdRowStats<T>& stats,
+                                        T g) {
   const JsdWeights<T> weights = JsdWeights<T>::mixture_weighted(beta);
-  const JsdRowStats<T> stats{kl_t_m, kl_s_m, weights.mix_t, weights.mix_s};
   for (int j = 0; j < n; ++j) {
     T grad_t, grad_s;
     jsd_score_grads<T, CpuBase<T>>(t[j] - lse_t, s[j] - lse_s, stats, weights, g, grad_t, grad_s);
@@ -150,18 +148,18 @@ JsdRowSums<float> jsd_sums(const float* s, const float* t, int n, float lse_s, f
 }
 
 STREAMKL_CPU_CLONES
-void jsd_score_grads_row(float* s, float* t, int n, float lse_s, float lse_t, float beta, float kl_t_m,
-                         float kl_s_m, float g) {
-  jsd_score_grads_row_generic(s, t, n, lse_s, lse_t, beta, kl_t_m, kl_s_m, g);
+void jsd_score_grads_row(float* s, float* t, int n, float lse_s, float lse_t, float beta,
+                         const JsdRowStats<float>& stats, float g) {
+  jsd_score_grads_row_generic(s, t, n, lse_s, lse_t, beta, stats, g);
 }
 
 JsdRowSums<double> jsd_sums(const double* s, const double* t, int n, double lse_s, double lse_t, double beta) {
   return jsd_sums_generic(s, t, n, lse_s, lse_t, beta);
 }
 
-void jsd_score_grads_row(double* s, double* t, int n, double lse_s, double lse_t, double beta, double kl_t_m,
-                         double kl_s_m, double g) {
-  jsd_score_grads_row_generic(s, t, n, lse_s, lse_t, beta, kl_t_m, kl_s_m, g);
+void jsd_score_grads_row(double* s, double* t, int n, double lse_s, double lse_t, double beta,
+                         const JsdRowStats<double>& stats, double g) {
+  jsd_score_grads_row_generic(s, t, n, lse_s, lse_t, beta, stats, g);
 }
 
 }  // namespace cpu

@@ -76,17 +76,18 @@ void score_grads_row(float* s, float* t, int n, bool teacher_weights, float lse_
 void score_grads_row(double* s, double* t, int n, bool teacher_weights, double lse_w, double lse_o, double div,
                      double g);
 
-// linear_kl's generalized JSD (JsdWeights::mixture_weighted, online_kl.h) over n keys of one row with both
-// log-sum-exps known (the second pass): the row's JsdRowSums (kl_t = KL(P_t || M), kl_s = KL(P_s || M)
-// restricted to these keys, natural units).
+// Pass 2 of the generalized JSD (JsdWeights::mixture_weighted, online_kl.h) over n allowed keys of one row, from
+// scores and their row's log-sum-exps (already log-probabilities: pass lse = 0): the row's JsdRowSums restricted
+// to these keys (natural units). Shared by attention_kl and linear_kl.
 JsdRowSums<float> jsd_sums(const float* s, const float* t, int n, float lse_s, float lse_t, float beta);
 JsdRowSums<double> jsd_sums(const double* s, const double* t, int n, double lse_s, double lse_t, double beta);
 
-// In place: (s_j, t_j) -> g * (dJ/ds_j, dJ/dt_j) for n keys of one row (jsd_score_grads).
-void jsd_score_grads_row(float* s, float* t, int n, float lse_s, float lse_t, float beta, float kl_t_m,
-                         float kl_s_m, float g);
-void jsd_score_grads_row(double* s, double* t, int n, double lse_s, double lse_t, double beta, double kl_t_m,
-                         double kl_s_m, double g);
+// In place: (s_j, t_j) -> g * (dJ/ds_j, dJ/dt_j) of the JSD for n allowed keys of one row (jsd_score_grads), with
+// the row's log-sum-exps and the statistics its forward saved.
+void jsd_score_grads_row(float* s, float* t, int n, float lse_s, float lse_t, float beta,
+                         const JsdRowStats<float>& stats, float g);
+void jsd_score_grads_row(double* s, double* t, int n, double lse_s, double lse_t, double beta,
+                         const JsdRowStats<double>& stats, double g);
 
 }  // namespace cpu
 }  // namespace streamkl

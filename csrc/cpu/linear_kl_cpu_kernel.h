@@ -154,22 +154,19 @@ void online_pass(const Problem<T>& pb, int64_t row0, int rows, Divergence diverg
   }
 }
 
-// Second JSD pass: KL(P_t || M) and KL(P_s || M) of each row, given both log-sum-exps.
+// Second JSD pass: the JsdRowSums (KL(P_t || M), KL(P_s || M)) of each row, given both log-sum-exps.
 template <typename T>
 void jsd_mixture_pass(const Problem<T>& pb, int64_t row0, int rows, const T* lse_s, const T* lse_t,
-                      Scratch<T>& scratch, T* kl_t_m, T* kl_s_m) {
+                      Scratch<T>& scratch, JsdRowSums<T>* sums) {
   const T beta = static_cast<T>(pb.p.beta);
-  std::fill(kl_t_m, kl_t_m + rows, T(0));
-  std::fill(kl_s_m, kl_s_m + rows, T(0));
+  for (int r = 0; r < rows; ++r) sums[r].init();
   for (int64_t v0 = 0; v0 < pb.p.vocab; v0 += kVocabTile) {
     const int cols = pb.tile_cols(v0);
     pb.logit_tiles(rows, v0, cols, scratch);
     for (int r = 0; r < rows; ++r) {
       if (pb.p.row_ignored(row0 + r)) continue;
-      const JsdRowSums<T> sums = jsd_sums(scratch.student.data() + r * kVocabTile, scratch.teacher.data() + r * kVocabTile,
-                                       cols, lse_s[r], lse_t[r], beta);
-      kl_t_m[r] += sums.kl_t;
-      kl_s_m[r] += sums.kl_s;
+      sums[r].merge(jsd_sums(scratch.student.data() + r * kVocabTile, scratch.teacher.data() + r * kVocabTile, cols,
+                             lse_s[r], lse_t[r], beta));
     }
   }
 }
@@ -184,19 +181,19 @@ void linear_kl_forward_block(const Problem<T>& pb, int64_t row0, int rows, Scrat
   const bool teacher_weights = teacher_is_weighting_side(divergence);
   OnlineKLState<T, CpuBase<T>> state[kTokenBlock];
   T label_logit[kTokenBlock] = {}, lse_s[kTokenBlock], lse_t[kTokenBlock];
-  T kl_t_m[kTokenBlock] = {}, kl_s_m[kTokenBlock] = {};
+  JsdRowSums<T> mix_sums[kTokenBlock] = {};  // stay 0 unless JSD
   pb.load_token_blocks(row0, rows, scratch);
   online_pass(pb, row0, rows, divergence, scratch, state, label_logit);
   for (int r = 0; r < rows; ++r) {
     lse_s[r] = teacher_weights ? state[r].lse_o() : state[r].lse_w();
     lse_t[r] = teacher_weights ? state[r].lse_w() : state[r].lse_o();
   }
-  if (jsd) jsd_mixture_pass(pb, row0, rows, lse_s, lse_t, scratch, kl_t_m, kl_s_m);
+  if (jsd) jsd_mixture_pass(pb, row0, rows, lse_s, lse_t, scratch, mix_sums);
 
   T* loss = static_cast<T*>(p.loss_rows);
   T* ce = static_cast<T*>(p.ce_rows);
   T* stats = static_cast<T*>(p.stats);
-  const T beta = static_cast<T>(p.beta);
+  const JsdWeights<T> jsd_weights = JsdWeights<T>::mixture_weighted(static_cast<T>(p.beta));
   for (int r = 0; r < rows; ++r) {
     const int64_t row = row0 + r;
     T* stat_col[kLinearNumStats];
@@ -206,15 +203,13 @@ void linear_kl_forward_block(const Problem<T>& pb, int64_t row0, int rows, Scrat
       for (int k = 0; k < kLinearNumStats; ++k) *stat_col[k] = T(0);
       continue;
     }
-    // Each KL is >= 0 exactly; rounding is not: clamp (NaN passes through, never hidden).
-    kl_t_m[r] = kl_t_m[r] < T(0) ? T(0) : kl_t_m[r];
-    kl_s_m[r] = kl_s_m[r] < T(0) ? T(0) : kl_s_m[r];
-    loss[row] = jsd ? beta * kl_t_m[r] + (T(1) - beta) * kl_s_m[r] : state[r].divergence();
+    const JsdRowStats<T> mix = JsdRowStats<T>::template finalize<CpuBase<T>>(mix_sums[r]);  // clamped at 0
+    loss[row] = jsd ? mix.divergence(jsd_weights) : state[r].divergence();
     ce[row] = p.with_ce ? lse_s[r] - label_logit[r] : T(0);
     *stat_col[kStatLseStudent] = lse_s[r];
     *stat_col[kStatLseTeacher] = lse_t[r];
-    *stat_col[kStatKlStudentMix] = kl_s_m[r];
-    *stat_col[kStatKlTeacherMix] = kl_t_m[r];
+    *stat_col[kStatKlStudentMix] = mix.kl_s;
+    *stat_col[kStatKlTeacherMix] = mix.kl_t;
   }
 }
 
@@ -246,8 +241,8 @@ void gradient_tiles(const Problem<T>& pb, int64_t row0, int rows, int64_t v0, in
     if (g_ce != T(0))  // softmax(s) before s is overwritten by the divergence's gradient
       for (int c = 0; c < cols; ++c) ce_grad[c] = g_ce * CpuBase<T>::exp(s[c] - lse_s);
     if (p.loss == LinearLoss::kJSD) {
-      jsd_score_grads_row(s, t, cols, lse_s, lse_t, static_cast<T>(p.beta), pb.stat(kStatKlTeacherMix, row),
-                          pb.stat(kStatKlStudentMix, row), g);
+      const JsdRowStats<T> mix{pb.stat(kStatKlTeacherMix, row), pb.stat(kStatKlStudentMix, row)};
+      jsd_score_grads_row(s, t, cols, lse_s, lse_t, static_cast<T>(p.beta), mix, g);
     } else {
       const bool teacher_weights = teacher_is_weighting_side(kl_divergence_of(p.loss));
       score_grads_row(s, t, cols, teacher_weights, teacher_weights ? lse_t : lse_s, teacher_weights ? lse_s : lse_t,

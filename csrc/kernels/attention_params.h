@@ -55,8 +55,9 @@ struct AttentionKLParams {
   const int32_t* cu_seqlens_k = nullptr;
 
   Divergence divergence = Divergence::kForward;
-  // Generalized JSD only (Divergence::kJsd): the parameter of JsdWeights::from_beta (online_kl.h), and the
-  // per-row JsdRowStats ([rows, JsdRowStats::kCount], same row order as kl) written by the forward's second
+  // Generalized JSD only (Divergence::kJsd): beta of JsdWeights::mixture_weighted (online_kl.h), 0 < beta < 1
+  // (the ops run beta = 0 / 1 as forward / reverse KL, see kernel_attention_params in ops/attention_inputs.h), and
+  // the per-row JsdRowStats ([rows, JsdRowStats::kCount], same row order as kl) written by the forward's second
   // pass and read by the backward.
   double beta = 0.5;
   void* jsd_stats = nullptr;

@@ -23,15 +23,21 @@ namespace streamkl {
 enum class LinearLoss : int {
   kForwardKL = 0,  // KL(P_t || P_s)
   kReverseKL = 1,  // KL(P_s || P_t)
-  // Generalized JSD (TRL / Liger convention): beta * KL(P_t || M) + (1 - beta) * KL(P_s || M) with
-  // M = beta * P_t + (1 - beta) * P_s, for 0 < beta < 1. The op maps beta = 0 to kForwardKL and beta = 1 to
-  // kReverseKL (the limits of the JSD divided by beta, resp. 1 - beta), so kernels see 0 < beta < 1 here.
+  // Generalized JSD, 0 < beta < 1 (convention and end points: jsd_divergence_for_beta in online_kl.h; the op maps
+  // beta = 0 / 1 to kForwardKL / kReverseKL through linear_loss_of).
   kJSD = 2,
 };
 
 // For the KL losses: the shared online core's divergence (weighting side).
 SKL_HOST_DEVICE Divergence kl_divergence_of(LinearLoss loss) {
   return loss == LinearLoss::kReverseKL ? Divergence::kReverse : Divergence::kForward;
+}
+
+// The loss that computes a divergence of the shared core.
+SKL_HOST_DEVICE LinearLoss linear_loss_of(Divergence divergence) {
+  if (divergence == Divergence::kForward) return LinearLoss::kForwardKL;
+  if (divergence == Divergence::kReverse) return LinearLoss::kReverseKL;
+  return LinearLoss::kJSD;
 }
 
 // Rows of the per-row statistics block `stats` ([kLinearNumStats, T], float / double, contiguous): what

@@ -21,7 +21,7 @@ namespace streamkl {
 enum class Divergence : int {
   kForward = 0,  // KL(P_teacher || P_student): weighting side = teacher
   kReverse = 1,  // KL(P_student || P_teacher): weighting side = student
-  kJsd = 2,      // generalized Jensen-Shannon, see JsdWeights below (two passes: LSEs first)
+  kJsd = 2,      // generalized Jensen-Shannon, see jsd_divergence_for_beta below (two passes: LSEs first)
 };
 
 SKL_HOST_DEVICE bool teacher_is_weighting_side(Divergence d) { return d == Divergence::kForward; }
@@ -189,108 +189,91 @@ SKL_HOST_DEVICE T log_add_exp(T x, T y) {
   return hi + Base::log(T(1) + Base::exp(lo - hi));
 }
 
-// Generalized Jensen-Shannon divergence with parameter beta in [0, 1]:
-//     JSD_beta = (1 - beta) KL(P_t || M) + beta KL(P_s || M),   M = beta P_t + (1 - beta) P_s.
-// beta = 0 gives M = P_s and JSD = KL(P_t || P_s) (forward KL); beta = 1 gives M = P_t and KL(P_s || P_t)
-// (reverse KL); beta = 1/2 the symmetric JSD. (The form beta KL(P_t||M) + (1-beta) KL(P_s||M) with this M,
-// used by TRL / Liger between their special-cased end points, tends to 0 at both ends instead.)
-// The kernels only see the weights below, so a convention lives in one named constructor: from_beta (the
-// attention ops) or mixture_weighted (linear_kl, TRL / Liger's form, term weights = mixture weights).
+// Generalized Jensen-Shannon divergence with parameter beta (TRL / Liger convention):
+//     JSD_beta = beta KL(P_t || M) + (1 - beta) KL(P_s || M),   M = beta P_t + (1 - beta) P_s,
+// beta = 1/2 being the symmetric JSD. The formula is 0 at both ends (M equals the distribution with weight 1);
+// there the divergence is defined as its limit divided by the vanishing weight: forward KL(P_t || P_s) at
+// beta = 0 and reverse KL(P_s || P_t) at beta = 1. The ops map those ends to the KL kernels
+// (jsd_divergence_for_beta), so the JSD kernels only ever see 0 < beta < 1.
+// Every term is formed from log-probabilities in log-sum-exp form (never log(p + q)): no NaN, and each KL
+// term is >= 0 up to rounding (clamped at the end).
+SKL_HOST_DEVICE Divergence jsd_divergence_for_beta(double beta) {
+  if (beta == 0.0) return Divergence::kForward;
+  if (beta == 1.0) return Divergence::kReverse;
+  return Divergence::kJsd;
+}
+
+// The mixture weights of one call: M = mix_t P_t + mix_s P_s, which are also the weights of the two KL terms.
 template <typename T>
 struct JsdWeights {
-  T weight_t, weight_s;          // weights of KL(P_t || M) and KL(P_s || M)
-  T mix_t, mix_s;                // mixture weights: M = mix_t P_t + mix_s P_s
-  T log_mix_t, log_mix_s;        // their natural logs (-inf for a zero weight), computed once per call
+  T mix_t, mix_s;          // beta, 1 - beta
+  T log_mix_t, log_mix_s;  // their natural logs, computed once per call
 
-  static SKL_HOST_DEVICE JsdWeights make(T weight_t, T weight_s, T mix_t, T mix_s) {
-    return JsdWeights{weight_t, weight_s, mix_t, mix_s, NaturalBase<T>::log(mix_t), NaturalBase<T>::log(mix_s)};
+  static SKL_HOST_DEVICE JsdWeights mixture_weighted(T beta) {
+    return JsdWeights{beta, T(1) - beta, NaturalBase<T>::log(beta), NaturalBase<T>::log(T(1) - beta)};
   }
-  static SKL_HOST_DEVICE JsdWeights from_beta(T beta) { return make(T(1) - beta, beta, beta, T(1) - beta); }
-  // beta KL(P_t || M) + (1 - beta) KL(P_s || M), M = beta P_t + (1 - beta) P_s (0 at beta = 0 and 1).
-  static SKL_HOST_DEVICE JsdWeights mixture_weighted(T beta) { return make(beta, T(1) - beta, beta, T(1) - beta); }
 };
 
-// Row sums of pass 2 of the JSD, from both log-probabilities of each allowed key (Base units):
-//     kl_t = KL(P_t || M), kl_s = KL(P_s || M)                           (the two terms of the divergence)
-//     u_t = sum_j r_t,j q_j,  u_s = sum_j r_s,j q_j                       (for the backward)
-// with r_t,j = mix_t p_t,j / m_j, r_s,j = mix_s p_s,j / m_j (both in [0, 1]) and q_j = weight_t p_t,j +
-// weight_s p_s,j. When the term weights equal the mixture weights q = m, u_t = mix_t, u_s = mix_s and the
-// backward reduces to the familiar w p (log(p / m) - KL); the end points of the convention above need the
-// general form. Plain sums (the LSEs are known by then): merging is addition.
+// Row sums of pass 2 of the JSD (the LSEs are known by then, so these are plain sums and merging is addition):
+//     kl_t = KL(P_t || M) = sum_j p_t,j (log p_t,j - log m_j),   kl_s = KL(P_s || M)   (Base log units).
 template <typename T>
 struct JsdRowSums {
-  T kl_t, kl_s, u_t, u_s;  // kl_* in Base log units until divergence()/stats are read out
+  T kl_t, kl_s;
 
-  SKL_HOST_DEVICE void init() { kl_t = kl_s = u_t = u_s = T(0); }
+  SKL_HOST_DEVICE void init() { kl_t = kl_s = T(0); }
   SKL_HOST_DEVICE void merge(const JsdRowSums& o) {
     kl_t += o.kl_t;
     kl_s += o.kl_s;
-    u_t += o.u_t;
-    u_s += o.u_s;
   }
 };
 
-// What the JSD needs of one key: mixture log-probability, both probabilities and the responsibilities.
+// log m_j = log(mix_t p_t,j + mix_s p_s,j) from both log-probabilities (Base units), in log-sum-exp form.
 template <typename T, typename Base = NaturalBase<T>>
-struct JsdKeyTerms {
-  T log_m, p_t, p_s, r_t, r_s, q;
-  static SKL_HOST_DEVICE JsdKeyTerms make(T log_p_t, T log_p_s, const JsdWeights<T>& w) {
-    const T log_mix_t = w.log_mix_t / Base::to_natural(), log_mix_s = w.log_mix_s / Base::to_natural();
-    JsdKeyTerms k;
-    k.log_m = log_add_exp<T, Base>(log_mix_t + log_p_t, log_mix_s + log_p_s);
-    k.p_t = Base::exp(log_p_t);
-    k.p_s = Base::exp(log_p_s);
-    k.r_t = Base::exp(log_mix_t + log_p_t - k.log_m);
-    k.r_s = Base::exp(log_mix_s + log_p_s - k.log_m);
-    k.q = w.weight_t * k.p_t + w.weight_s * k.p_s;
-    return k;
-  }
-};
+SKL_HOST_DEVICE T jsd_log_mixture(T log_p_t, T log_p_s, const JsdWeights<T>& w) {
+  return log_add_exp<T, Base>(log_p_t + w.log_mix_t / Base::to_natural(), log_p_s + w.log_mix_s / Base::to_natural());
+}
 
 // Adds one allowed key to the row sums.
 template <typename T, typename Base = NaturalBase<T>>
 SKL_HOST_DEVICE void jsd_add_key(JsdRowSums<T>& sums, T log_p_t, T log_p_s, const JsdWeights<T>& w) {
-  const JsdKeyTerms<T, Base> k = JsdKeyTerms<T, Base>::make(log_p_t, log_p_s, w);
-  sums.kl_t += k.p_t * (log_p_t - k.log_m);
-  sums.kl_s += k.p_s * (log_p_s - k.log_m);
-  sums.u_t += k.r_t * k.q;
-  sums.u_s += k.r_s * k.q;
+  const T log_m = jsd_log_mixture<T, Base>(log_p_t, log_p_s, w);
+  sums.kl_t += Base::exp(log_p_t) * (log_p_t - log_m);
+  sums.kl_s += Base::exp(log_p_s) * (log_p_s - log_m);
 }
 
-// Per-row statistics saved by the forward for the backward (natural units; the KLs clamped at 0, as they are
-// >= 0 exactly and only rounding makes them negative). Layout of the saved tensor: [..., 4] in this order.
+// Per-row statistics saved by the forward for the backward: the two KL terms in natural units, clamped at 0 (they
+// are >= 0 exactly; only rounding makes them negative). Saved as [..., kCount] in this order.
 template <typename T>
 struct JsdRowStats {
-  T kl_t, kl_s, u_t, u_s;
-  static constexpr int kCount = 4;
+  T kl_t, kl_s;
+  static constexpr int kCount = 2;
   template <typename Base>
   static SKL_HOST_DEVICE JsdRowStats finalize(const JsdRowSums<T>& s) {
     const T kl_t = s.kl_t * Base::to_natural(), kl_s = s.kl_s * Base::to_natural();
-    return JsdRowStats{kl_t < T(0) ? T(0) : kl_t, kl_s < T(0) ? T(0) : kl_s, s.u_t, s.u_s};
+    return JsdRowStats{kl_t < T(0) ? T(0) : kl_t, kl_s < T(0) ? T(0) : kl_s};
   }
-  SKL_HOST_DEVICE T divergence(const JsdWeights<T>& w) const { return w.weight_t * kl_t + w.weight_s * kl_s; }
+  SKL_HOST_DEVICE T divergence(const JsdWeights<T>& w) const { return w.mix_t * kl_t + w.mix_s * kl_s; }
   SKL_HOST_DEVICE void store(T* out) const {
     out[0] = kl_t;
     out[1] = kl_s;
-    out[2] = u_t;
-    out[3] = u_s;
   }
-  static SKL_HOST_DEVICE JsdRowStats load(const T* in) { return JsdRowStats{in[0], in[1], in[2], in[3]}; }
+  static SKL_HOST_DEVICE JsdRowStats load(const T* in) { return JsdRowStats{in[0], in[1]}; }
 };
 
 // Gradient of one row's JSD with respect to the teacher and student scores of one key (log-probabilities in
 // Base units), times the row's incoming gradient g:
-//     dJ/dt_j = weight_t p_t,j (log(p_t,j / m_j) - KL_t) - r_t,j q_j + p_t,j u_t
-//     dJ/ds_j = weight_s p_s,j (log(p_s,j / m_j) - KL_s) - r_s,j q_j + p_s,j u_s
-// (softmax Jacobian applied to dJ/dp, whose mixture part -mix (q_j / m_j) is what r q and p u carry).
+//     dJ/dt_j = beta p_t,j (log(p_t,j / m_j) - KL(P_t || M))
+//     dJ/ds_j = (1 - beta) p_s,j (log(p_s,j / m_j) - KL(P_s || M))
+// (the softmax Jacobian applied to dJ/dp_t,j = beta log(p_t,j / m_j): because the terms are weighted by the
+// mixture weights, the derivative through M, -beta m_j / m_j, cancels the +beta of d(p log p)/dp).
 template <typename T, typename Base = NaturalBase<T>>
 SKL_HOST_DEVICE void jsd_score_grads(T log_p_t, T log_p_s, const JsdRowStats<T>& st, const JsdWeights<T>& w, T g,
                                      T& grad_t, T& grad_s) {
-  const JsdKeyTerms<T, Base> k = JsdKeyTerms<T, Base>::make(log_p_t, log_p_s, w);
-  const T log_ratio_t = (log_p_t - k.log_m) * Base::to_natural();
-  const T log_ratio_s = (log_p_s - k.log_m) * Base::to_natural();
-  grad_t = g * (w.weight_t * k.p_t * (log_ratio_t - st.kl_t) - k.r_t * k.q + k.p_t * st.u_t);
-  grad_s = g * (w.weight_s * k.p_s * (log_ratio_s - st.kl_s) - k.r_s * k.q + k.p_s * st.u_s);
+  const T log_m = jsd_log_mixture<T, Base>(log_p_t, log_p_s, w);
+  const T log_ratio_t = (log_p_t - log_m) * Base::to_natural();
+  const T log_ratio_s = (log_p_s - log_m) * Base::to_natural();
+  grad_t = g * w.mix_t * Base::exp(log_p_t) * (log_ratio_t - st.kl_t);
+  grad_s = g * w.mix_s * Base::exp(log_p_s) * (log_ratio_s - st.kl_s);
 }
 
 // Head-aggregated teacher: log pbar_j = log((1/r) sum_g p^g_j), accumulated one teacher head at a time in

@@ -26,6 +26,12 @@ void check_jsd_beta(double beta) {
                     beta);
 }
 
+AttentionKLParams kernel_attention_params(const AttentionKLParams& op_params) {
+  AttentionKLParams p = op_params;
+  if (p.divergence == Divergence::kJsd) p.divergence = jsd_divergence_for_beta(p.beta);
+  return p;
+}
+
 void check_attention_inputs(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
                             const at::Tensor& k_t, double scale_s, double scale_t, const TensorLayout& layout,
                             int64_t teacher_head_group) {

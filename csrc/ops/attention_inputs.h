@@ -16,6 +16,11 @@ Divergence parse_divergence(const std::string& name);
 Divergence parse_divergence_or_jsd(const std::string& name);
 // beta of the generalized JSD: finite and in [0, 1] (ValueError otherwise).
 void check_jsd_beta(double beta);
+// What the kernels run for an op's parameters: a generalized JSD at beta = 0 / 1 becomes the forward / reverse KL
+// it is defined to be there (jsd_divergence_for_beta in kernels/online_kl.h, the mapping linear_kl uses too), so
+// the JSD kernels only see 0 < beta < 1. The one place where every attention op (padded and varlen, any backend)
+// applies the end points; the op's parameters keep kJsd so that its outputs keep the JSD's shapes.
+AttentionKLParams kernel_attention_params(const AttentionKLParams& op_params);
 
 // Which dimension of a q / k tensor holds what: padded [batch, heads, seq, head_dim] or varlen-packed
 // [total_tokens, heads, head_dim] (no batch dimension: sequences are delimited by cu_seqlens).
@@ -97,7 +102,7 @@ AttentionKLParams make_backward_params(const at::Tensor& q_s, const at::Tensor& 
                                        const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
                                        Divergence divergence, const BackwardRowInputs& rows, at::Tensor& dq_s,
                                        at::Tensor& dk_s, at::Tensor& dq_t, at::Tensor& dk_t, bool teacher_grad);
-// The JSD's per-row statistics saved by the forward: shape q_s.shape[:-1] + [4] (JsdRowStats), made contiguous
+// The JSD's per-row statistics saved by the forward: shape q_s.shape[:-1] + [JsdRowStats::kCount], made contiguous
 // in the statistics dtype.
 at::Tensor prepare_jsd_stats(const at::Tensor& q_s, const at::Tensor& jsd_stats, at::ScalarType stats);
 

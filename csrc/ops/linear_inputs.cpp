@@ -10,11 +10,7 @@ namespace {
 LinearLoss parse_linear_loss(const std::string& name, double beta) {
   if (name == "forward") return LinearLoss::kForwardKL;
   if (name == "reverse") return LinearLoss::kReverseKL;
-  if (name == "jsd") {
-    if (beta == 0.0) return LinearLoss::kForwardKL;
-    if (beta == 1.0) return LinearLoss::kReverseKL;
-    return LinearLoss::kJSD;
-  }
+  if (name == "jsd") return linear_loss_of(jsd_divergence_for_beta(beta));  // beta = 0 / 1: the KLs
   TORCH_CHECK_VALUE(false, "streamkl: divergence must be 'forward', 'reverse' or 'jsd', got '", name, "'");
 }
 

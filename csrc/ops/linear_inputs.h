@@ -14,7 +14,7 @@
 namespace streamkl {
 
 // The op's scalar options, checked. "jsd" with beta = 0 / 1 becomes forward / reverse KL (the TRL / Liger
-// convention for the endpoints).
+// end points, jsd_divergence_for_beta in kernels/online_kl.h).
 struct LinearOptions {
   LinearLoss loss;
   double inv_temperature;

@@ -25,11 +25,12 @@ TORCH_LIBRARY(streamkl, m) {
       "bool teacher_grad, int window_left=-1, int window_right=-1, str teacher_head_reduce=\"none\") -> "
       "(Tensor dq_s, Tensor dk_s, Tensor dq_t, Tensor dk_t)");
 
-  // Generalized Jensen-Shannon divergence with parameter beta in [0, 1] (same inputs and masks as above):
-  //   JSD_beta = (1 - beta) KL(P_t || M) + beta KL(P_s || M),  M = beta P_t + (1 - beta) P_s,
-  // so beta = 0 is forward KL, beta = 1 reverse KL, beta = 0.5 the symmetric JSD. Two passes (both LSEs, then
-  // the mixture). Returns jsd, lse_s, lse_t ([B, H, N_q]) and jsd_stats [B, H, N_q, 4], the per-row
-  // (KL(P_t||M), KL(P_s||M), u_t, u_s) the backward needs (see JsdRowStats in csrc/kernels/online_kl.h).
+  // Generalized Jensen-Shannon divergence with parameter beta in [0, 1] (same inputs and masks as above), the
+  // convention of linear_kl (TRL / Liger; csrc/kernels/online_kl.h, jsd_divergence_for_beta):
+  //   JSD_beta = beta KL(P_t || M) + (1 - beta) KL(P_s || M),  M = beta P_t + (1 - beta) P_s,  0 < beta < 1,
+  // and exactly forward KL(P_t || P_s) at beta = 0, reverse KL(P_s || P_t) at beta = 1. Two passes (both LSEs,
+  // then the mixture; one pass at beta = 0 / 1). Returns jsd, lse_s, lse_t ([B, H, N_q]) and jsd_stats
+  // [B, H, N_q, 2], the per-row (KL(P_t||M), KL(P_s||M)) the backward needs (JsdRowStats; zeros at beta = 0 / 1).
   m.def(
       "attention_jsd_fwd(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, float scale_s, float scale_t, "
       "bool causal, float beta, int window_left=-1, int window_right=-1, str teacher_head_reduce=\"none\", "
@@ -44,7 +45,7 @@ TORCH_LIBRARY(streamkl, m) {
   // cu_seqlens_*[b] .. cu_seqlens_*[b+1] (int32, length B + 1, starting at 0, non-decreasing, ending at the
   // total); max_seqlen_* >= every sequence's length. Masks are aligned bottom-right per sequence.
   // divergence: "forward", "reverse" or "jsd" (with beta, as attention_jsd_fwd). Returns kl, lse_s, lse_t, each
-  // [total_q, H], and jsd_stats ([total_q, H, 4] for "jsd", an empty [0] tensor for the KL divergences). A
+  // [total_q, H], and jsd_stats ([total_q, H, 2] for "jsd", an empty [0] tensor for the KL divergences). A
   // sequence with no keys gives 0 and zero gradients.
   m.def(
       "attention_kl_varlen_fwd(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor cu_seqlens_q, "
