@@ -86,12 +86,10 @@ inline JsdRowSums<T> jsd_sums_generic(const T* s, const T* t, int n, T lse_s, T 
   return sums;
 }
 
-// With term weights equal to the mixture weights, u_t = mix_t and u_s = mix_s exactly (JsdRowSums), so the
-// backward needs only the two KL terms of the row.
 template <typename T>
 inline void jsd_score_grads_row_generic(T* s, T* t, int n, T lse_s, T lse_t, T beta, T kl_t_m, T kl_s_m, T g) {
   const JsdWeights<T> weights = JsdWeights<T>::mixture_weighted(beta);
-  const JsdRowStats<T> stats{kl_t_m, kl_s_m, weights.mix_t, weights.mix_s};
+  const JsdRowStats<T> stats = JsdRowStats<T>::mixture_weighted(kl_t_m, kl_s_m, weights);
   for (int j = 0; j < n; ++j) {
     T grad_t, grad_s;
     jsd_score_grads<T, CpuBase<T>>(t[j] - lse_t, s[j] - lse_s, stats, weights, g, grad_t, grad_s);

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../kernels/linear_params.h"
+#include "../kernels/linear_row_outputs.h"
 #include "../kernels/online_kl.h"
 #include "cpu_math.h"
 
@@ -154,22 +155,19 @@ void online_pass(const Problem<T>& pb, int64_t row0, int rows, Divergence diverg
   }
 }
 
-// Second JSD pass: KL(P_t || M) and KL(P_s || M) of each row, given both log-sum-exps.
+// Second JSD pass: the JSD row sums of each row (KL(P_t || M), KL(P_s || M)), given both log-sum-exps.
 template <typename T>
 void jsd_mixture_pass(const Problem<T>& pb, int64_t row0, int rows, const T* lse_s, const T* lse_t,
-                      Scratch<T>& scratch, T* kl_t_m, T* kl_s_m) {
+                      Scratch<T>& scratch, JsdRowSums<T>* sums) {
   const T beta = static_cast<T>(pb.p.beta);
-  std::fill(kl_t_m, kl_t_m + rows, T(0));
-  std::fill(kl_s_m, kl_s_m + rows, T(0));
+  for (int r = 0; r < rows; ++r) sums[r].init();
   for (int64_t v0 = 0; v0 < pb.p.vocab; v0 += kVocabTile) {
     const int cols = pb.tile_cols(v0);
     pb.logit_tiles(rows, v0, cols, scratch);
     for (int r = 0; r < rows; ++r) {
       if (pb.p.row_ignored(row0 + r)) continue;
-      const JsdRowSums<T> sums = jsd_sums(scratch.student.data() + r * kVocabTile, scratch.teacher.data() + r * kVocabTile,
-                                       cols, lse_s[r], lse_t[r], beta);
-      kl_t_m[r] += sums.kl_t;
-      kl_s_m[r] += sums.kl_s;
+      sums[r].merge(jsd_sums(scratch.student.data() + r * kVocabTile, scratch.teacher.data() + r * kVocabTile, cols,
+                             lse_s[r], lse_t[r], beta));
     }
   }
 }
@@ -184,37 +182,24 @@ void linear_kl_forward_block(const Problem<T>& pb, int64_t row0, int rows, Scrat
   const bool teacher_weights = teacher_is_weighting_side(divergence);
   OnlineKLState<T, CpuBase<T>> state[kTokenBlock];
   T label_logit[kTokenBlock] = {}, lse_s[kTokenBlock], lse_t[kTokenBlock];
-  T kl_t_m[kTokenBlock] = {}, kl_s_m[kTokenBlock] = {};
+  JsdRowSums<T> mixture[kTokenBlock];
   pb.load_token_blocks(row0, rows, scratch);
   online_pass(pb, row0, rows, divergence, scratch, state, label_logit);
-  for (int r = 0; r < rows; ++r) {
-    lse_s[r] = teacher_weights ? state[r].lse_o() : state[r].lse_w();
-    lse_t[r] = teacher_weights ? state[r].lse_w() : state[r].lse_o();
+  if (jsd) {
+    for (int r = 0; r < rows; ++r) student_teacher_lse(state[r], teacher_weights, lse_s[r], lse_t[r]);
+    jsd_mixture_pass(pb, row0, rows, lse_s, lse_t, scratch, mixture);
   }
-  if (jsd) jsd_mixture_pass(pb, row0, rows, lse_s, lse_t, scratch, kl_t_m, kl_s_m);
-
-  T* loss = static_cast<T*>(p.loss_rows);
-  T* ce = static_cast<T*>(p.ce_rows);
-  T* stats = static_cast<T*>(p.stats);
-  const T beta = static_cast<T>(p.beta);
+  const JsdWeights<T> weights = JsdWeights<T>::mixture_weighted(static_cast<T>(p.beta));
   for (int r = 0; r < rows; ++r) {
     const int64_t row = row0 + r;
-    T* stat_col[kLinearNumStats];
-    for (int k = 0; k < kLinearNumStats; ++k) stat_col[k] = stats + k * p.num_rows + row;
     if (p.row_ignored(row)) {
-      loss[row] = ce[row] = T(0);
-      for (int k = 0; k < kLinearNumStats; ++k) *stat_col[k] = T(0);
+      LinearRowOutputs<T>::zeros().store(p, row);
       continue;
     }
-    // Each KL is >= 0 exactly; rounding is not: clamp (NaN passes through, never hidden).
-    kl_t_m[r] = kl_t_m[r] < T(0) ? T(0) : kl_t_m[r];
-    kl_s_m[r] = kl_s_m[r] < T(0) ? T(0) : kl_s_m[r];
-    loss[row] = jsd ? beta * kl_t_m[r] + (T(1) - beta) * kl_s_m[r] : state[r].divergence();
-    ce[row] = p.with_ce ? lse_s[r] - label_logit[r] : T(0);
-    *stat_col[kStatLseStudent] = lse_s[r];
-    *stat_col[kStatLseTeacher] = lse_t[r];
-    *stat_col[kStatKlStudentMix] = kl_s_m[r];
-    *stat_col[kStatKlTeacherMix] = kl_t_m[r];
+    // jsd_sums works in natural units (CpuBase); finalize clamps the KL terms at 0.
+    const JsdRowStats<T> jsd_terms =
+        jsd ? JsdRowStats<T>::template finalize<NaturalBase<T>>(mixture[r]) : JsdRowStats<T>{};
+    LinearRowOutputs<T>::finish(p, state[r], teacher_weights, jsd_terms, weights, label_logit[r]).store(p, row);
   }
 }
 

@@ -276,6 +276,11 @@ struct JsdRowStats {
     out[3] = u_s;
   }
   static SKL_HOST_DEVICE JsdRowStats load(const T* in) { return JsdRowStats{in[0], in[1], in[2], in[3]}; }
+  // Under JsdWeights::mixture_weighted (term weights = mixture weights) u_t = mix_t and u_s = mix_s exactly
+  // (JsdRowSums), so a row's two KL terms are all the backward needs to have saved.
+  static SKL_HOST_DEVICE JsdRowStats mixture_weighted(T kl_t, T kl_s, const JsdWeights<T>& w) {
+    return JsdRowStats{kl_t, kl_s, w.mix_t, w.mix_s};
+  }
 };
 
 // Gradient of one row's JSD with respect to the teacher and student scores of one key (log-probabilities in
