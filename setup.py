@@ -55,7 +55,20 @@ def _extension():
         sources + cuda_sources,
         define_macros=[("STREAMKL_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        libraries=_cublas_libraries(),
     )
+
+
+def _cublas_libraries():
+    """linear_kl's CUDA backend calls cuBLAS directly (csrc/cuda/linear_kl_gemm.cpp): name libcublas among the
+    extension's dependencies when the toolkit ships it, so its symbols do not depend on how torch loaded its own
+    copy (same major version: torch's build refuses a toolkit of another major). Otherwise the symbols resolve
+    through libtorch_cuda's dependency on libcublas."""
+    for sub in ("lib64", "lib"):  # the library directories torch's CUDAExtension adds
+        if os.path.exists(os.path.join(cpp_extension.CUDA_HOME, sub, "libcublas.so")):
+            return ["cublas"]
+    print("streamkl: libcublas.so not found under CUDA_HOME; cuBLAS symbols will resolve through libtorch_cuda")
+    return []
 
 
 setup(

@@ -5,7 +5,9 @@ For each number of tokens T (default bf16, V = 152064 (Qwen2), D_s = 3584, D_t =
 16k}) it measures the forward+backward (loss, then gradients w.r.t. the student's x_s and w_s; the teacher is
 detached, as in distillation) and the forward alone (student requiring grad) of:
 
-    ours           streamkl.linear_kl (streaming over vocabulary tiles, O(T) extra memory)
+    ours           streamkl.linear_kl (streaming over vocabulary tiles: O(T) extra memory on the CPU; on CUDA
+                   the interim cuBLAS + StreamKL-epilogue design, O(T) plus chunk workspaces within
+                   --workspace-mb, exported as STREAMKL_LINEAR_WORKSPACE_MB)
     eager          full [T, V] logits in eager PyTorch (bench/linear_baselines.py)
     compile        torch.compile of eager
     chunked        vocabulary-chunked torch.compile'd PyTorch (the Nitrobrew approach; forward KL only)
@@ -44,6 +46,7 @@ import linear_baselines as baselines  # noqa: E402
 from streamkl import benchmark as bm  # noqa: E402
 
 METHODS = ("ours", "eager", "compile", "chunked", "liger", "liger_chunked")
+WORKSPACE_ENV, DEFAULT_WORKSPACE_MB = "STREAMKL_LINEAR_WORKSPACE_MB", 512.0  # csrc/cuda/linear_vocab_chunks.h
 PASSES = ("fwd", "fwd+bwd")
 GB = 1e9
 
@@ -207,6 +210,9 @@ def print_report(args, env, records, elapsed):
     print(f"V={args.vocab} D_s={args.dim_s} D_t={args.dim_t} {args.dtype}, {args.divergence}"
           f"{f' (beta={args.beta})' if args.divergence == 'jsd' else ''} tau={args.temperature}, grads w.r.t. "
           f"x_s, w_s; timing: {env['timing']}, median; memory: {env['memory']}")
+    if args.device == "cuda":
+        print(f"ours on CUDA: interim cuBLAS + StreamKL-epilogue design, chunk workspaces <= {args.workspace_mb:g} "
+              f"MiB")
     print("\nmedian time, ms (fwd / fwd+bwd)")
     print(table(records, args.methods, args.tokens, "time"))
     print("\npeak extra memory, GB (M = MiB) (fwd / fwd+bwd)")
@@ -272,6 +278,9 @@ def build_parser():
     p.add_argument("--chunk", type=int, default=8192, help="vocabulary chunk of the chunked baseline")
     p.add_argument("--repeats", type=int, help="timed calls (GPU: at least this many; CPU default 3)")
     p.add_argument("--mem-limit-gb", type=float, help="skip cells estimated above this (GPU default 75)")
+    p.add_argument("--workspace-mb", type=float,
+                   help="ours on CUDA: budget of the vocabulary-chunk workspaces in MiB (sets "
+                        "STREAMKL_LINEAR_WORKSPACE_MB; default: the environment's value, else 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", metavar="DIR", help="write linear_bench.json (and .png with matplotlib) here")
     p.add_argument("--quiet", "-q", action="store_true")
@@ -294,6 +303,9 @@ def resolve_args(args) -> torch.device:
         raise SystemExit(f"bench/linear.py: unknown method(s) {unknown}; choose from {list(METHODS)}")
     if args.no_compile:
         args.methods = [m for m in args.methods if m != "compile"]
+    if args.workspace_mb is not None:
+        os.environ[WORKSPACE_ENV] = str(args.workspace_mb)
+    args.workspace_mb = float(os.environ.get(WORKSPACE_ENV, DEFAULT_WORKSPACE_MB))
     if args.mem_limit_gb is None:
         free = bm.available_memory_bytes(device)
         args.mem_limit_gb = 75.0 if device.type == "cuda" else (0.8 * free / GB if free else 8.0)

@@ -10,6 +10,7 @@ from ._validation import REDUCTIONS, check_same_dtype_device
 
 LINEAR_DIVERGENCES = ("forward", "reverse", "jsd")
 NUM_STATS = 4  # rows of the forward's per-row statistics (csrc/kernels/linear_params.h, LinearStat)
+CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # csrc/cuda/linear_kl_cuda.cpp
 
 
 def _check_float(name, t, x_s, where):
@@ -27,6 +28,10 @@ def check_linear_tensors(x_s, w_s, x_t, w_t, b_s=None, b_t=None, labels=None, *,
     for name, t in (("w_s", w_s), ("x_t", x_t), ("w_t", w_t), ("b_s", b_s), ("b_t", b_t)):
         if t is not None:
             _check_float(name, t, x_s, where)
+    if x_s.device.type == "cuda" and x_s.dtype not in CUDA_DTYPES:
+        raise ValueError(f"{where}: linear_kl on CUDA takes float32, bfloat16 or float16 inputs (logits and "
+                         f"statistics are kept in float32 whatever the input dtype); got {x_s.dtype}. Cast the "
+                         f"inputs, or run float64 on the CPU.")
     for name, x, w, b, d in (("s", x_s, w_s, b_s, "D_s"), ("t", x_t, w_t, b_t, "D_t")):
         if (x.dim() != 2) if flat else (x.dim() < 1):
             raise ValueError(f"{where}: x_{name} must be {'2-D [T, ' if flat else '[..., '}{d}], got shape "

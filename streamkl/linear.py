@@ -40,8 +40,9 @@ def linear_kl(x_s: torch.Tensor, w_s: torch.Tensor, x_t: torch.Tensor, w_t: torc
                                for 0 < beta < 1; exactly forward KL at beta = 0 and reverse KL at beta = 1
                                (TRL / Liger: the limits of the JSD divided by beta, resp. 1 - beta)
 
-    computed by streaming over vocabulary tiles with the online two-softmax core: extra memory is O(T).
-    Logits and softmax statistics are kept in fp32 (fp64 for fp64 inputs), never rounded to bf16/fp16.
+    computed by streaming over vocabulary tiles with the online two-softmax core: neither ``[T, V]`` logit matrix
+    is ever stored. Logits and softmax statistics are kept in fp32 (fp64 for fp64 inputs on the CPU), never
+    rounded to bf16/fp16.
 
     Args:
         x_s, w_s: student hidden states ``[..., D_s]`` and output embedding ``[V, D_s]``.
@@ -64,7 +65,22 @@ def linear_kl(x_s: torch.Tensor, w_s: torch.Tensor, x_t: torch.Tensor, w_t: torc
         float32 tensor (float64 for float64 inputs). Gradients flow to ``x_s, w_s, b_s``, and to ``x_t, w_t,
         b_t`` when they require grad.
 
-    Devices: CPU. CUDA tensors raise NotImplementedError until the CUDA kernel lands.
+    Devices and precision:
+        CPU: float32 and float64 natively; float16 / bfloat16 inputs are upcast to float32 once. Extra memory
+        O(T) plus small per-thread tiles.
+
+        CUDA: float32, bfloat16 and float16 (float64 raises a ValueError: run it on the CPU). This is an interim
+        "hybrid" design, until a fused CuTe/wgmma GEMM + epilogue kernel replaces it: the vocabulary is streamed
+        in chunks of ``Vc`` columns; the matrix products run on cuBLAS (fp32 accumulation, logits written in fp32,
+        never rounded to the input dtype; fp32 inputs get true fp32 products, no TF32), and the online-softmax
+        and gradient epilogues are StreamKL kernels sharing the CPU's online two-softmax core. Extra memory is
+        O(T) plus the chunk workspaces (two fp32 ``[T, Vc]`` logit chunks, and the backward's ``[T, Vc]``
+        gradient chunks in the input dtype), which stay within a budget of 512 MiB by default, set by the
+        environment variable ``STREAMKL_LINEAR_WORKSPACE_MB`` (``Vc`` = V when everything fits, else a multiple
+        of 128). The logit gradients are rounded to the input dtype once before the cuBLAS products that give
+        ``dx`` (accumulated in fp32 across chunks), ``dw`` and ``db``. With float16 inputs those gradients live in
+        float16's range, as in any float16 training: tiny ones (a mean over many rows at a large V) underflow
+        unless the loss is scaled (``torch.amp.GradScaler``). bfloat16 has no such issue.
     """
     where = "streamkl.linear_kl"
     check_linear_tensors(x_s, w_s, x_t, w_t, b_s, b_t, labels, where=where)
@@ -72,8 +88,9 @@ def linear_kl(x_s: torch.Tensor, w_s: torch.Tensor, x_t: torch.Tensor, w_t: torc
                          has_labels=labels is not None, where=where)
     if x_s.device.type not in _KERNEL_DEVICES:
         raise NotImplementedError(
-            f"{where}: no {x_s.device.type.upper()} kernel in this build of streamkl (linear_kl runs on the CPU "
-            f"only for now; the CUDA kernel is planned). Move the inputs to the CPU or use another loss.")
+            f"{where}: no {x_s.device.type.upper()} kernel in this build of streamkl (kernels: "
+            f"{', '.join(sorted(_KERNEL_DEVICES))}). For CUDA, build streamkl with a CUDA toolkit and a CUDA build "
+            f"of torch; otherwise move the inputs to the CPU.")
     lead = x_s.shape[:-1]
     flat_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
     loss, ce, _ = _linear_ops.ops.linear_kl_fwd(

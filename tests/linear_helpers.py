@@ -3,7 +3,7 @@
 import torch
 
 import streamkl
-from helpers import randn
+from helpers import assert_grads_close, assert_rel_close, randn, seed_of
 
 NAMES = ("x_s", "w_s", "b_s", "x_t", "w_t", "b_t")
 
@@ -66,3 +66,37 @@ def reference_and_grads(inputs, grad_out=None, **kwargs):
 def ours_and_grads(inputs, grad_out=None, **kwargs):
     """streamkl.linear_kl's output and gradients (see output_and_grads)."""
     return output_and_grads(streamkl.linear_kl, inputs, grad_out, **kwargs)
+
+
+def linear_op_args(divergence, beta, dtype, bias, labels, with_ce, *, seed, device="cpu", requires_grad=False):
+    """Arguments of ``torch.ops.streamkl.linear_kl_fwd`` for opcheck: T = 37, V = 70, D_s = 8, D_t = 16."""
+    x_s, w_s, b_s, x_t, w_t, b_t = make_linear_inputs((37,), 70, 8, 16, seed=seed, dtype=dtype, device=device,
+                                                      bias=(bias, bias), requires_grad=requires_grad)
+    lab = make_labels((37,), 70, seed=seed, ignore_every=5, device=device) if labels else None
+    return (x_s, w_s, b_s, x_t, w_t, b_t, lab, 1.0, divergence, beta, -100, with_ce)
+
+
+def compile_loss_fn(x_s, w_s, b_s, x_t, w_t, b_t, labels, *, divergence):
+    """The loss that the torch.compile tests compile: every option that changes the graph around the op."""
+    return streamkl.linear_kl(x_s, w_s, x_t, w_t, b_s=b_s, b_t=b_t, labels=labels, divergence=divergence, beta=0.3,
+                              ce_weight=0.5, scale_by_temperature_sq=True)
+
+
+def compile_and_compare(backend, divergence, dtype, teacher_grad, tol, *, device="cpu"):
+    """torch.compile(fullgraph=True) of compile_loss_fn, forward and backward, against eager on fresh inputs."""
+    seed = seed_of("linear-compile", backend, divergence, dtype, teacher_grad, device)
+    inputs = make_linear_inputs((3, 13), 90, 8, 16, seed=seed, dtype=dtype, device=device, bias=(True, True),
+                                teacher_requires_grad=teacher_grad)
+    labels = make_labels((3, 13), 90, seed=seed, ignore_every=4, device=device)
+    eager_inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    torch._dynamo.reset()
+    compiled = torch.compile(compile_loss_fn, fullgraph=True, backend=backend, dynamic=False)
+    loss = compiled(*inputs, labels, divergence=divergence)
+    loss.backward()
+    eager = compile_loss_fn(*eager_inputs, labels, divergence=divergence)
+    eager.backward()
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert_rel_close(loss, eager, tol, "compiled loss")
+    wanted = [t for t in inputs if t.requires_grad]
+    assert_grads_close([t.grad for t in wanted], [t.grad for t in eager_inputs if t.requires_grad], tol,
+                       names=[f"input{i}" for i in range(len(wanted))])

@@ -1,8 +1,8 @@
 """Compile-only check of the CUDA kernels, for machines without a GPU (CI).
 
-Builds one instantiation of each kernel family (forward, backward) with nvcc for sm_80 and sm_90a, so kernel
-breakage is caught where no GPU exists to run the CUDA tests. Skipped when nvcc or the CUTLASS headers are
-missing (the README's install command installs the headers).
+Builds one instantiation of each attention kernel family (forward, backward) and linear_kl's torch-free
+epilogue kernels with nvcc for sm_80 and sm_90a, so kernel breakage is caught where no GPU exists to run the CUDA
+tests. Skipped when nvcc or the CUTLASS headers are missing (the README's install command installs the headers).
 """
 
 import os
@@ -16,7 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import build_config  # noqa: E402
 
-INSTANTIATIONS = ["fwd_bf16_hd64x128.cu", "bwd_bf16_hd64x128.cu"]
+# Paths under csrc/cuda.
+INSTANTIATIONS = ["instantiations/fwd_bf16_hd64x128.cu", "instantiations/bwd_bf16_hd64x128.cu",
+                  "linear_kl_epilogue.cu"]
 ARCHS = ["80", "90"]
 
 
@@ -37,8 +39,9 @@ def test_kernel_families_compile_for_sm80_and_sm90(tmp_path):
     jobs = []
     for name in INSTANTIATIONS:
         for arch in ARCHS:
-            src = os.path.join(ROOT, "csrc", "cuda", "instantiations", name)
-            cmd = ([_nvcc(), "-c", src, "-o", str(tmp_path / f"{name}.{arch}.o"), "-I" + _cutlass(), "-Xptxas", "-v"] +
+            src = os.path.join(ROOT, "csrc", "cuda", name)
+            obj = tmp_path / f"{os.path.basename(name)}.{arch}.o"
+            cmd = ([_nvcc(), "-c", src, "-o", str(obj), "-I" + _cutlass(), "-Xptxas", "-v"] +
                    build_config.nvcc_flags([arch]))
             jobs.append((name, arch, cmd))
     # Two compiles at a time: CI machines have 2 cores.
@@ -54,4 +57,4 @@ def test_kernel_families_compile_for_sm80_and_sm90(tmp_path):
     assert not failures, "nvcc failed:\n" + "\n\n".join(f"{n} sm_{a}:\n{log}" for n, a, log in failures)
     for name in INSTANTIATIONS:
         for arch in ARCHS:
-            assert (tmp_path / f"{name}.{arch}.o").stat().st_size > 0
+            assert (tmp_path / f"{os.path.basename(name)}.{arch}.o").stat().st_size > 0

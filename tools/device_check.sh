@@ -31,8 +31,11 @@ summary+=("smoke (STREAMKL_FUSED_BACKWARD=1): $(grep -c '^ok' "$OUT/smoke_fused.
 for tool in memcheck racecheck; do
   compute-sanitizer --tool $tool --error-exitcode 9 python3 tools/cuda_smoke.py --small > "$OUT/sanitizer_$tool.log" 2>&1
   summary+=("compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)")
+  # linear_kl (interim cuBLAS + epilogue design), tiny and chunked
+  compute-sanitizer --tool $tool --error-exitcode 9 python3 tools/linear_cuda_smoke.py > "$OUT/sanitizer_linear_$tool.log" 2>&1
+  summary+=("compute-sanitizer $tool (linear_kl): rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_linear_$tool.log" | tail -1)")
 done
 echo "================ summary"
-grep -E "^(BAD|ERR)" "$OUT/smoke.log" "$OUT/smoke_fused.log"
+grep -E "^(BAD|ERR)" "$OUT/smoke.log" "$OUT/smoke_fused.log" "$OUT"/sanitizer_linear_*.log
 grep -E "FAILED|Error" "$OUT/pytest_cuda.log" | head -20
 printf '%s\n' "${summary[@]}"

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../kernels/linear_params.h"
+#include "../kernels/linear_row_outputs.h"
 #include "../kernels/online_kl.h"
 #include "cpu_math.h"
 
@@ -181,35 +182,24 @@ void linear_kl_forward_block(const Problem<T>& pb, int64_t row0, int rows, Scrat
   const bool teacher_weights = teacher_is_weighting_side(divergence);
   OnlineKLState<T, CpuBase<T>> state[kTokenBlock];
   T label_logit[kTokenBlock] = {}, lse_s[kTokenBlock], lse_t[kTokenBlock];
-  JsdRowSums<T> mix_sums[kTokenBlock] = {};  // stay 0 unless JSD
+  JsdRowSums<T> mixture[kTokenBlock] = {};  // stay 0 unless JSD
   pb.load_token_blocks(row0, rows, scratch);
   online_pass(pb, row0, rows, divergence, scratch, state, label_logit);
-  for (int r = 0; r < rows; ++r) {
-    lse_s[r] = teacher_weights ? state[r].lse_o() : state[r].lse_w();
-    lse_t[r] = teacher_weights ? state[r].lse_w() : state[r].lse_o();
+  if (jsd) {
+    for (int r = 0; r < rows; ++r) student_teacher_lse(state[r], teacher_weights, lse_s[r], lse_t[r]);
+    jsd_mixture_pass(pb, row0, rows, lse_s, lse_t, scratch, mixture);
   }
-  if (jsd) jsd_mixture_pass(pb, row0, rows, lse_s, lse_t, scratch, mix_sums);
-
-  T* loss = static_cast<T*>(p.loss_rows);
-  T* ce = static_cast<T*>(p.ce_rows);
-  T* stats = static_cast<T*>(p.stats);
-  const JsdWeights<T> jsd_weights = JsdWeights<T>::mixture_weighted(static_cast<T>(p.beta));
+  const JsdWeights<T> weights = JsdWeights<T>::mixture_weighted(static_cast<T>(p.beta));
   for (int r = 0; r < rows; ++r) {
     const int64_t row = row0 + r;
-    T* stat_col[kLinearNumStats];
-    for (int k = 0; k < kLinearNumStats; ++k) stat_col[k] = stats + k * p.num_rows + row;
     if (p.row_ignored(row)) {
-      loss[row] = ce[row] = T(0);
-      for (int k = 0; k < kLinearNumStats; ++k) *stat_col[k] = T(0);
+      LinearRowOutputs<T>::zeros().store(p, row);
       continue;
     }
-    const JsdRowStats<T> mix = JsdRowStats<T>::template finalize<CpuBase<T>>(mix_sums[r]);  // clamped at 0
-    loss[row] = jsd ? mix.divergence(jsd_weights) : state[r].divergence();
-    ce[row] = p.with_ce ? lse_s[r] - label_logit[r] : T(0);
-    *stat_col[kStatLseStudent] = lse_s[r];
-    *stat_col[kStatLseTeacher] = lse_t[r];
-    *stat_col[kStatKlStudentMix] = mix.kl_s;
-    *stat_col[kStatKlTeacherMix] = mix.kl_t;
+    // finalize clamps the KL terms at 0.
+    const JsdRowStats<T> jsd_terms =
+        jsd ? JsdRowStats<T>::template finalize<CpuBase<T>>(mixture[r]) : JsdRowStats<T>{};
+    LinearRowOutputs<T>::finish(p, state[r], teacher_weights, jsd_terms, weights, label_logit[r]).store(p, row);
   }
 }
 

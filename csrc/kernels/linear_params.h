@@ -1,4 +1,4 @@
-// Plain parameter struct for the hidden-state logit-distillation kernels (CPU now, CUDA later). Torch-free.
+// Plain parameter structs for the hidden-state logit-distillation kernels (CPU and CUDA). Torch-free.
 //
 // Per row i (a token) and vocabulary entry v, with tau the temperature:
 //     s_iv = (<x_s,i, w_s,v> + b_s,v) / tau     (student logits)
@@ -58,8 +58,9 @@ struct LinearSide {
   int64_t x_row_stride = 0, w_row_stride = 0;
   int dim = 0;
 
-  // Backward outputs (contiguous; null when not requested). dw and db are written by exactly one task per
-  // vocabulary row, dx by exactly one task per token row: no atomics on the CPU.
+  // Backward outputs of the CPU kernel (contiguous; null when not requested). dw and db are written by exactly
+  // one task per vocabulary row, dx by exactly one task per token row: no atomics on the CPU. (The CUDA backend
+  // produces them with cuBLAS from the gradient chunks of LinearLogitChunk instead.)
   void* dx = nullptr;  // [T, dim]
   void* dw = nullptr;  // [V, dim]
   void* db = nullptr;  // [V]
@@ -94,6 +95,26 @@ struct LinearKLParams {
   SKL_HOST_DEVICE bool row_ignored(int64_t row) const {
     return labels != nullptr && labels[row] == ignore_index;
   }
+};
+
+// The CUDA backend's interim "hybrid" design (csrc/cuda/linear_kl_cuda.cpp): cuBLAS writes one vocabulary chunk
+// [v0, v0 + cols) of both sides' raw logits z = x w^T in fp32, and StreamKL's epilogue kernels apply bias and
+// 1/tau and fold the chunk into per-row online state (forward) or turn it into logit gradients (backward).
+// This is the epilogue kernels' view of one chunk. All pointers are device memory.
+struct LinearLogitChunk {
+  // [T, ld] row-major: z_student[r * ld + c] = <x_s,r, w_s,v0+c> for c < cols (no bias, no 1/tau).
+  const float* z_student = nullptr;
+  const float* z_teacher = nullptr;
+  int64_t ld = 0;
+  int64_t v0 = 0;
+  int cols = 0;
+  // The first chunk of a streaming pass: per-row state starts here instead of being read back.
+  bool first = false;
+
+  // Backward only: dL/dz of each side for this chunk, [T, ld] row-major in the input dtype (the 1/tau factor
+  // included, ignored rows zero; its column sums are the bias gradient); null when that side is not wanted.
+  void* grad_student = nullptr;
+  void* grad_teacher = nullptr;
 };
 
 }  // namespace streamkl

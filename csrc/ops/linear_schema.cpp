@@ -1,5 +1,5 @@
 // Operator schemas of the hidden-state logit-distillation path (a fragment of the streamkl library defined in
-// schema.cpp). Backend implementations register from csrc/cpu (and later csrc/cuda); fake kernels and
+// schema.cpp). Backend implementations register from csrc/cpu and csrc/cuda (linear_kl_cuda.cpp); fake kernels and
 // autograd are registered in Python (streamkl/_linear_ops.py).
 #include <torch/library.h>
 
