@@ -15,7 +15,7 @@ else
   tail -40 "$OUT/build.log"; echo "build: FAILED"; exit 1
 fi
 python3 -c "import torch, streamkl; print('torch', torch.__version__, torch.cuda.get_device_name(), 'cuda kernels:', streamkl.cuda_available())" | tee "$OUT/env.log"
-python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_attention_cuda.py tests/test_attention_cuda_features.py tests/test_attention_varlen.py tests/test_attention_jsd.py tests/test_attention_aggregate.py tests/test_linear_cuda.py --maxfail=10 > "$OUT/pytest_cuda.log" 2>&1
+python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_attention_cuda.py tests/test_attention_cuda_features.py tests/test_attention_cuda_varlen.py tests/test_attention_varlen.py tests/test_attention_jsd.py tests/test_attention_aggregate.py tests/test_linear_cuda.py --maxfail=10 > "$OUT/pytest_cuda.log" 2>&1
 summary+=("pytest cuda: $(tail -1 "$OUT/pytest_cuda.log")")
 python3 tools/cuda_smoke.py > "$OUT/smoke.log" 2>&1
 summary+=("smoke: $(grep -c '^ok' "$OUT/smoke.log") ok, $(grep -c '^BAD\|^ERR' "$OUT/smoke.log") bad")
