@@ -43,6 +43,17 @@ def _check_row_tensors(rows_shape, named, *, where):
                              f"dim), got {tuple(t.shape)}")
 
 
+def _refuse_cuda_teacher_grad_grouping(teacher_grad, q_s, k_s, k_t):
+    """Teacher gradients on CUDA need both sides to group their query heads alike (key heads: dim 1 in both
+    layouts). The CUDA ops refuse this too. Raising here as well keeps autograd users runnable on the GPU test
+    machine, whose torch 2.11 environment crashes on any C++ error message that formats a number
+    (tools/repro_c10_str.py reproduces it with a minimal extension: not StreamKL's code)."""
+    if teacher_grad and q_s.is_cuda and k_s.shape[1] != k_t.shape[1]:
+        raise NotImplementedError(
+            f"streamkl: teacher gradients on CUDA need the same number of key heads on both sides (student "
+            f"{k_s.shape[1]}, teacher {k_t.shape[1]}); detach the teacher, or run this configuration on the CPU")
+
+
 # ----------------------------------------------------------------------------------------------------- padded
 # attention_kl_* (forward / reverse KL: kl, lse_s, lse_t) and attention_jsd_* (+ jsd_stats). Both end with
 # (window_left=-1, window_right=-1, teacher_head_reduce="none", teacher_lse=None) in the forward and
@@ -107,13 +118,7 @@ def _attention_kl_setup_context(ctx, inputs, output):
 def _attention_kl_backward(ctx, grad_kl, _grad_lse_s, _grad_lse_t):
     q_s, k_s, q_t, k_t, kl, lse_s, lse_t = ctx.saved_tensors
     teacher_grad = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
-    if teacher_grad and q_s.is_cuda and k_s.shape[1] != k_t.shape[1]:
-        # The CUDA op refuses this too. Raising here as well keeps autograd users runnable on the GPU test
-        # machine, whose torch 2.11 environment crashes on any C++ error message that formats a number
-        # (tools/repro_c10_str.py reproduces it with a minimal extension: not StreamKL's code).
-        raise NotImplementedError(
-            f"streamkl: teacher gradients on CUDA need the same number of key heads on both sides (student "
-            f"{k_s.shape[1]}, teacher {k_t.shape[1]}); detach the teacher, or run this configuration on the CPU")
+    _refuse_cuda_teacher_grad_grouping(teacher_grad, q_s, k_s, k_t)
     dq_s, dk_s, dq_t, dk_t = ops.attention_kl_bwd(grad_kl, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, *ctx.options,
                                                   teacher_grad, *ctx.tail)
     if not teacher_grad:
@@ -220,6 +225,7 @@ def _attention_kl_varlen_backward(ctx, grad_kl, _grad_lse_s, _grad_lse_t, _grad_
     q_s, k_s, q_t, k_t, cu_q, cu_k, kl, lse_s, lse_t, jsd_stats = ctx.saved_tensors
     scale_s, scale_t, causal, divergence, *tail = ctx.options
     teacher_grad = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+    _refuse_cuda_teacher_grad_grouping(teacher_grad, q_s, k_s, k_t)
     dq_s, dk_s, dq_t, dk_t = ops.attention_kl_varlen_bwd(grad_kl, q_s, k_s, q_t, k_t, cu_q, cu_k, *ctx.max_seqlens,
                                                          kl, lse_s, lse_t, jsd_stats, scale_s, scale_t, causal,
                                                          divergence, teacher_grad, *tail)

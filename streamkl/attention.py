@@ -78,7 +78,7 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
                                       f"not supported; pass q_t.detach(), k_t.detach() (the teacher is a fixed target)")
     tail = (int(window_size[0]), int(window_size[1]), teacher_head_reduce, teacher_lse)
     if divergence == "jsd":
-        refuse_on_cuda(q_s, "the generalized JSD (divergence='jsd')", where=where)
+        refuse_jsd_on_cuda(q_s, divergence, where=where)
         jsd, _, _, _ = _ops.ops.attention_jsd_fwd(q_s, k_s, q_t, k_t, scale_s, scale_t, bool(causal), float(beta),
                                                   *tail)
         return reduce_rows(jsd, reduction)
@@ -91,6 +91,12 @@ def refuse_on_cuda(tensor, feature, *, where):
     if tensor.device.type == "cuda":
         raise NotImplementedError(f"{where}: {feature} runs on the CPU only for now (no CUDA kernel yet); move the "
                                   f"inputs to the CPU or use divergence='forward'/'reverse' without it")
+
+
+def refuse_jsd_on_cuda(tensor, divergence, *, where):
+    """The generalized JSD has CPU kernels only (the CUDA kernels compute the KL divergences)."""
+    if divergence == "jsd":
+        refuse_on_cuda(tensor, "the generalized JSD (divergence='jsd')", where=where)
 
 
 def default_scales(q_s, q_t, scale_s, scale_t):

@@ -62,6 +62,39 @@ def gqa_inputs(B, H, kv_s, kv_t, Nq, Nk, Ds, Dt, *, seed, dtype=torch.float64, d
     return tensors
 
 
+def cu_seqlens(lengths, *, device="cpu"):
+    """int32 [B + 1] cumulative lengths starting at 0 (FlashAttention's cu_seqlens)."""
+    return torch.tensor([0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32,
+                        device=device)
+
+
+def varlen_inputs(lengths, H, kv_s, kv_t, Ds, Dt, *, seed, dtype=torch.float64, device="cpu", requires_grad=True,
+                  teacher_requires_grad=None):
+    """Packed (q_s, k_s, q_t, k_t) of shapes [total_q,H,Ds], [total_k,kv_s,Ds], [total_q,H,Dt], [total_k,kv_t,Dt]
+    for per-sequence ``lengths`` [(N_q, N_k), ...], and the layout (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k) on the same device. ``teacher_requires_grad`` defaults to ``requires_grad``."""
+    nq = [n for n, _ in lengths]
+    nk = [n for _, n in lengths]
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(sum(nq), H, Ds), (sum(nk), kv_s, Ds), (sum(nq), H, Dt), (sum(nk), kv_t, Dt)]
+    tensors = [randn(s, g, dtype=dtype, device=device) for s in shapes]
+    teacher_requires_grad = requires_grad if teacher_requires_grad is None else teacher_requires_grad
+    for i, t in enumerate(tensors):
+        t.requires_grad_(requires_grad if i < 2 else teacher_requires_grad)
+    layout = (cu_seqlens(nq, device=device), cu_seqlens(nk, device=device), max(nq, default=0), max(nk, default=0))
+    return tensors, layout
+
+
+def varlen_reference_grads(tensors, layout, grad_out, **kwargs):
+    """The float64 varlen reference and the gradients of sum(grad_out * reference) w.r.t. the inputs that require
+    grad (None for the others)."""
+    leaves = detached_copies(tensors, dtype=torch.float64)
+    ref = streamkl.attention_kl_varlen_reference(*leaves, *layout[:2], **kwargs)
+    wrt = [x for x in leaves if x.requires_grad]
+    grads = iter(torch.autograd.grad(ref, wrt, grad_out.to(ref.device, torch.float64)))
+    return ref.detach(), [next(grads) if x.requires_grad else None for x in leaves]
+
+
 def upstream_grad(shape, seed, *, device="cpu", dtype=torch.float32):
     """A random (not all-ones) incoming gradient for the per-row output."""
     g = torch.Generator().manual_seed(seed + 1)

@@ -11,7 +11,7 @@ import torch
 
 import streamkl
 from helpers import (assert_grads_close, assert_rel_close, gqa_inputs, make_inputs, reference_grads, seed_of,
-                     upstream_grad)
+                     upstream_grad, varlen_inputs, varlen_reference_grads)
 from streamkl._ops import JSD_NUM_STATS
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -129,13 +129,13 @@ def test_sharp_logits_no_nan_never_negative(dtype, beta):
 
 @pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
 def test_jsd_varlen_matches_reference(beta):
-    from test_attention_varlen import RAGGED, reference_and_grads, varlen_inputs
+    from test_attention_varlen import RAGGED
     seed = seed_of("jsd-varlen", beta)
     tensors, layout = varlen_inputs(RAGGED, 4, 2, 1, 8, 12, seed=seed)
     kwargs = dict(divergence="jsd", beta=beta, causal=True, window_size=(20, -1))
     out = streamkl.attention_kl_varlen(*tensors, *layout, **kwargs)
     grad_out = upstream_grad(tuple(out.shape), seed, dtype=torch.float64)
-    ref, ref_grads = reference_and_grads(tensors, layout, grad_out, **kwargs)
+    ref, ref_grads = varlen_reference_grads(tensors, layout, grad_out, **kwargs)
     assert_rel_close(out, ref, 1e-10)
     assert_grads_close(torch.autograd.grad(out, tensors, grad_out), ref_grads, 1e-9)
 
@@ -161,7 +161,7 @@ def test_jsd_opcheck(teacher_grad, dtype):
 
 
 def test_jsd_varlen_opcheck():
-    from test_attention_varlen import RAGGED, varlen_inputs
+    from test_attention_varlen import RAGGED
     tensors, layout = varlen_inputs(RAGGED, 2, 2, 1, 8, 8, seed=seed_of("jsd-varlen-opcheck"), dtype=torch.float32)
     options = (0.3, 0.25, True, "jsd", -1, -1, 0.7)
     torch.library.opcheck(torch.ops.streamkl.attention_kl_varlen_fwd, (*tensors, *layout, *options))
@@ -208,7 +208,6 @@ def test_bad_beta_raw_ops(beta):
     inputs = make_inputs(1, 1, 4, 4, 8, 8, seed=seed_of("jsd-bad-beta-op"))
     with pytest.raises(ValueError, match="beta"):
         jsd_fwd(*inputs, 0.5, 0.5, False, beta)
-    from test_attention_varlen import varlen_inputs
     tensors, layout = varlen_inputs([(3, 4)], 1, 1, 1, 4, 4, seed=seed_of("jsd-bad-beta-varlen"), requires_grad=False)
     with pytest.raises(ValueError, match="beta"):
         torch.ops.streamkl.attention_kl_varlen_fwd(*tensors, *layout, 0.5, 0.5, False, "jsd", -1, -1, beta)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import streamkl
-from helpers import assert_grads_close, assert_rel_close, seed_of, upstream_grad
+from helpers import (assert_grads_close, assert_rel_close, seed_of, upstream_grad, varlen_inputs,
+                     varlen_reference_grads)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
@@ -16,33 +17,6 @@ bwd_op = torch.ops.streamkl.attention_kl_varlen_bwd
 # Per-sequence (N_q, N_k): crosses the CPU tiles (32 rows x 64 keys), includes a sequence without queries, one
 # without keys, N_q > N_k (causal rows that see nothing) and N_q < N_k.
 RAGGED = [(37, 70), (0, 9), (5, 0), (70, 33), (1, 1), (12, 130)]
-
-
-def cu_seqlens(lengths):
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-
-
-def varlen_inputs(lengths, H, kv_s, kv_t, Ds, Dt, *, seed, dtype=torch.float64, requires_grad=True,
-                  teacher_requires_grad=None):
-    """Packed (q_s, k_s, q_t, k_t) and (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)."""
-    nq = [n for n, _ in lengths]
-    nk = [n for _, n in lengths]
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(sum(nq), H, Ds), (sum(nk), kv_s, Ds), (sum(nq), H, Dt), (sum(nk), kv_t, Dt)]
-    tensors = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
-    teacher_requires_grad = requires_grad if teacher_requires_grad is None else teacher_requires_grad
-    for i, t in enumerate(tensors):
-        t.requires_grad_(requires_grad if i < 2 else teacher_requires_grad)
-    layout = (cu_seqlens(nq), cu_seqlens(nk), max(nq, default=0), max(nk, default=0))
-    return tensors, layout
-
-
-def reference_and_grads(tensors, layout, grad_out, **kwargs):
-    leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
-    ref = streamkl.attention_kl_varlen_reference(*leaves, *layout[:2], **kwargs)
-    wrt = [x for x in leaves if x.requires_grad]
-    grads = iter(torch.autograd.grad(ref, wrt, grad_out.double()))
-    return ref.detach(), [next(grads) if x.requires_grad else None for x in leaves]
 
 
 MASKS = [  # (causal, window_size)
@@ -66,7 +40,7 @@ def test_varlen_matches_reference(heads, causal, window, divergence):
     assert out.shape == (layout[0][-1].item(), H) and out.dtype == torch.float64
     grad_out = upstream_grad(tuple(out.shape), seed, dtype=torch.float64)
     grads = torch.autograd.grad(out, tensors, grad_out)
-    ref, ref_grads = reference_and_grads(tensors, layout, grad_out, **kwargs)
+    ref, ref_grads = varlen_reference_grads(tensors, layout, grad_out, **kwargs)
     assert_rel_close(out, ref, 1e-10)
     assert_grads_close(grads, ref_grads, 1e-9)
 

@@ -193,44 +193,17 @@ Gradients attention_jsd_bwd_cpu(const at::Tensor& grad_jsd, const at::Tensor& q_
   return run_backward(p, in, rows, jsd_stats, teacher_grad, kPaddedLayout);
 }
 
-// Varlen: the packed-layout checks and the cu_seqlens, then the same kernels.
-struct VarlenCall {
-  OpOptions options;
-  VarlenArgs varlen;
-};
-
-VarlenCall check_varlen_call(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
-                             const at::Tensor& k_t, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                             int64_t max_seqlen_q, int64_t max_seqlen_k, double scale_s, double scale_t, bool causal,
-                             c10::string_view divergence, int64_t window_left, int64_t window_right) {
-  check_attention_inputs(q_s, k_s, q_t, k_t, scale_s, scale_t, kPackedLayout);
-  const VarlenArgs varlen{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k};
-  check_varlen_args(varlen, q_s, k_s);
-  const OpOptions options{check_mask_options(causal, window_left, window_right),
-                          parse_divergence_or_jsd(std::string(divergence))};
-  return VarlenCall{options, contiguous_varlen_args(varlen)};
-}
-
-AttentionKLParams make_varlen_params(const CpuInputs& in, const VarlenCall& call, double scale_s, double scale_t,
-                                     double beta) {
-  AttentionKLParams p = make_layout_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, call.options.mask,
-                                           call.options.divergence, kPackedLayout);
-  set_varlen_params(p, call.varlen);
-  if (p.divergence == Divergence::kJsd) check_jsd_beta(beta);
-  p.beta = beta;
-  return p;
-}
-
+// Varlen: the packed-layout checks and the cu_seqlens (csrc/ops/varlen_inputs.h), then the same kernels.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_varlen_fwd_cpu(
     const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double scale_s, double scale_t, bool causal, c10::string_view divergence, int64_t window_left,
     int64_t window_right, double beta) {
   const VarlenCall call = check_varlen_call(q_s_in, k_s_in, q_t_in, k_t_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                            max_seqlen_k, scale_s, scale_t, causal, divergence, window_left,
-                                            window_right);
+                                            max_seqlen_k, scale_s, scale_t, causal, std::string(divergence),
+                                            window_left, window_right);
   const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  AttentionKLParams p = make_varlen_params(in, call, scale_s, scale_t, beta);
+  AttentionKLParams p = make_varlen_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, beta);
   const ForwardOutputs out = run_forward(p, in);
   return {out.kl, out.lse_s, out.lse_t, out.jsd_stats};
 }
@@ -243,11 +216,11 @@ Gradients attention_kl_varlen_bwd_cpu(const at::Tensor& grad_kl, const at::Tenso
                                       double scale_s, double scale_t, bool causal, c10::string_view divergence,
                                       bool teacher_grad, int64_t window_left, int64_t window_right, double beta) {
   const VarlenCall call = check_varlen_call(q_s_in, k_s_in, q_t_in, k_t_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                            max_seqlen_k, scale_s, scale_t, causal, divergence, window_left,
-                                            window_right);
+                                            max_seqlen_k, scale_s, scale_t, causal, std::string(divergence),
+                                            window_left, window_right);
   const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
   const BackwardRowInputs rows = prepare_backward_rows(in.q_s, grad_kl, kl, lse_s, lse_t, in.stats());
-  AttentionKLParams p = make_varlen_params(in, call, scale_s, scale_t, beta);
+  AttentionKLParams p = make_varlen_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, beta);
   return run_backward(p, in, rows, jsd_stats, teacher_grad, kPackedLayout);
 }
 

@@ -90,14 +90,15 @@ struct GradAccumulators {
   }
 
   // Write the accumulated gradients (times each side's scale) to rows [row0, row0 + valid_rows) of dK
-  // (keys = true) or dQ of head h, batch b; the teacher's only with kTeacherGrad.
-  __device__ void store(const AttentionKLParams& p, bool keys, int b, int h, int row0, int valid_rows) const {
+  // (keys = true) or dQ of head h, batch b; the teacher's only with kTeacherGrad. row0 counts from the
+  // tensor's row 0 of batch entry b: the sequence's start row (varlen) plus the block's first row in it.
+  __device__ void store(const AttentionKLParams& p, bool keys, int b, int h, int64_t row0, int valid_rows) const {
     store_side<Traits::kDimS>(p.student, s, keys, b, h, row0, valid_rows);
     if constexpr (kTeacherGrad) store_side<Traits::kDimT>(p.teacher, t, keys, b, h, row0, valid_rows);
   }
 
   template <int kDim, typename Acc>
-  __device__ void store_side(const AttentionSide& side, const Acc& acc, bool keys, int b, int h, int row0,
+  __device__ void store_side(const AttentionSide& side, const Acc& acc, bool keys, int b, int h, int64_t row0,
                              int valid_rows) const {
     using Element = typename Traits::Element;
     const int64_t row_stride = keys ? side.dk_row_stride : side.dq_row_stride;
@@ -118,8 +119,10 @@ struct GradPolicyBase {
   const SmemPlan<Traits>* smem;
   GradAccumulators<Traits, kTeacherGrad> grads;
 
-  __device__ void init(const AttentionKLParams& p, const SmemPlan<Traits>& plan) {
-    mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
+  // seq: the CTA's sequence (its lengths set the mask).
+  __device__ void init(const AttentionKLParams& p, const AttentionKLParams::Sequence& seq,
+                       const SmemPlan<Traits>& plan) {
+    mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
     scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
     scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
     smem = &plan;
@@ -177,26 +180,31 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dq_kernel(
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int h = blockIdx.y, b = blockIdx.z;
   const int row0 = m_block * Traits::kBlockM;
+  // The grid is sized by the longest sequence (varlen). A block past this sequence's rows has an empty key
+  // range, so it streams no tile and stores nothing (no early return: see attention_kl_fwd_kernel).
+  const AttentionKLParams::Sequence seq = p.sequence(b);
 
   DqPolicy<Traits, kTeacherGrad, kTeacherWeights> policy;
-  policy.init(p, smem);
+  policy.init(p, seq, smem);
   policy.row0 = row0;
   {
     Tensor coords = accumulator_coords<Traits::kBlockM, Traits::kBlockN>(policy.grads.tiled_mma, threadIdx.x);
     CUTE_UNROLL
     for (int i = 0; i < policy.kThreadRows; ++i) {
       const int row = row0 + get<0>(coords(i, 0));
-      policy.rows[i] = row < p.seqlen_q ? RowGradInputs::load(p, p.row_index(b, h, row), policy.teacher_weights)
-                                        : RowGradInputs::none();
+      policy.rows[i] = row < seq.seqlen_q ? RowGradInputs::load(p, p.row_index(b, h, row), policy.teacher_weights)
+                                          : RowGradInputs::none();
     }
   }
 
-  const int row_end = min_of(row0 + Traits::kBlockM, p.seqlen_q);
+  const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
   const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
-  score_stream<Traits>(policy, smem, query_block_operands<Element>(p.student, p.num_heads, b, h, row0),
-                       query_block_operands<Element>(p.teacher, p.num_heads, b, h, row0), p.seqlen_q - row0,
-                       keys.begin, keys.end, p.seqlen_k);
-  policy.grads.store(p, /*keys=*/false, b, h, row0, p.seqlen_q - row0);
+  score_stream<Traits>(policy, smem, query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0),
+                       query_block_operands<Element>(p.teacher, p.num_heads, b, h, seq, row0), seq.seqlen_q - row0,
+                       keys.begin, keys.end, seq.seqlen_k);
+  // The sequence is looked up again rather than kept live across the main loop (register pressure).
+  const AttentionKLParams::Sequence out_seq = p.sequence(b);
+  policy.grads.store(p, /*keys=*/false, b, h, out_seq.q_start + row0, out_seq.seqlen_q - row0);
 }
 
 // ---------------------------------------------------------------------------------------------------- dK
@@ -284,7 +292,11 @@ struct DkPolicy : GradPolicyBase<Traits, kTeacherGrad> {
     Tensor s_k_transposed = make_tensor(make_smem_ptr(smem->x_s), typename Traits::XTileS::LayoutTransposed{});
     gemm_smem_smem<true, true>(tiled_mma, acc_dq, s_ds_transposed, s_k_transposed, threadIdx.x);
 
-    float* dq_accum = static_cast<float*>(params->dq_accum) + params->row_index(b, h, 0) * Traits::kDimS;
+    // The workspace has the per-row outputs' row order with kDimS floats per row; the rows of one (sequence,
+    // head) are evenly spaced in both layouts (1 apart padded, num_heads apart varlen).
+    const int64_t first_row = params->row_index(b, h, 0);
+    const int64_t row_step = params->row_index(b, h, 1) - first_row;
+    float* dq_accum = static_cast<float*>(params->dq_accum) + first_row * Traits::kDimS;
     Tensor dq_rc = make_tensor(acc_dq.data(), acc_as_rows_cols(acc_dq.layout()));
     Tensor dq_coords = accumulator_coords<kBlockN, Traits::kDimS>(tiled_mma, threadIdx.x);
     CUTE_UNROLL
@@ -293,7 +305,7 @@ struct DkPolicy : GradPolicyBase<Traits, kTeacherGrad> {
       if (row >= mask.seqlen_q) continue;
       CUTE_UNROLL
       for (int j = 0; j < size<1>(dq_rc); ++j)
-        atomicAdd(dq_accum + static_cast<int64_t>(row) * Traits::kDimS + get<1>(dq_coords(i, j)), dq_rc(i, j));
+        atomicAdd(dq_accum + row * row_step * Traits::kDimS + get<1>(dq_coords(i, j)), dq_rc(i, j));
     }
   }
 };
@@ -319,25 +331,30 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dk_kernel(
   const int kv_head = blockIdx.y, b = blockIdx.z;
   const int key0 = n_block * Traits::kBlockM;
   const int group = p.num_heads / p.student.num_kv_heads;
+  // The grid is sized by the longest sequence (varlen). A block past this sequence's keys has an empty row
+  // range (rows_for_keys of no key), so it streams no tile and stores nothing (no early return: see
+  // attention_kl_fwd_kernel).
+  const AttentionKLParams::Sequence seq = p.sequence(b);
 
   DkPolicy<Traits, kTeacherGrad, kTeacherWeights> policy;
-  policy.init(p, smem);
+  policy.init(p, seq, smem);
   policy.key0 = key0;
   policy.params = &p;
   policy.b = b;
 
   // X = keys, Y = queries of each head of the group.
-  const int key_end = min_of(key0 + Traits::kBlockM, p.seqlen_k);
+  const int key_end = min_of(key0 + Traits::kBlockM, seq.seqlen_k);
   const KeyRange rows = policy.mask.rows_for_keys(key0, key_end);
   for (int g = 0; g < group; ++g) {
     const int h = kv_head * group + g;
     policy.h = h;
     if (g > 0) __syncthreads();  // the previous head's last tile is read; X may be overwritten
-    score_stream<Traits>(policy, smem, key_block_operands<Element>(p.student, p.num_heads, b, h, key0),
-                         key_block_operands<Element>(p.teacher, p.num_heads, b, h, key0), p.seqlen_k - key0,
-                         rows.begin, rows.end, p.seqlen_q);
+    score_stream<Traits>(policy, smem, key_block_operands<Element>(p.student, p.num_heads, b, h, seq, key0),
+                         key_block_operands<Element>(p.teacher, p.num_heads, b, h, seq, key0), seq.seqlen_k - key0,
+                         rows.begin, rows.end, seq.seqlen_q);
   }
-  policy.grads.store(p, /*keys=*/true, b, kv_head, key0, p.seqlen_k - key0);
+  const AttentionKLParams::Sequence out_seq = p.sequence(b);  // as in the dQ kernel
+  policy.grads.store(p, /*keys=*/true, b, kv_head, out_seq.k_start + key0, out_seq.seqlen_k - key0);
 }
 
 }  // namespace cuda

@@ -1,8 +1,10 @@
-// CUDA implementations of streamkl::attention_kl_fwd / attention_kl_bwd: validation shared with the CPU
-// path (csrc/ops/attention_inputs.h), then the tensor-core kernels from the registry. No fallback: an
-// unsupported configuration raises an error naming what is supported.
+// CUDA implementations of streamkl::attention_kl_fwd / attention_kl_bwd (padded layout) and
+// attention_kl_varlen_fwd / attention_kl_varlen_bwd (packed layout): validation shared with the CPU path
+// (csrc/ops), then one forward and one backward path for both layouts that runs the tensor-core kernels from
+// the registry. No fallback: an unsupported configuration raises an error naming what is supported.
 #include <cstdlib>
 #include <string>
+#include <tuple>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
@@ -11,6 +13,7 @@
 #include <torch/library.h>
 
 #include "../ops/attention_inputs.h"
+#include "../ops/varlen_inputs.h"
 #include "kernel_registry.h"
 
 namespace streamkl {
@@ -24,17 +27,26 @@ cuda::ElementType element_type(const at::Tensor& t) {
   return dt == at::kHalf ? cuda::ElementType::kFloat16 : cuda::ElementType::kBFloat16;
 }
 
-// cp.async moves 16 bytes per thread: rows must start on 16-byte boundaries.
+// cp.async moves 16 bytes per thread: rows must start on 16-byte boundaries (every stride but the last dim's,
+// which is 1, is a multiple of 16 bytes), in either layout.
 at::Tensor kernel_ready(const at::Tensor& t) {
   at::Tensor out = with_contiguous_last_dim(t);
   const int64_t elem = out.element_size();
-  const bool aligned = reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 && (out.stride(0) * elem) % 16 == 0 &&
-                       (out.stride(1) * elem) % 16 == 0 && (out.stride(2) * elem) % 16 == 0;
+  bool aligned = reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < out.dim(); ++d) aligned = aligned && (out.stride(d) * elem) % 16 == 0;
   return aligned ? out : out.contiguous();
 }
 
+// The four inputs as the kernels read them.
+struct KernelInputs {
+  at::Tensor q_s, k_s, q_t, k_t;
+  KernelInputs(const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in)
+      : q_s(kernel_ready(q_s_in)), k_s(kernel_ready(k_s_in)), q_t(kernel_ready(q_t_in)), k_t(kernel_ready(k_t_in)) {}
+};
+
 // The dK kernel accumulates over the query heads that share a student key head; the teacher's dK rows
-// have a single writer only when the teacher groups its heads the same way.
+// have a single writer only when the teacher groups its heads the same way. (Key heads are dim 1 in both
+// layouts.)
 void check_teacher_grad_grouping(bool teacher_grad, const at::Tensor& k_s, const at::Tensor& k_t) {
   TORCH_CHECK_NOT_IMPLEMENTED(!teacher_grad || k_s.size(1) == k_t.size(1),
                               "streamkl: teacher gradients on CUDA need the same number of key heads on both sides "
@@ -48,6 +60,13 @@ void refuse_aggregated_teacher(c10::string_view teacher_head_reduce, bool has_te
   TORCH_CHECK_NOT_IMPLEMENTED(teacher_head_reduce == "none" && !has_teacher_lse,
                               "streamkl: head-aggregated teachers (teacher_head_reduce='", std::string(teacher_head_reduce),
                               "', teacher_lse) are not implemented on CUDA yet; run them on the CPU for now");
+}
+
+// The generalized JSD (two passes, per-row statistics) runs on the CPU only until its CUDA kernels exist.
+void refuse_jsd(Divergence divergence) {
+  TORCH_CHECK_NOT_IMPLEMENTED(divergence != Divergence::kJsd,
+                              "streamkl: the generalized JSD (divergence='jsd') is not implemented on CUDA yet; run "
+                              "it on the CPU for now");
 }
 
 // STREAMKL_FUSED_BACKWARD=1 selects the fused student-only backward (one kernel, dQ by fp32 atomics). It is
@@ -71,41 +90,32 @@ bool hopper_path_enabled(const at::Tensor& t) {
   return at::cuda::getDeviceProperties(t.device().index())->major == 9;
 }
 
-cuda::LaunchFn find_launcher(cuda::KernelFamily family, const at::Tensor& q_s, const at::Tensor& q_t,
-                             const at::Tensor& k_s, const at::Tensor& k_t) {
-  const cuda::KernelKey key{family, element_type(q_s), static_cast<int>(q_s.size(3)), static_cast<int>(q_t.size(3))};
+// The head dims are the last dim in both layouts.
+cuda::LaunchFn find_launcher(cuda::KernelFamily family, const KernelInputs& in) {
+  const int64_t dim_s = in.q_s.size(-1), dim_t = in.q_t.size(-1);
+  const cuda::KernelKey key{family, element_type(in.q_s), static_cast<int>(dim_s), static_cast<int>(dim_t)};
   cuda::LaunchFn fn = cuda::find_kernel(key);
   TORCH_CHECK_VALUE(fn != nullptr, "streamkl: no CUDA ", family == cuda::KernelFamily::kForward ? "forward" : "backward",
-                    " kernel for ", q_s.scalar_type(), " with head dims D_s=", q_s.size(3), ", D_t=", q_t.size(3),
+                    " kernel for ", in.q_s.scalar_type(), " with head dims D_s=", dim_s, ", D_t=", dim_t,
                     " in this build. Compiled: ", cuda::describe_kernels(family));
   return fn;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cuda(const at::Tensor& q_s_in, const at::Tensor& k_s_in,
-                                                                      const at::Tensor& q_t_in, const at::Tensor& k_t_in,
-                                                                      double scale_s, double scale_t, bool causal,
-                                                                      c10::string_view divergence, int64_t window_left,
-                                                                      int64_t window_right,
-                                                                      c10::string_view teacher_head_reduce,
-                                                                      const c10::optional<at::Tensor>& teacher_lse) {
-  refuse_aggregated_teacher(teacher_head_reduce, teacher_lse.has_value());
-  const OpOptions options = check_op_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal,
-                                                std::string(divergence), window_left, window_right);
-  const MaskOptions& mask = options.mask;
-  const Divergence div = options.divergence;
-  const c10::cuda::CUDAGuard guard(q_s_in.device());
-  const at::Tensor q_s = kernel_ready(q_s_in), k_s = kernel_ready(k_s_in), q_t = kernel_ready(q_t_in),
-                   k_t = kernel_ready(k_t_in);
-  const auto opts = q_s.options().dtype(at::kFloat);
-  at::Tensor kl = at::empty({q_s.size(0), q_s.size(1), q_s.size(2)}, opts);
+using RowOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Both layouts' forward: kl, lse_s, lse_t shaped like q_s without its head dim ([B, H, N_q] or [total_q, H]),
+// then the kernel unless there is no row. p: the layout's parameters without the output pointers.
+RowOutputs run_forward(AttentionKLParams& p, const KernelInputs& in) {
+  const auto opts = in.q_s.options().dtype(at::kFloat);
+  at::Tensor kl = at::empty(in.q_s.sizes().slice(0, in.q_s.dim() - 1), opts);
   at::Tensor lse_s = at::empty_like(kl), lse_t = at::empty_like(kl);
   cuda::LaunchFn launch = nullptr;
-  if (hopper_path_enabled(q_s))
-    launch = cuda::find_kernel({cuda::KernelFamily::kForwardSm90, element_type(q_s), static_cast<int>(q_s.size(3)),
-                                static_cast<int>(q_t.size(3))});
-  if (launch == nullptr) launch = find_launcher(cuda::KernelFamily::kForward, q_s, q_t, k_s, k_t);
+  if (hopper_path_enabled(in.q_s))
+    launch = cuda::find_kernel({cuda::KernelFamily::kForwardSm90, element_type(in.q_s),
+                                static_cast<int>(in.q_s.size(-1)), static_cast<int>(in.q_t.size(-1))});
+  if (launch == nullptr) launch = find_launcher(cuda::KernelFamily::kForward, in);
   if (kl.numel() == 0) return {kl, lse_s, lse_t};
-  AttentionKLParams p = make_attention_params(q_s, k_s, q_t, k_t, scale_s, scale_t, mask, div);
   p.kl = kl.data_ptr();
   p.lse_student = lse_s.data_ptr();
   p.lse_teacher = lse_t.data_ptr();
@@ -113,42 +123,101 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cuda(const at::T
   return {kl, lse_s, lse_t};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cuda(
-    const at::Tensor& grad_kl, const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in,
-    const at::Tensor& k_t_in, const at::Tensor& kl, const at::Tensor& lse_s, const at::Tensor& lse_t, double scale_s,
-    double scale_t, bool causal, c10::string_view divergence, bool teacher_grad, int64_t window_left,
-    int64_t window_right, c10::string_view teacher_head_reduce) {
-  refuse_aggregated_teacher(teacher_head_reduce, false);
-  const OpOptions options = check_op_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal,
-                                                std::string(divergence), window_left, window_right);
-  const MaskOptions& mask = options.mask;
-  const Divergence div = options.divergence;
-  check_teacher_grad_grouping(teacher_grad, k_s_in, k_t_in);
-  const c10::cuda::CUDAGuard guard(q_s_in.device());
-  const at::Tensor q_s = kernel_ready(q_s_in), k_s = kernel_ready(k_s_in), q_t = kernel_ready(q_t_in),
-                   k_t = kernel_ready(k_t_in);
-  const BackwardRowInputs rows = prepare_backward_rows(q_s, grad_kl, kl, lse_s, lse_t, at::kFloat);
-  const cuda::LaunchFn launch = find_launcher(cuda::KernelFamily::kBackward, q_s, q_t, k_s, k_t);
-  // The dQ kernel writes every query row and the dK kernel every key row (zeros where nothing is seen),
-  // so the outputs need no memset; only empty problems return early with zeros.
-  const bool empty_problem = kl.numel() == 0 || k_s.size(2) == 0;
+// Both layouts' backward. p: the layout's parameters without the backward fields.
+Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const BackwardRowInputs& rows, bool teacher_grad,
+                       const TensorLayout& layout) {
+  const cuda::LaunchFn launch = find_launcher(cuda::KernelFamily::kBackward, in);
+  // The dQ kernel writes every query row and the dK kernel every key row (zeros where nothing is seen; in
+  // the varlen layout each row belongs to exactly one sequence), so the outputs need no memset; only empty
+  // problems return early with zeros.
+  const bool empty_problem = rows.kl.numel() == 0 || in.k_s.size(layout.seq_dim) == 0;
   auto alloc = [&](const at::Tensor& like) { return empty_problem ? at::zeros(like.sizes(), like.options())
                                                                    : at::empty(like.sizes(), like.options()); };
-  at::Tensor dq_s = alloc(q_s), dk_s = alloc(k_s);
-  at::Tensor dq_t = teacher_grad ? alloc(q_t) : at::empty({0}, q_t.options());
-  at::Tensor dk_t = teacher_grad ? alloc(k_t) : at::empty({0}, k_t.options());
+  at::Tensor dq_s = alloc(in.q_s), dk_s = alloc(in.k_s);
+  at::Tensor dq_t = teacher_grad ? alloc(in.q_t) : at::empty({0}, in.q_t.options());
+  at::Tensor dk_t = teacher_grad ? alloc(in.k_t) : at::empty({0}, in.k_t.options());
   if (empty_problem) return {dq_s, dk_s, dq_t, dk_t};
-  AttentionKLParams p = make_backward_params(q_s, k_s, q_t, k_t, scale_s, scale_t, mask, div, rows, dq_s, dk_s,
-                                             dq_t, dk_t, teacher_grad);
-  // The fused backward (opt-in) adds the student's dQ into this zeroed fp32 workspace.
+  set_backward_params(p, rows, dq_s, dk_s, dq_t, dk_t, teacher_grad, layout);
+  // The fused backward (opt-in; padded layout only, see run_attention_kl_bwd_fused) adds the student's dQ into
+  // this zeroed fp32 workspace.
   at::Tensor dq_accum;
-  if (!teacher_grad && fused_backward_enabled() &&
-      cuda::fused_backward_supports(static_cast<int>(q_s.size(3)), static_cast<int>(q_t.size(3)))) {
-    dq_accum = at::zeros(q_s.sizes(), q_s.options().dtype(at::kFloat));
+  const bool padded = layout.batch_dim >= 0;
+  if (padded && !teacher_grad && fused_backward_enabled() &&
+      cuda::fused_backward_supports(static_cast<int>(in.q_s.size(-1)), static_cast<int>(in.q_t.size(-1)))) {
+    dq_accum = at::zeros(in.q_s.sizes(), in.q_s.options().dtype(at::kFloat));
     p.dq_accum = dq_accum.data_ptr();
   }
   launch(p, c10::cuda::getCurrentCUDAStream());
   return {dq_s, dk_s, dq_t, dk_t};
+}
+
+// ---------------------------------------------------------------------------------------------------- padded
+RowOutputs attention_kl_fwd_cuda(const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in,
+                                 const at::Tensor& k_t_in, double scale_s, double scale_t, bool causal,
+                                 c10::string_view divergence, int64_t window_left, int64_t window_right,
+                                 c10::string_view teacher_head_reduce, const c10::optional<at::Tensor>& teacher_lse) {
+  refuse_aggregated_teacher(teacher_head_reduce, teacher_lse.has_value());
+  const OpOptions options = check_op_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal,
+                                                std::string(divergence), window_left, window_right);
+  const c10::cuda::CUDAGuard guard(q_s_in.device());
+  const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
+  AttentionKLParams p =
+      make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, options.mask, options.divergence);
+  return run_forward(p, in);
+}
+
+Gradients attention_kl_bwd_cuda(const at::Tensor& grad_kl, const at::Tensor& q_s_in, const at::Tensor& k_s_in,
+                                const at::Tensor& q_t_in, const at::Tensor& k_t_in, const at::Tensor& kl,
+                                const at::Tensor& lse_s, const at::Tensor& lse_t, double scale_s, double scale_t,
+                                bool causal, c10::string_view divergence, bool teacher_grad, int64_t window_left,
+                                int64_t window_right, c10::string_view teacher_head_reduce) {
+  refuse_aggregated_teacher(teacher_head_reduce, false);
+  const OpOptions options = check_op_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal,
+                                                std::string(divergence), window_left, window_right);
+  check_teacher_grad_grouping(teacher_grad, k_s_in, k_t_in);
+  const c10::cuda::CUDAGuard guard(q_s_in.device());
+  const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
+  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, grad_kl, kl, lse_s, lse_t, at::kFloat);
+  AttentionKLParams p =
+      make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, options.mask, options.divergence);
+  return run_backward(p, in, rows, teacher_grad, kPaddedLayout);
+}
+
+// ---------------------------------------------------------------------------------------------------- varlen
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_varlen_fwd_cuda(
+    const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    double scale_s, double scale_t, bool causal, c10::string_view divergence, int64_t window_left,
+    int64_t window_right, double beta) {
+  const VarlenCall call = check_varlen_call(q_s_in, k_s_in, q_t_in, k_t_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                            max_seqlen_k, scale_s, scale_t, causal, std::string(divergence),
+                                            window_left, window_right);
+  refuse_jsd(call.options.divergence);
+  const c10::cuda::CUDAGuard guard(q_s_in.device());
+  const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
+  AttentionKLParams p = make_varlen_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, beta);
+  const auto [kl, lse_s, lse_t] = run_forward(p, in);
+  return {kl, lse_s, lse_t, at::empty({0}, kl.options())};  // jsd_stats: empty for the KL divergences
+}
+
+Gradients attention_kl_varlen_bwd_cuda(const at::Tensor& grad_kl, const at::Tensor& q_s_in, const at::Tensor& k_s_in,
+                                       const at::Tensor& q_t_in, const at::Tensor& k_t_in,
+                                       const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                       int64_t max_seqlen_q, int64_t max_seqlen_k, const at::Tensor& kl,
+                                       const at::Tensor& lse_s, const at::Tensor& lse_t,
+                                       const at::Tensor& /*jsd_stats: JSD only*/, double scale_s, double scale_t,
+                                       bool causal, c10::string_view divergence, bool teacher_grad,
+                                       int64_t window_left, int64_t window_right, double beta) {
+  const VarlenCall call = check_varlen_call(q_s_in, k_s_in, q_t_in, k_t_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                            max_seqlen_k, scale_s, scale_t, causal, std::string(divergence),
+                                            window_left, window_right);
+  refuse_jsd(call.options.divergence);
+  check_teacher_grad_grouping(teacher_grad, k_s_in, k_t_in);
+  const c10::cuda::CUDAGuard guard(q_s_in.device());
+  const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
+  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, grad_kl, kl, lse_s, lse_t, at::kFloat);
+  AttentionKLParams p = make_varlen_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, beta);
+  return run_backward(p, in, rows, teacher_grad, kPackedLayout);
 }
 
 }  // namespace
@@ -156,6 +225,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_bwd_cuda
 TORCH_LIBRARY_IMPL(streamkl, CUDA, m) {
   m.impl("attention_kl_fwd", &attention_kl_fwd_cuda);
   m.impl("attention_kl_bwd", &attention_kl_bwd_cuda);
+  m.impl("attention_kl_varlen_fwd", &attention_kl_varlen_fwd_cuda);
+  m.impl("attention_kl_varlen_bwd", &attention_kl_varlen_bwd_cuda);
 }
 
 }  // namespace streamkl

@@ -104,9 +104,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(con
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int h = blockIdx.y, b = blockIdx.z;
   const int row0 = m_block * Traits::kBlockM;
+  // The grid is sized by the longest sequence (varlen). A block past this sequence's rows has an empty key
+  // range (keys_for_rows of no row), so it streams no tile and writes nothing. It runs on to the end rather
+  // than returning early: an early return here made ptxas allocate more registers (96 -> 111 at D = 256).
+  const AttentionKLParams::Sequence seq = p.sequence(b);
 
   ForwardPolicy<Traits, kTeacherWeights> policy;
-  policy.mask = AttentionMask::from_params(p, p.seqlen_q, p.seqlen_k);
+  policy.mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
   policy.row0 = row0;
   const float scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
   const float scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
@@ -114,14 +118,15 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(con
   policy.scale_o2 = kTeacherWeights ? scale_s2 : scale_t2;
   for (auto& st : policy.state) st.init();
 
-  const int row_end = min_of(row0 + Traits::kBlockM, p.seqlen_q);
+  const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
   const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
-  const auto student = query_block_operands<Element>(p.student, p.num_heads, b, h, row0);
-  const auto teacher = query_block_operands<Element>(p.teacher, p.num_heads, b, h, row0);
+  const auto student = query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0);
+  const auto teacher = query_block_operands<Element>(p.teacher, p.num_heads, b, h, seq, row0);
   if constexpr (Traits::kWarpgroupMma)  // Hopper path: wgmma products, software-pipelined
-    score_stream_warpgroup<Traits>(policy, smem, student, teacher, p.seqlen_q - row0, keys.begin, keys.end, p.seqlen_k);
+    score_stream_warpgroup<Traits>(policy, smem, student, teacher, seq.seqlen_q - row0, keys.begin, keys.end,
+                                   seq.seqlen_k);
   else
-    score_stream<Traits>(policy, smem, student, teacher, p.seqlen_q - row0, keys.begin, keys.end, p.seqlen_k);
+    score_stream<Traits>(policy, smem, student, teacher, seq.seqlen_q - row0, keys.begin, keys.end, seq.seqlen_k);
 
   typename Traits::TiledMma tiled_mma;
   Tensor coords = accumulator_coords<Traits::kBlockM, Traits::kBlockN>(tiled_mma, threadIdx.x);
@@ -133,7 +138,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(con
     auto& st = policy.state[i];
     merge_quad(st);
     const int row = row0 + get<0>(coords(i, 0));
-    if (threadIdx.x % 4 == 0 && row < p.seqlen_q) {
+    if (threadIdx.x % 4 == 0 && row < seq.seqlen_q) {
       const int64_t idx = p.row_index(b, h, row);
       kl[idx] = st.divergence();
       lse_s[idx] = kTeacherWeights ? st.lse_o() : st.lse_w();

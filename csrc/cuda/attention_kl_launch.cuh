@@ -55,6 +55,9 @@ using BackwardTraits = std::conditional_t<(kTeacherGrad || kDimS > 128 || kDimT 
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Grids are (blocks of p.seqlen_q or p.seqlen_k, heads, batch). In the varlen layout those lengths are the
+// longest sequence's; the kernels return at once from blocks past their own sequence's end.
+
 template <typename Traits>
 void run_attention_kl_fwd_with(const AttentionKLParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
@@ -100,6 +103,8 @@ void run_attention_kl_bwd_impl(const AttentionKLParams& p, cudaStream_t stream) 
 template <typename Element, int kDimS, int kDimT>
 using FusedBackwardTraits = KernelTraits<Element, kDimS, kDimT, 64, 64, 4, false, true>;
 
+// Padded layout only: the epilogue converts the workspace as one flat array of batch * heads * seqlen_q rows,
+// a count the host knows only without varlen packing (the op never selects it for varlen inputs).
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_bwd_fused(const AttentionKLParams& p, cudaStream_t stream) {
   using Traits = FusedBackwardTraits<Element, kDimS, kDimT>;

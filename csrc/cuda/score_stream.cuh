@@ -6,6 +6,11 @@
 // kernel's policy (the online KL reduction, or a gradient product). Policies see:
 //     policy.stage_stats(y0, float* smem_stats)    optional per-Y-row data for the tile at y0
 //     policy.consume(mma, acc_s, acc_t, y0, stage) one pair of score tiles
+//
+// Layouts: a CTA works inside one sequence b, whose start rows and lengths come from p.sequence(b) (padded:
+// start 0 and the struct's lengths, batch strides locate b; varlen: cu_seqlens, batch strides 0). Row and key
+// indices (row0, y0, the mask's) count from the sequence's start, so the loop is the same for both layouts;
+// the start rows enter once, in the operand pointers (HeadRows) and in the gradient stores.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -62,33 +67,42 @@ struct StreamOperands {
   int64_t y_stride;
 };
 
-// Row 0 of the queries of head h and of the keys that head reads, on one side of batch entry b (GQA/MQA:
-// contiguous groups of query heads share a key head).
+// Row 0 of the queries of head h and of the keys that head reads, on one side of sequence b (GQA/MQA:
+// contiguous groups of query heads share a key head). The sequence's start rows are 0 in the padded layout
+// (its batch strides locate the sequence) and cu_seqlens[b] in the varlen one (batch strides 0), so one
+// formula serves both.
 template <typename Element>
 struct HeadRows {
   const Element* q;
   const Element* k;
-  __device__ __forceinline__ HeadRows(const AttentionSide& side, int num_heads, int b, int h) {
+  __device__ __forceinline__ HeadRows(const AttentionSide& side, int num_heads, int b, int h,
+                                      const AttentionKLParams::Sequence& seq) {
     const int kv_head = h / (num_heads / side.num_kv_heads);
-    q = static_cast<const Element*>(side.q) + b * side.q_batch_stride + h * side.q_head_stride;
-    k = static_cast<const Element*>(side.k) + b * side.k_batch_stride + kv_head * side.k_head_stride;
+    q = static_cast<const Element*>(side.q) + b * side.q_batch_stride + seq.q_start * side.q_row_stride +
+        h * side.q_head_stride;
+    k = static_cast<const Element*>(side.k) + b * side.k_batch_stride + seq.k_start * side.k_row_stride +
+        kv_head * side.k_head_stride;
   }
 };
 
-// One side's operands for a CTA that owns query rows [row0, row0 + kBlockM) of (b, h) and streams keys.
+// One side's operands for a CTA that owns query rows [row0, row0 + kBlockM) of (sequence b, head h) and
+// streams the sequence's keys.
 template <typename Element>
 __device__ __forceinline__ StreamOperands<Element> query_block_operands(const AttentionSide& side, int num_heads,
-                                                                       int b, int h, int row0) {
-  const HeadRows<Element> rows(side, num_heads, b, h);
+                                                                       int b, int h,
+                                                                       const AttentionKLParams::Sequence& seq,
+                                                                       int row0) {
+  const HeadRows<Element> rows(side, num_heads, b, h, seq);
   return StreamOperands<Element>{rows.q + row0 * side.q_row_stride, side.q_row_stride, rows.k, side.k_row_stride};
 }
 
-// One side's operands for a CTA that owns keys [key0, key0 + kBlockM) of the key head that query head h
-// reads, and streams the query rows of head h.
+// One side's operands for a CTA that owns keys [key0, key0 + kBlockM) of sequence b of the key head that query
+// head h reads, and streams the sequence's query rows of head h.
 template <typename Element>
 __device__ __forceinline__ StreamOperands<Element> key_block_operands(const AttentionSide& side, int num_heads, int b,
-                                                                     int h, int key0) {
-  const HeadRows<Element> rows(side, num_heads, b, h);
+                                                                     int h, const AttentionKLParams::Sequence& seq,
+                                                                     int key0) {
+  const HeadRows<Element> rows(side, num_heads, b, h, seq);
   return StreamOperands<Element>{rows.k + key0 * side.k_row_stride, side.k_row_stride, rows.q, side.q_row_stride};
 }
 

@@ -39,15 +39,19 @@ struct AttentionMask {
     return KeyRange{static_cast<int>(begin), static_cast<int>(end)};
   }
 
-  // Union of the key ranges of rows [row_begin, row_end): ranges are monotone in the row index.
+  // Union of the key ranges of rows [row_begin, row_end): ranges are monotone in the row index. Empty when
+  // there is no row (a CUDA block past its sequence's end: varlen grids are sized by the longest sequence).
   SKL_HOST_DEVICE KeyRange keys_for_rows(int row_begin, int row_end) const {
+    if (row_end <= row_begin) return KeyRange{0, 0};
     KeyRange first = keys_for_row(row_begin), last = keys_for_row(row_end - 1);
     return KeyRange{first.begin, last.end};
   }
 
   // Query rows (within [0, seqlen_q)) whose key range meets keys [key_begin, key_end): the transpose of
-  // keys_for_rows, used by kernels that own a block of keys and stream over query rows.
+  // keys_for_rows, used by kernels that own a block of keys and stream over query rows. Empty when there is
+  // no key.
   SKL_HOST_DEVICE KeyRange rows_for_keys(int key_begin, int key_end) const {
+    if (key_end <= key_begin) return KeyRange{0, 0};
     const long long offset = static_cast<long long>(seqlen_k) - seqlen_q;
     long long begin = 0, end = seqlen_q;
     if (right >= 0) begin = max_of<long long>(begin, key_begin - offset - right);

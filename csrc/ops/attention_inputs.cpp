@@ -222,13 +222,4 @@ void set_backward_params(AttentionKLParams& p, const BackwardRowInputs& rows, at
   if (teacher_grad) set_side_gradients(p.teacher, dq_t, dk_t, layout);
 }
 
-AttentionKLParams make_backward_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
-                                       const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
-                                       Divergence divergence, const BackwardRowInputs& rows, at::Tensor& dq_s,
-                                       at::Tensor& dk_s, at::Tensor& dq_t, at::Tensor& dk_t, bool teacher_grad) {
-  AttentionKLParams p = make_attention_params(q_s, k_s, q_t, k_t, scale_s, scale_t, mask, divergence);
-  set_backward_params(p, rows, dq_s, dk_s, dq_t, dk_t, teacher_grad, kPaddedLayout);
-  return p;
-}
-
 }  // namespace streamkl

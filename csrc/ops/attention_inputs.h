@@ -96,17 +96,12 @@ BackwardRowInputs prepare_backward_rows(const at::Tensor& q_s, const at::Tensor&
                                         const at::Tensor& kl, const at::Tensor& lse_s, const at::Tensor& lse_t,
                                         at::ScalarType stats);
 
-// Backward parameters: the forward's, the per-row inputs, and the gradient outputs (contiguous, shaped like
-// q / k; the teacher's only when teacher_grad).
-AttentionKLParams make_backward_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
-                                       const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
-                                       Divergence divergence, const BackwardRowInputs& rows, at::Tensor& dq_s,
-                                       at::Tensor& dk_s, at::Tensor& dq_t, at::Tensor& dk_t, bool teacher_grad);
 // The JSD's per-row statistics saved by the forward: shape q_s.shape[:-1] + [JsdRowStats::kCount], made contiguous
 // in the statistics dtype.
 at::Tensor prepare_jsd_stats(const at::Tensor& q_s, const at::Tensor& jsd_stats, at::ScalarType stats);
 
-// Adds the backward's per-row inputs and gradient outputs to forward parameters of either layout.
+// Adds the backward's per-row inputs and gradient outputs (contiguous, shaped like q / k; the teacher's only when
+// teacher_grad) to forward parameters of either layout.
 void set_backward_params(AttentionKLParams& p, const BackwardRowInputs& rows, at::Tensor& dq_s, at::Tensor& dk_s,
                          at::Tensor& dq_t, at::Tensor& dk_t, bool teacher_grad, const TensorLayout& layout);
 

@@ -57,4 +57,26 @@ void set_varlen_params(AttentionKLParams& p, const VarlenArgs& v) {
   p.seqlen_k = static_cast<int>(v.max_seqlen_k);
 }
 
+VarlenCall check_varlen_call(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                             const at::Tensor& k_t, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                             int64_t max_seqlen_q, int64_t max_seqlen_k, double scale_s, double scale_t, bool causal,
+                             const std::string& divergence, int64_t window_left, int64_t window_right) {
+  check_attention_inputs(q_s, k_s, q_t, k_t, scale_s, scale_t, kPackedLayout);
+  const VarlenArgs varlen{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k};
+  check_varlen_args(varlen, q_s, k_s);
+  const OpOptions options{check_mask_options(causal, window_left, window_right), parse_divergence_or_jsd(divergence)};
+  return VarlenCall{options, contiguous_varlen_args(varlen)};
+}
+
+AttentionKLParams make_varlen_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                                     const at::Tensor& k_t, const VarlenCall& call, double scale_s, double scale_t,
+                                     double beta) {
+  AttentionKLParams p = make_layout_params(q_s, k_s, q_t, k_t, scale_s, scale_t, call.options.mask,
+                                           call.options.divergence, kPackedLayout);
+  set_varlen_params(p, call.varlen);
+  if (p.divergence == Divergence::kJsd) check_jsd_beta(beta);
+  p.beta = beta;
+  return p;
+}
+
 }  // namespace streamkl

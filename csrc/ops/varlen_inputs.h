@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include "../kernels/attention_params.h"
+#include "attention_inputs.h"
 
 namespace streamkl {
 
@@ -25,5 +26,23 @@ void set_varlen_params(AttentionKLParams& p, const VarlenArgs& v);
 
 // cu_seqlens made contiguous (the kernels index them as plain int32 arrays).
 VarlenArgs contiguous_varlen_args(const VarlenArgs& v);
+
+// Everything a varlen op checks before touching data, shared by the CPU and CUDA ops: the packed tensors
+// (check_attention_inputs), the cu_seqlens (check_varlen_args), the mask options and the divergence name
+// ("forward", "reverse" or "jsd"). The returned cu_seqlens are contiguous.
+struct VarlenCall {
+  OpOptions options;
+  VarlenArgs varlen;
+};
+VarlenCall check_varlen_call(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                             const at::Tensor& k_t, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                             int64_t max_seqlen_q, int64_t max_seqlen_k, double scale_s, double scale_t, bool causal,
+                             const std::string& divergence, int64_t window_left, int64_t window_right);
+
+// Parameters of a varlen op on the (backend-prepared) packed tensors: sizes, strides, pointers, flags and the
+// varlen fields; beta is checked for the JSD. Output pointers are the caller's.
+AttentionKLParams make_varlen_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                                     const at::Tensor& k_t, const VarlenCall& call, double scale_s, double scale_t,
+                                     double beta);
 
 }  // namespace streamkl
