@@ -27,6 +27,8 @@ Examples:
     python bench/attention.py --out results/            # the full sweep on a GPU
     python bench/attention.py --quick                   # D=128, N in {4096, 8192}, causal and not
     python bench/attention.py --device cpu --quick      # tiny CPU smoke test
+    python bench/attention.py --scenario all            # GQA, varlen, DSA-style shapes (bench/attention_scenarios.py)
+    python bench/attention.py --scenario all --device cpu --quick   # their CPU smoke test (< 1 min)
 """
 
 import argparse
@@ -56,6 +58,8 @@ KL_METHODS = ("ours", "eager", "compile", "chunked")
 GPU_SDPA = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION"}
 CPU_SDPA = {"sdpa_math": "MATH"}
 PASSES = ("fwd", "fwd+bwd")
+SCENARIOS = ("gqa", "varlen", "dsa", "all")  # --scenario values other than the default sweep
+MASK_MODES = {"both": [False, True], "full": [False], "causal": [True]}  # --mask -> causal flags to run
 GB = 1e9
 
 FULL = dict(dims=[64, 128], seqlens=[1024, 4096, 8192, 16384, 32768])
@@ -143,6 +147,23 @@ def estimated_bytes(method: str, pass_name: str, batch: int, heads: int, n: int,
     return 0
 
 
+def memory_limit_bytes(mem_limit_gb: Optional[float], device) -> float:
+    """Cells estimated above this are skipped: ``--mem-limit-gb``, else 75 GB on a GPU, 80% of free RAM on CPU."""
+    if mem_limit_gb is not None:
+        return mem_limit_gb * GB
+    if device.type == "cuda":
+        return 75 * GB
+    free = bm.available_memory_bytes(device)
+    return 0.8 * free if free else 8 * GB
+
+
+def ours_unavailable_reason(device) -> Optional[str]:
+    """Why ``ours`` cannot run at all on ``device`` (a GPU without compiled kernels), else ``None``."""
+    if device.type == "cuda" and not streamkl.cuda_available():
+        return "unavailable (no CUDA kernels compiled in)"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- records
 
 @dataclasses.dataclass
@@ -223,17 +244,10 @@ class Sweep:
         self.ours_reason = self._ours_unavailable()
 
     def _memory_limit(self) -> float:
-        if self.args.mem_limit_gb is not None:
-            return self.args.mem_limit_gb * GB
-        if self.device.type == "cuda":
-            return 75 * GB
-        free = bm.available_memory_bytes(self.device)
-        return 0.8 * free if free else 8 * GB
+        return memory_limit_bytes(self.args.mem_limit_gb, self.device)
 
     def _ours_unavailable(self) -> Optional[str]:
-        if self.device.type == "cuda" and not streamkl.cuda_available():
-            return "unavailable (no CUDA kernels compiled in)"
-        return None
+        return ours_unavailable_reason(self.device)
 
     def cells(self):
         """The (D, N, causal) cells in sweep order."""
@@ -353,7 +367,7 @@ def _short_status(r: Optional[Record]) -> str:
         return bm.format_ms(r.time_ms)
     if r.status.startswith("skipped"):
         return "skip"
-    if r.status.startswith("unavailable"):
+    if r.status.startswith(("unavailable", "n/a")):
         return "n/a"
     return "OOM" if r.status == "OOM" else "err"
 
@@ -490,17 +504,20 @@ def write_plot(records, path: str) -> bool:
     return True
 
 
-def write_outputs(args, device, env: dict, records, out_dir: str) -> None:
-    """Write ``attention_bench.json`` (and ``attention_bench.png`` when matplotlib imports) to ``out_dir``."""
+def write_outputs(args, device, env: dict, records, out_dir: str, stem: str = "attention_bench",
+                  plot: bool = True) -> None:
+    """Write ``{stem}.json`` (and ``{stem}.png`` when ``plot`` and matplotlib imports) to ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("out",)}
     config["device"] = device.type
     payload = {"config": config, "environment": env, "records": [dataclasses.asdict(r) for r in records]}
-    json_path = os.path.join(out_dir, "attention_bench.json")
+    json_path = os.path.join(out_dir, f"{stem}.json")
     with open(json_path, "w") as f:
         json.dump(payload, f, indent=2)
     print(f"wrote {json_path}")
-    png_path = os.path.join(out_dir, "attention_bench.png")
+    if not plot:
+        return
+    png_path = os.path.join(out_dir, f"{stem}.png")
     if write_plot(records, png_path):
         print(f"wrote {png_path}")
     else:
@@ -549,6 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: cuda when available, else cpu")
+    p.add_argument("--scenario", choices=("sweep",) + SCENARIOS, default="sweep",
+                   help="sweep (default): the D x N x mask sweep below; gqa, varlen, dsa or all: the problem shapes "
+                        "of bench/attention_scenarios.py (they use --device --quick --mask (gqa only) --dtype "
+                        "--divergence --no-compile --rotate --repeats --mem-limit-gb --seed --out --quiet)")
     p.add_argument("--quick", action="store_true",
                    help="small subset: D=128, N in {4096, 8192} (CPU: H=2, D=64, N in {256, 512})")
     p.add_argument("--dims", type=_int_list, help="head dims, e.g. '64,128' (default 64,128)")
@@ -577,20 +598,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_args(args) -> torch.device:
-    """Apply device-dependent defaults to ``args``; return the device."""
+def resolve_device(args) -> torch.device:
+    """``--device`` as a torch device (``auto``: cuda when torch sees one); stored back into ``args``."""
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/attention.py: --device cuda but torch sees no CUDA device")
-    device = torch.device(args.device)
+    return torch.device(args.device)
+
+
+def default_dtype_name(dtype: Optional[str], device) -> str:
+    """``--dtype`` normalized, defaulting to bfloat16 on a GPU and float32 on the CPU."""
+    return bm.dtype_name(bm.resolve_dtype(dtype or ("float32" if device.type == "cpu" else "bfloat16")))
+
+
+def resolve_args(args) -> torch.device:
+    """Apply device-dependent defaults of the sweep to ``args``; return the device."""
+    device = resolve_device(args)
     cpu = device.type == "cpu"
     preset = (CPU_QUICK if cpu else QUICK) if args.quick else FULL
     args.dims = args.dims or preset["dims"]
     args.seqlens = args.seqlens or preset["seqlens"]
     args.heads = args.heads or (preset.get("heads", 16) if cpu else 16)
-    args.dtype = bm.dtype_name(bm.resolve_dtype(args.dtype or ("float32" if cpu else "bfloat16")))
-    args.causal_modes = {"both": [False, True], "full": [False], "causal": [True]}[args.mask]
+    args.dtype = default_dtype_name(args.dtype, device)
+    args.causal_modes = MASK_MODES[args.mask]
     available = KL_METHODS + tuple(CPU_SDPA if cpu else GPU_SDPA)
     methods = args.methods or list(available)
     unknown = [m for m in methods if m not in available]
@@ -605,6 +636,10 @@ def resolve_args(args) -> torch.device:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.scenario != "sweep":
+        import attention_scenarios  # bench/ is on sys.path when this file runs as a script
+
+        return attention_scenarios.main(args)
     device = resolve_args(args)
     if device.type == "cuda" and not streamkl.cuda_available():
         print("WARNING: streamkl has no CUDA kernels compiled in; 'ours' is reported as n/a, baselines still run.",

@@ -55,6 +55,24 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def make_input_sets(shapes: Sequence[Tuple[int, ...]], dtype: torch.dtype, device, *, seed: int = 0,
+                    n_grad: int = 2, n_sets: int = 1) -> List[Tuple[torch.Tensor, ...]]:
+    """``n_sets`` independent random tuples of tensors with the given ``shapes`` (standard normal, never zeros).
+
+    The first ``n_grad`` tensors of each tuple require grad (the student's ``q_s, k_s``); the rest are detached
+    (the teacher, as in distillation). Any shapes: GQA key heads, packed varlen tokens, different head dims.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sets = []
+    for _ in range(n_sets):
+        tensors = [torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+                   for shape in shapes]
+        for t in tensors[:n_grad]:
+            t.requires_grad_(True)
+        sets.append(tuple(tensors))
+    return sets
+
+
 def make_attention_inputs(batch: int, heads: int, seqlen: int, head_dim: int, dtype: torch.dtype,
                           device, *, seed: int = 0, student_grad: bool = True,
                           n_sets: int = 1) -> List[Tuple[torch.Tensor, ...]]:
@@ -63,16 +81,9 @@ def make_attention_inputs(batch: int, heads: int, seqlen: int, head_dim: int, dt
     Student ``q_s, k_s`` require grad when ``student_grad``; the teacher is always detached, as in
     distillation. Values are standard normal (never zeros).
     """
-    gen = torch.Generator(device=device).manual_seed(seed)
     shape = (batch, heads, seqlen, head_dim)
-    sets = []
-    for _ in range(n_sets):
-        tensors = [torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
-                   for _ in range(4)]
-        for t in tensors[:2]:
-            t.requires_grad_(student_grad)
-        sets.append(tuple(tensors))
-    return sets
+    return make_input_sets([shape] * 4, dtype, device, seed=seed, n_grad=2 if student_grad else 0,
+                           n_sets=n_sets)
 
 
 class Rotation:
