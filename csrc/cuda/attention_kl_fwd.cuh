@@ -31,6 +31,7 @@ struct ForwardPolicy {
   using State = OnlineKLState<float, Base2<float>>;
   // Rows of this thread in the (rows, cols) accumulator view: 2 per 16-row MMA slab.
   static constexpr int kThreadRows = 2 * (kBlockM / (16 * Traits::kNWarps));
+  static constexpr int kChains = 4;  // independent partial sums per row and quantity (see consume)
 
   AttentionMask mask;
   int row0;                  // first query row of the CTA
@@ -60,22 +61,41 @@ struct ForwardPolicy {
     }
     CUTE_UNROLL
     for (int i = 0; i < size<0>(w); ++i) {
+      // kChains independent partial maxima and sums per row: one running value per quantity would make every
+      // column wait for the previous one (the kernel is latency-bound at 8 warps per SM: ncu's top stall is
+      // "wait", fixed-latency dependencies).
+      float max_w[kChains], max_o[kChains];
+      CUTE_UNROLL
+      for (int c = 0; c < kChains; ++c) max_w[c] = max_o[c] = neg_infinity<float>();
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(w); ++j) {
+        max_w[j % kChains] = fmaxf(max_w[j % kChains], w(i, j));
+        max_o[j % kChains] = fmaxf(max_o[j % kChains], o(i, j));
+      }
+      CUTE_UNROLL
+      for (int c = 1; c < kChains; ++c) {
+        max_w[0] = fmaxf(max_w[0], max_w[c]);
+        max_o[0] = fmaxf(max_o[0], max_o[c]);
+      }
       // Scales are positive, so the maximum of the raw scores scales to the maximum of the scores.
-      float max_w = neg_infinity<float>(), max_o = neg_infinity<float>();
+      state[i].rescale(max_w[0] * scale_w2, max_o[0] * scale_o2);
+      float sum_w[kChains] = {}, weighted[kChains] = {}, sum_o[kChains] = {};
       CUTE_UNROLL
       for (int j = 0; j < size<1>(w); ++j) {
-        max_w = fmaxf(max_w, w(i, j));
-        max_o = fmaxf(max_o, o(i, j));
+        // A masked key (w = o = -inf) contributes nothing, also while the row has seen no key (max = -inf).
+        if (!full && w(i, j) == neg_infinity<float>()) continue;
+        const typename State::KeyTerms k = state[i].key_terms(w(i, j) * scale_w2, o(i, j) * scale_o2);
+        sum_w[j % kChains] += k.p_w;
+        weighted[j % kChains] += k.weighted;
+        sum_o[j % kChains] += k.p_o;
       }
-      state[i].rescale(max_w * scale_w2, max_o * scale_o2);
-      // The scaling folds into the exponent's FMA.
       CUTE_UNROLL
-      for (int j = 0; j < size<1>(w); ++j) {
-        if (full)
-          state[i].add(w(i, j) * scale_w2, o(i, j) * scale_o2);
-        else
-          state[i].add_maybe_masked(w(i, j) * scale_w2, o(i, j) * scale_o2);
+      for (int c = 1; c < kChains; ++c) {
+        sum_w[0] += sum_w[c];
+        weighted[0] += weighted[c];
+        sum_o[0] += sum_o[c];
       }
+      state[i].add_sums(sum_w[0], sum_o[0], weighted[0]);
     }
   }
 };

@@ -76,19 +76,23 @@ struct OnlineKLState {
     max_o = new_o;
   }
 
-  // Add one allowed key (finite scores); the maxima must already cover it (call rescale first).
-  SKL_HOST_DEVICE void add(T w, T o) {
+  // One allowed key's contributions to (sum_w, acc, sum_o) relative to the current maxima. Kernels that keep
+  // several partial sums per row (for instruction-level parallelism) add these up and fold them in with
+  // add_sums; add() folds one key in directly.
+  struct KeyTerms {
+    T p_w, weighted, p_o;
+  };
+  SKL_HOST_DEVICE KeyTerms key_terms(T w, T o) const {
     const T p_w = Base::exp(w - max_w);
-    sum_w += p_w;
-    acc += p_w * (w - o);
-    sum_o += Base::exp(o - max_o);
+    return KeyTerms{p_w, p_w * (w - o), Base::exp(o - max_o)};
   }
 
-  // Same as add() but a masked key may arrive as w = o = -inf (both sides share the mask): it contributes
-  // exactly nothing, even while the row has seen no allowed key yet (max = -inf).
-  SKL_HOST_DEVICE void add_maybe_masked(T w, T o) {
-    if (w == neg_infinity<T>()) return;
-    add(w, o);
+  // Add one allowed key (finite scores); the maxima must already cover it (call rescale first).
+  SKL_HOST_DEVICE void add(T w, T o) {
+    const KeyTerms k = key_terms(w, o);
+    sum_w += k.p_w;
+    acc += k.weighted;
+    sum_o += k.p_o;
   }
 
   // Add sums over a batch of allowed keys computed elsewhere (e.g. by a vectorized CPU loop) relative to
