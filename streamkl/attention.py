@@ -44,8 +44,7 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
         scale_s, scale_t: softmax scales; default ``1/sqrt(D)`` of each side.
         window_size: ``(left, right)`` sliding window with FlashAttention's semantics, aligned bottom-right
             like ``causal``: row ``i`` sees keys ``j`` with ``i + N_k - N_q - left <= j <= i + N_k - N_q + right``;
-            ``-1`` leaves a side unbounded; ``causal=True`` sets ``right = 0``. CPU only for now (CUDA raises
-            NotImplementedError until its window path has been validated on a GPU).
+            ``-1`` leaves a side unbounded; ``causal=True`` sets ``right = 0``. CPU and CUDA.
         divergence: ``"forward"``, ``"reverse"`` or ``"jsd"`` (see above; ``"jsd"`` is CPU only for now).
         beta: the JSD's parameter in [0, 1] (the teacher's mixture weight); ignored by the KL divergences.
         teacher_head_reduce: ``"none"``, or ``"mean"`` for a head-aggregated teacher: ``q_t`` has ``H_t = r * H``
