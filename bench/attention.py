@@ -186,6 +186,16 @@ class Record:
         return self.status == "ok"
 
 
+def note_forward_output(record: Record, out, ours_out):
+    """Ours' forward output (returned, to compare the baselines of the same cell against), or a baseline's
+    max |difference| from it, stored on its record."""
+    if record.method == "ours":
+        return out
+    if ours_out is not None:
+        record.max_abs_diff_vs_ours = (out.float() - ours_out.float()).abs().max().item()
+    return ours_out
+
+
 def flops_for(method: str, pass_name: str, batch: int, heads: int, n: int, d: int, causal: bool) -> float:
     """Useful flops of one call (see the module docstring for the product counts)."""
     sdpa = method.startswith("sdpa")
@@ -286,12 +296,8 @@ class Sweep:
                     self._run_sdpa(record, q, k, v, grad_out)
                     continue
                 out = self._run_kl(record, fn, kl_sets)
-                if pass_name != "fwd" or out is None:
-                    continue
-                if method == "ours":
-                    ours_out = out
-                elif ours_out is not None:
-                    record.max_abs_diff_vs_ours = (out.float() - ours_out.float()).abs().max().item()
+                if pass_name == "fwd" and out is not None:
+                    ours_out = note_forward_output(record, out, ours_out)
         for record in self.records:
             if record.ok and record.tflops is None:
                 flops = flops_for(record.method, record.pass_name, a.batch, a.heads, record.seqlen,

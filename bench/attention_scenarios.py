@@ -202,12 +202,8 @@ def run_case(case: Case, args, device, mem_limit: float, progress: bm.Progress) 
                                     scenario=case.scenario, heads=case.heads)
             records.append(record)
             out = measure_method(record, fn, sets, case, blocked, args, device, mem_limit)
-            if pass_name != "fwd" or out is None:
-                continue
-            if method == "ours":
-                ours_out = out
-            elif ours_out is not None:
-                record.max_abs_diff_vs_ours = (out.float() - ours_out.float()).abs().max().item()
+            if pass_name == "fwd" and out is not None:
+                ours_out = sweep.note_forward_output(record, out, ours_out)
     del sets, ours_out
     bm.free_memory(device)
     return records
