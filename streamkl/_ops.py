@@ -162,6 +162,7 @@ def _attention_jsd_bwd_fake(grad_jsd, q_s, k_s, q_t, k_t, jsd, lse_s, lse_t, jsd
 def _attention_jsd_backward(ctx, grad_jsd, *_unused_grads):
     q_s, k_s, q_t, k_t, jsd, lse_s, lse_t, jsd_stats = ctx.saved_tensors
     teacher_grad = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+    _refuse_cuda_teacher_grad_grouping(teacher_grad, q_s, k_s, k_t)
     dq_s, dk_s, dq_t, dk_t = ops.attention_jsd_bwd(grad_jsd, q_s, k_s, q_t, k_t, jsd, lse_s, lse_t, jsd_stats,
                                                    *ctx.options, teacher_grad, *ctx.tail)
     if not teacher_grad:

@@ -45,7 +45,7 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
         window_size: ``(left, right)`` sliding window with FlashAttention's semantics, aligned bottom-right
             like ``causal``: row ``i`` sees keys ``j`` with ``i + N_k - N_q - left <= j <= i + N_k - N_q + right``;
             ``-1`` leaves a side unbounded; ``causal=True`` sets ``right = 0``. CPU and CUDA.
-        divergence: ``"forward"``, ``"reverse"`` or ``"jsd"`` (see above; ``"jsd"`` is CPU only for now).
+        divergence: ``"forward"``, ``"reverse"`` or ``"jsd"`` (see above; all three run on CPU and CUDA).
         beta: the JSD's parameter in [0, 1] (the teacher's mixture weight); ignored by the KL divergences.
         teacher_head_reduce: ``"none"``, or ``"mean"`` for a head-aggregated teacher: ``q_t`` has ``H_t = r * H``
             heads (``k_t``: ``H_kv_t`` dividing ``H_t``) and the target of student head ``h`` is the mean of the
@@ -77,7 +77,6 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
                                       f"not supported; pass q_t.detach(), k_t.detach() (the teacher is a fixed target)")
     tail = (int(window_size[0]), int(window_size[1]), teacher_head_reduce, teacher_lse)
     if divergence == "jsd":
-        refuse_jsd_on_cuda(q_s, divergence, where=where)
         jsd, _, _, _ = _ops.ops.attention_jsd_fwd(q_s, k_s, q_t, k_t, scale_s, scale_t, bool(causal), float(beta),
                                                   *tail)
         return reduce_rows(jsd, reduction)
@@ -90,12 +89,6 @@ def refuse_on_cuda(tensor, feature, *, where):
     if tensor.device.type == "cuda":
         raise NotImplementedError(f"{where}: {feature} runs on the CPU only for now (no CUDA kernel yet); move the "
                                   f"inputs to the CPU or use divergence='forward'/'reverse' without it")
-
-
-def refuse_jsd_on_cuda(tensor, divergence, *, where):
-    """The generalized JSD has CPU kernels only (the CUDA kernels compute the KL divergences)."""
-    if divergence == "jsd":
-        refuse_on_cuda(tensor, "the generalized JSD (divergence='jsd')", where=where)
 
 
 def default_scales(q_s, q_t, scale_s, scale_t):

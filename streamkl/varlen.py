@@ -7,7 +7,7 @@ import torch
 
 from . import _ops
 from ._validation import REDUCTIONS, check_beta, check_divergence, check_options, check_varlen_tensors, check_window
-from .attention import default_scales, reduce_rows, refuse_jsd_on_cuda
+from .attention import default_scales, reduce_rows
 
 
 def attention_kl_varlen(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
@@ -38,8 +38,8 @@ def attention_kl_varlen(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
     Returns:
         float32 (float64 for float64 inputs). Gradients flow to ``q_s, k_s`` and, when they require grad, to
         ``q_t, k_t``. The cu_seqlens values are checked by the op (ValueError). CUDA (float16 / bfloat16) runs
-        the forward and reverse KL; ``"jsd"`` is CPU only for now (NotImplementedError on CUDA), and teacher
-        gradients on CUDA need ``H_kv`` equal on both sides, as in :func:`streamkl.attention_kl`.
+        all three divergences; teacher gradients on CUDA need ``H_kv`` equal on both sides, as in
+        :func:`streamkl.attention_kl`.
     """
     where = "streamkl.attention_kl_varlen"
     check_varlen_tensors(q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, where=where)
@@ -47,7 +47,6 @@ def attention_kl_varlen(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
     check_options(scale_s, scale_t, divergence, reduction, where=where)
     check_window(window_size, where=where)
     check_beta(beta, where=where)
-    refuse_jsd_on_cuda(q_s, divergence, where=where)
     kl, _, _, _ = _ops.ops.attention_kl_varlen_fwd(q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                    max_seqlen_k, scale_s, scale_t, bool(causal), divergence,
                                                    int(window_size[0]), int(window_size[1]), float(beta))

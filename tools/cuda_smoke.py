@@ -17,7 +17,10 @@ def rel(a, b):
 
 
 def check(B, H, Nq, Nk, Ds, Dt, causal, div, dtype, teacher_grad, gen):
+    """div: "forward", "reverse" or "jsd:<beta>" (the generalized JSD)."""
     dev = "cuda"
+    name, _, beta = div.partition(":")
+    options = dict(divergence=name, beta=float(beta)) if beta else dict(divergence=name)
     mk = lambda *s: (torch.randn(*s, device=dev, generator=gen) * 1.5).to(dtype)
     q_s, k_s, q_t, k_t = mk(B, H, Nq, Ds), mk(B, H, Nk, Ds), mk(B, H, Nq, Dt), mk(B, H, Nk, Dt)
     for t in (q_s, k_s):
@@ -25,9 +28,9 @@ def check(B, H, Nq, Nk, Ds, Dt, causal, div, dtype, teacher_grad, gen):
     if teacher_grad:
         q_t.requires_grad_(True)
         k_t.requires_grad_(True)
-    out = attention_kl(q_s, k_s, q_t, k_t, causal=causal, divergence=div)
+    out = attention_kl(q_s, k_s, q_t, k_t, causal=causal, **options)
     ref_inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in (q_s, k_s, q_t, k_t)]
-    ref = attention_kl_reference(*ref_inputs, causal=causal, divergence=div)
+    ref = attention_kl_reference(*ref_inputs, causal=causal, **options)
     g = torch.rand_like(out)
     wrt = [t for t in (q_s, k_s, q_t, k_t) if t.requires_grad]
     wrt_ref = [t for t in ref_inputs if t.requires_grad]
@@ -36,7 +39,7 @@ def check(B, H, Nq, Nk, Ds, Dt, causal, div, dtype, teacher_grad, gen):
     errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, grads_ref)]
     nan = any(torch.isnan(x).any().item() for x in (out, *grads))
     ok = not nan and errs[0] < 1e-2 and all(e < 3e-2 for e in errs[1:])
-    print(f"{'ok ' if ok else 'BAD'} B={B} H={H} Nq={Nq} Nk={Nk} Ds={Ds} Dt={Dt} causal={causal} {div:7s} "
+    print(f"{'ok ' if ok else 'BAD'} B={B} H={H} Nq={Nq} Nk={Nk} Ds={Ds} Dt={Dt} causal={causal} {div:8s} "
           f"{str(dtype)[6:]:8s} tgrad={teacher_grad} errs={' '.join(f'{e:.2e}' for e in errs)} nan={nan}")
     return ok
 
@@ -56,14 +59,20 @@ def main():
         (2, 2, 300, 200, 128, 64, True, "reverse", torch.bfloat16, False),
         (1, 3, 77, 1000, 64, 128, False, "forward", torch.bfloat16, False),
         (1, 2, 500, 450, 128, 128, True, "forward", torch.bfloat16, False),
+        (1, 2, 257, 300, 128, 128, False, "jsd:0.5", torch.bfloat16, True),
+        (2, 2, 300, 200, 128, 64, True, "jsd:0.1", torch.bfloat16, False),
+        (1, 2, 1000, 1000, 64, 128, True, "jsd:0.9", torch.bfloat16, True),
     ]
     extra = [(1, 2, 333, 444, 64, 64, True, "reverse", torch.float16, True),
              (1, 2, 300, 300, 32, 32, True, "forward", torch.bfloat16, True),
              (1, 2, 300, 200, 96, 96, False, "forward", torch.float16, True),
-             (1, 2, 200, 300, 256, 256, True, "reverse", torch.bfloat16, True)]
+             (1, 2, 200, 300, 256, 256, True, "reverse", torch.bfloat16, True),
+             (1, 2, 200, 300, 256, 256, True, "jsd:0.3", torch.bfloat16, True),
+             (1, 2, 333, 444, 64, 64, True, "jsd:0.7", torch.float16, True)]
     if len(sys.argv) > 1 and sys.argv[1] == "--small":  # one tiny case each way, for compute-sanitizer
         cases, extra = [(1, 2, 100, 130, 64, 128, True, "forward", torch.bfloat16, True),
-                        (1, 2, 130, 100, 128, 64, True, "reverse", torch.bfloat16, False)], []
+                        (1, 2, 130, 100, 128, 64, True, "reverse", torch.bfloat16, False),
+                        (1, 2, 100, 130, 64, 128, True, "jsd:0.3", torch.bfloat16, True)], []
     for c in cases + extra:
         try:
             ok &= check(*c, gen)

@@ -1,5 +1,6 @@
 // Backward attention-KL kernels (Ampere path). Both recompute the score tiles from the saved log-sum-exps
-// and turn them into score gradients with the shared formula (divergence_score_grads in online_kl.h):
+// and turn them into score gradients with a score-gradient rule (score_grad_rules.cuh: the forward / reverse KL's
+// divergence_score_grads or the JSD's jsd_score_grads from online_kl.h), a template parameter of the policies:
 //
 //   dQ kernel: a CTA owns a block of query rows and streams the key tiles:  dQ = scale * dS K.
 //   dK kernel: a CTA owns a block of keys and streams the query tiles, computing the transposed scores
@@ -13,52 +14,12 @@
 #include "../kernels/attention_mask.h"
 #include "../kernels/attention_params.h"
 #include "../kernels/online_kl.h"
-#include "attention_kl_fwd.cuh"
+#include "device_common.cuh"
+#include "score_grad_rules.cuh"
 #include "score_stream.cuh"
 
 namespace streamkl {
 namespace cuda {
-
-// Per-query-row inputs of the backward, in the units the gradient formula takes (base-2 LSEs).
-struct RowGradInputs {
-  float lse_w2, lse_o2, kl, grad;
-
-  __device__ static RowGradInputs load(const AttentionKLParams& p, int64_t idx, bool teacher_weights) {
-    const float lse_s = static_cast<const float*>(p.lse_student)[idx];
-    const float lse_t = static_cast<const float*>(p.lse_teacher)[idx];
-    RowGradInputs r;
-    r.lse_w2 = (teacher_weights ? lse_t : lse_s) * kLog2e;
-    r.lse_o2 = (teacher_weights ? lse_s : lse_t) * kLog2e;
-    r.kl = static_cast<const float*>(p.kl)[idx];
-    r.grad = static_cast<const float*>(p.grad_kl)[idx];
-    return r;
-  }
-  // Rows past the end (or rows with no allowed key) must produce dS = 0; grad = 0 and finite LSEs do that
-  // together with the element mask.
-  __device__ static RowGradInputs none() { return RowGradInputs{0.f, 0.f, 0.f, 0.f}; }
-};
-
-// dS for one score pair (base-2 scores), written back as (student, teacher) gradients. The weighting side
-// is a template parameter so that, without teacher gradients, the compiler drops the teacher's half.
-template <bool kTeacherWeights>
-__device__ __forceinline__ void score_pair_grads(float& s, float& t, const RowGradInputs& r, bool allowed) {
-  float& w = pick<kTeacherWeights>(t, s);
-  float& o = pick<kTeacherWeights>(s, t);
-  float grad_w, grad_o;
-  divergence_score_grads<float, Base2<float>>(w, o, r.lse_w2, r.lse_o2, r.kl, r.grad, grad_w, grad_o);
-  w = allowed ? grad_w : 0.f;
-  o = allowed ? grad_o : 0.f;
-}
-
-// Raw accumulator values <x, y> of one (student, teacher) pair in, their score gradients out.
-template <bool kTeacherWeights>
-__device__ __forceinline__ void scale_and_grad(float& s, float& t, float scale_s2, float scale_t2,
-                                               const RowGradInputs& r, bool allowed) {
-  float sv = s * scale_s2, tv = t * scale_t2;
-  score_pair_grads<kTeacherWeights>(sv, tv, r, allowed);
-  s = sv;
-  t = tv;
-}
 
 // The second product of both backward kernels: acc_grad += dS * Y for the student, and the teacher when
 // kTeacherGrad. `y_*_transposed` are the [dim, kBlockN] views of the current Y tiles.
@@ -131,15 +92,15 @@ struct GradPolicyBase {
 };
 
 // ---------------------------------------------------------------------------------------------------- dQ
-template <typename Traits, bool kTeacherGrad, bool kTeacherWeights>
+template <typename Traits, bool kTeacherGrad, typename ScoreGrads>
 struct DqPolicy : GradPolicyBase<Traits, kTeacherGrad> {
   using Base = GradPolicyBase<Traits, kTeacherGrad>;
   using Base::grads, Base::mask, Base::scale_s2, Base::scale_t2, Base::smem;
   static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   static constexpr int kThreadRows = 2 * (kBlockM / (16 * Traits::kNWarps));
   int row0;
-  static constexpr bool teacher_weights = kTeacherWeights;
-  RowGradInputs rows[kThreadRows];
+  ScoreGrads score_grads;
+  typename ScoreGrads::Row rows[kThreadRows];
 
   __device__ void stage_stats(int, float*) {}
 
@@ -154,7 +115,7 @@ struct DqPolicy : GradPolicyBase<Traits, kTeacherGrad> {
       for (int i = 0; i < size<0>(s); ++i) {
         CUTE_UNROLL
         for (int j = 0; j < size<1>(s); ++j)
-          scale_and_grad<kTeacherWeights>(s(i, j), t(i, j), scale_s2, scale_t2, rows[i], true);
+          score_grads.apply(s(i, j), t(i, j), scale_s2, scale_t2, rows[i], true);
       }
     } else {
       Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
@@ -163,8 +124,7 @@ struct DqPolicy : GradPolicyBase<Traits, kTeacherGrad> {
         const KeyRange keys = mask.keys_for_row(row0 + get<0>(coords(i, 0)));
         CUTE_UNROLL
         for (int j = 0; j < size<1>(s); ++j)
-          scale_and_grad<kTeacherWeights>(s(i, j), t(i, j), scale_s2, scale_t2, rows[i],
-                                          keys.contains(y0 + get<1>(coords(i, j))));
+          score_grads.apply(s(i, j), t(i, j), scale_s2, scale_t2, rows[i], keys.contains(y0 + get<1>(coords(i, j))));
       }
     }
     accumulate_grad_products<Traits, kTeacherGrad>(tiled_mma, acc_s, acc_t, grads.s, grads.t,
@@ -172,7 +132,7 @@ struct DqPolicy : GradPolicyBase<Traits, kTeacherGrad> {
   }
 };
 
-template <typename Traits, bool kTeacherGrad, bool kTeacherWeights>
+template <typename Traits, bool kTeacherGrad, typename ScoreGrads>
 __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dq_kernel(const AttentionKLParams p) {
   using Element = typename Traits::Element;
   extern __shared__ __align__(128) char smem_raw[];
@@ -184,16 +144,17 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dq_kernel(
   // range, so it streams no tile and stores nothing (no early return: see attention_kl_fwd_kernel).
   const AttentionKLParams::Sequence seq = p.sequence(b);
 
-  DqPolicy<Traits, kTeacherGrad, kTeacherWeights> policy;
+  DqPolicy<Traits, kTeacherGrad, ScoreGrads> policy;
   policy.init(p, seq, smem);
   policy.row0 = row0;
+  policy.score_grads.init(p);
   {
     Tensor coords = accumulator_coords<Traits::kBlockM, Traits::kBlockN>(policy.grads.tiled_mma, threadIdx.x);
     CUTE_UNROLL
     for (int i = 0; i < policy.kThreadRows; ++i) {
       const int row = row0 + get<0>(coords(i, 0));
-      policy.rows[i] = row < seq.seqlen_q ? RowGradInputs::load(p, p.row_index(b, h, row), policy.teacher_weights)
-                                          : RowGradInputs::none();
+      policy.rows[i] =
+          row < seq.seqlen_q ? policy.score_grads.load(p, p.row_index(b, h, row)) : policy.score_grads.none();
     }
   }
 
@@ -208,27 +169,24 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dq_kernel(
 }
 
 // ---------------------------------------------------------------------------------------------------- dK
-template <typename Traits, bool kTeacherGrad, bool kTeacherWeights>
+template <typename Traits, bool kTeacherGrad, typename ScoreGrads>
 struct DkPolicy : GradPolicyBase<Traits, kTeacherGrad> {
+  static_assert(ScoreGrads::kRowStats <= Traits::kRowStats, "the traits' stats buffer must hold the rule's rows");
   using Base = GradPolicyBase<Traits, kTeacherGrad>;
   using Base::grads, Base::mask, Base::scale_s2, Base::scale_t2, Base::smem;
   static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   int key0;  // first key of the CTA (X rows are keys, Y rows are queries)
-  static constexpr bool teacher_weights = kTeacherWeights;
+  ScoreGrads score_grads;
   const AttentionKLParams* params;
   int b, h;
 
-  // Stage the gradient inputs of the tile's query rows: [kRowStats][kBlockN] floats.
+  // Stage the gradient inputs of the tile's query rows: [ScoreGrads::kRowStats][kBlockN] floats.
   __device__ void stage_stats(int y0, float* stats) {
     for (int c = threadIdx.x; c < kBlockN; c += Traits::kNThreads) {
       const int row = y0 + c;
-      const RowGradInputs r = row < mask.seqlen_q
-                                  ? RowGradInputs::load(*params, params->row_index(b, h, row), teacher_weights)
-                                  : RowGradInputs::none();
-      stats[0 * kBlockN + c] = r.lse_w2;
-      stats[1 * kBlockN + c] = r.lse_o2;
-      stats[2 * kBlockN + c] = r.kl;
-      stats[3 * kBlockN + c] = r.grad;
+      ScoreGrads::stage(row < mask.seqlen_q ? score_grads.load(*params, params->row_index(b, h, row))
+                                            : score_grads.none(),
+                        stats, c, kBlockN);
     }
   }
 
@@ -238,30 +196,27 @@ struct DkPolicy : GradPolicyBase<Traits, kTeacherGrad> {
     Tensor t = make_tensor(acc_t.data(), acc_as_rows_cols(acc_t.layout()));
     Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
     const float* stats = smem->stats(stage);
-    auto row_inputs = [&](int c) {
-      return RowGradInputs{stats[c], stats[kBlockN + c], stats[2 * kBlockN + c], stats[3 * kBlockN + c]};
-    };
+    auto row_inputs = [&](int c) { return ScoreGrads::unstage(stats, c, kBlockN); };
     const int key_end = min_of(key0 + kBlockM, mask.seqlen_k);
     if (mask.block_fully_visible(y0, y0 + kBlockN, key0, key_end)) {
       // Interior tile: no per-element mask arithmetic at all.
       CUTE_UNROLL
       for (int j = 0; j < size<1>(s); ++j) {
-        const RowGradInputs r = row_inputs(get<1>(coords(0, j)));
+        const typename ScoreGrads::Row r = row_inputs(get<1>(coords(0, j)));
         CUTE_UNROLL
-        for (int i = 0; i < size<0>(s); ++i)
-          scale_and_grad<kTeacherWeights>(s(i, j), t(i, j), scale_s2, scale_t2, r, true);
+        for (int i = 0; i < size<0>(s); ++i) score_grads.apply(s(i, j), t(i, j), scale_s2, scale_t2, r, true);
       }
     } else {
       CUTE_UNROLL
       for (int j = 0; j < size<1>(s); ++j) {
         const int c = get<1>(coords(0, j));
-        const RowGradInputs r = row_inputs(c);
+        const typename ScoreGrads::Row r = row_inputs(c);
         const KeyRange keys = mask.keys_for_row(y0 + c);
         const bool row_in_bounds = y0 + c < mask.seqlen_q;
         CUTE_UNROLL
         for (int i = 0; i < size<0>(s); ++i)
-          scale_and_grad<kTeacherWeights>(s(i, j), t(i, j), scale_s2, scale_t2, r,
-                                          row_in_bounds && keys.contains(key0 + get<0>(coords(i, j))));
+          score_grads.apply(s(i, j), t(i, j), scale_s2, scale_t2, r,
+                            row_in_bounds && keys.contains(key0 + get<0>(coords(i, j))));
       }
     }
     accumulate_grad_products<Traits, kTeacherGrad>(tiled_mma, acc_s, acc_t, grads.s, grads.t,
@@ -322,7 +277,7 @@ __global__ void scale_convert_kernel(const float* __restrict__ in, Element* __re
 // teacher's keys are those of the teacher key head each query head reads; teacher gradients need both
 // sides to group heads the same way (checked by the host wrapper), so the teacher's dK rows also have one
 // writer.
-template <typename Traits, bool kTeacherGrad, bool kTeacherWeights>
+template <typename Traits, bool kTeacherGrad, typename ScoreGrads>
 __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dk_kernel(const AttentionKLParams p) {
   using Element = typename Traits::Element;
   extern __shared__ __align__(128) char smem_raw[];
@@ -336,9 +291,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dk_kernel(
   // attention_kl_fwd_kernel).
   const AttentionKLParams::Sequence seq = p.sequence(b);
 
-  DkPolicy<Traits, kTeacherGrad, kTeacherWeights> policy;
+  DkPolicy<Traits, kTeacherGrad, ScoreGrads> policy;
   policy.init(p, seq, smem);
   policy.key0 = key0;
+  policy.score_grads.init(p);
   policy.params = &p;
   policy.b = b;
 

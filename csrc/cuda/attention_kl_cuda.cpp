@@ -1,10 +1,12 @@
-// CUDA implementations of streamkl::attention_kl_fwd / attention_kl_bwd (padded layout) and
-// attention_kl_varlen_fwd / attention_kl_varlen_bwd (packed layout): validation shared with the CPU path
-// (csrc/ops), then one forward and one backward path for both layouts that runs the tensor-core kernels from
-// the registry. No fallback: an unsupported configuration raises an error naming what is supported.
+// CUDA implementations of streamkl::attention_kl_fwd / attention_kl_bwd and attention_jsd_fwd / attention_jsd_bwd
+// (padded layout) and attention_kl_varlen_fwd / attention_kl_varlen_bwd (packed layout, any divergence):
+// validation shared with the CPU path (csrc/ops), then one forward and one backward path for both layouts and all
+// divergences that runs the tensor-core kernels from the registry (the launchers branch on the divergence). No
+// fallback: an unsupported configuration raises an error naming what is supported.
 #include <cstdlib>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
@@ -62,13 +64,6 @@ void refuse_aggregated_teacher(c10::string_view teacher_head_reduce, bool has_te
                               "', teacher_lse) are not implemented on CUDA yet; run them on the CPU for now");
 }
 
-// The generalized JSD (two passes, per-row statistics) runs on the CPU only until its CUDA kernels exist.
-void refuse_jsd(Divergence divergence) {
-  TORCH_CHECK_NOT_IMPLEMENTED(divergence != Divergence::kJsd,
-                              "streamkl: the generalized JSD (divergence='jsd') is not implemented on CUDA yet; run "
-                              "it on the CPU for now");
-}
-
 // STREAMKL_FUSED_BACKWARD=1 selects the fused student-only backward (one kernel, dQ by fp32 atomics). It is
 // correct (tools/device_check.sh runs it) but measured slower than the default two-kernel backward on H100
 // (bench/RESULTS.md), so it is opt-in until its atomics and shared-memory round trip are cheaper.
@@ -101,31 +96,48 @@ cuda::LaunchFn find_launcher(cuda::KernelFamily family, const KernelInputs& in) 
   return fn;
 }
 
-using RowOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// Both layouts' forward: kl, lse_s, lse_t shaped like q_s without its head dim ([B, H, N_q] or [total_q, H]),
-// then the kernel unless there is no row. p: the layout's parameters without the output pointers.
-RowOutputs run_forward(AttentionKLParams& p, const KernelInputs& in) {
+struct ForwardOutputs {
+  at::Tensor kl, lse_s, lse_t;
+  at::Tensor jsd_stats;  // [rows..., JsdRowStats::kCount] for the JSD (zeros at beta = 0 / 1), [0] otherwise
+};
+
+// Both layouts' forward, every divergence: kl (the JSD for kJsd), lse_s, lse_t shaped like q_s without its head
+// dim ([B, H, N_q] or [total_q, H]) and jsd_stats, then the kernels unless there is no row. p: the layout's
+// parameters without the output pointers. The kernels get kernel_attention_params(p), which runs a JSD at
+// beta = 0 / 1 as the KL it equals (its statistics, unused then, stay zero), as on the CPU.
+ForwardOutputs run_forward(AttentionKLParams& p, const KernelInputs& in) {
   const auto opts = in.q_s.options().dtype(at::kFloat);
-  at::Tensor kl = at::empty(in.q_s.sizes().slice(0, in.q_s.dim() - 1), opts);
-  at::Tensor lse_s = at::empty_like(kl), lse_t = at::empty_like(kl);
+  const at::IntArrayRef rows = in.q_s.sizes().slice(0, in.q_s.dim() - 1);
+  const bool jsd = p.divergence == Divergence::kJsd;
+  std::vector<int64_t> stats_shape = {0};
+  if (jsd) {
+    stats_shape.assign(rows.begin(), rows.end());
+    stats_shape.push_back(JsdRowStats<float>::kCount);
+  }
+  ForwardOutputs out{at::empty(rows, opts), at::empty(rows, opts), at::empty(rows, opts), at::zeros(stats_shape, opts)};
+  const AttentionKLParams kernel_params = kernel_attention_params(p);
   cuda::LaunchFn launch = nullptr;
-  if (hopper_path_enabled(in.q_s))
+  // The Hopper-path forward computes the KL divergences only; the JSD's two passes run on the Ampere path.
+  if (kernel_params.divergence != Divergence::kJsd && hopper_path_enabled(in.q_s))
     launch = cuda::find_kernel({cuda::KernelFamily::kForwardSm90, element_type(in.q_s),
                                 static_cast<int>(in.q_s.size(-1)), static_cast<int>(in.q_t.size(-1))});
   if (launch == nullptr) launch = find_launcher(cuda::KernelFamily::kForward, in);
-  if (kl.numel() == 0) return {kl, lse_s, lse_t};
-  p.kl = kl.data_ptr();
-  p.lse_student = lse_s.data_ptr();
-  p.lse_teacher = lse_t.data_ptr();
-  launch(p, c10::cuda::getCurrentCUDAStream());
-  return {kl, lse_s, lse_t};
+  if (out.kl.numel() == 0) return out;
+  AttentionKLParams k = kernel_params;
+  k.kl = out.kl.data_ptr();
+  k.lse_student = out.lse_s.data_ptr();
+  k.lse_teacher = out.lse_t.data_ptr();
+  k.jsd_stats = jsd ? out.jsd_stats.data_ptr() : nullptr;
+  launch(k, c10::cuda::getCurrentCUDAStream());
+  return out;
 }
 
-// Both layouts' backward. p: the layout's parameters without the backward fields.
-Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const BackwardRowInputs& rows, bool teacher_grad,
-                       const TensorLayout& layout) {
+// Both layouts' backward, every divergence. p: the layout's parameters without the backward fields; jsd_stats: the
+// forward's JSD statistics (read only for Divergence::kJsd).
+Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const BackwardRowInputs& rows,
+                       const at::Tensor& jsd_stats, bool teacher_grad, const TensorLayout& layout) {
   const cuda::LaunchFn launch = find_launcher(cuda::KernelFamily::kBackward, in);
   // The dQ kernel writes every query row and the dK kernel every key row (zeros where nothing is seen; in
   // the varlen layout each row belongs to exactly one sequence), so the outputs need no memset; only empty
@@ -136,23 +148,36 @@ Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const Backw
   at::Tensor dq_s = alloc(in.q_s), dk_s = alloc(in.k_s);
   at::Tensor dq_t = teacher_grad ? alloc(in.q_t) : at::empty({0}, in.q_t.options());
   at::Tensor dk_t = teacher_grad ? alloc(in.k_t) : at::empty({0}, in.k_t.options());
+  const bool jsd = p.divergence == Divergence::kJsd;
+  const at::Tensor stats = jsd ? prepare_jsd_stats(in.q_s, jsd_stats, at::kFloat) : at::Tensor();
   if (empty_problem) return {dq_s, dk_s, dq_t, dk_t};
   set_backward_params(p, rows, dq_s, dk_s, dq_t, dk_t, teacher_grad, layout);
-  // The fused backward (opt-in; padded layout only, see run_attention_kl_bwd_fused) adds the student's dQ into
-  // this zeroed fp32 workspace.
+  if (jsd) p.jsd_stats = const_cast<void*>(stats.data_ptr());
+  AttentionKLParams k = kernel_attention_params(p);
+  // The fused backward (opt-in; padded layout and KL only, see run_attention_kl_bwd_fused) adds the student's dQ
+  // into this zeroed fp32 workspace.
   at::Tensor dq_accum;
   const bool padded = layout.batch_dim >= 0;
-  if (padded && !teacher_grad && fused_backward_enabled() &&
+  if (padded && !teacher_grad && k.divergence != Divergence::kJsd && fused_backward_enabled() &&
       cuda::fused_backward_supports(static_cast<int>(in.q_s.size(-1)), static_cast<int>(in.q_t.size(-1)))) {
     dq_accum = at::zeros(in.q_s.sizes(), in.q_s.options().dtype(at::kFloat));
-    p.dq_accum = dq_accum.data_ptr();
+    k.dq_accum = dq_accum.data_ptr();
   }
-  launch(p, c10::cuda::getCurrentCUDAStream());
+  launch(k, c10::cuda::getCurrentCUDAStream());
   return {dq_s, dk_s, dq_t, dk_t};
 }
 
+// Padded-layout checks for the JSD ops (the KL ops' check_op_arguments parses a KL divergence name instead).
+OpOptions check_jsd_arguments(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                              const at::Tensor& k_t, double scale_s, double scale_t, bool causal, double beta,
+                              int64_t window_left, int64_t window_right) {
+  check_attention_inputs(q_s, k_s, q_t, k_t, scale_s, scale_t);
+  check_jsd_beta(beta);
+  return OpOptions{check_mask_options(causal, window_left, window_right), Divergence::kJsd};
+}
+
 // ---------------------------------------------------------------------------------------------------- padded
-RowOutputs attention_kl_fwd_cuda(const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cuda(const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in,
                                  const at::Tensor& k_t_in, double scale_s, double scale_t, bool causal,
                                  c10::string_view divergence, int64_t window_left, int64_t window_right,
                                  c10::string_view teacher_head_reduce, const c10::optional<at::Tensor>& teacher_lse) {
@@ -163,7 +188,8 @@ RowOutputs attention_kl_fwd_cuda(const at::Tensor& q_s_in, const at::Tensor& k_s
   const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
   AttentionKLParams p =
       make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, options.mask, options.divergence);
-  return run_forward(p, in);
+  const ForwardOutputs out = run_forward(p, in);
+  return {out.kl, out.lse_s, out.lse_t};
 }
 
 Gradients attention_kl_bwd_cuda(const at::Tensor& grad_kl, const at::Tensor& q_s_in, const at::Tensor& k_s_in,
@@ -180,7 +206,42 @@ Gradients attention_kl_bwd_cuda(const at::Tensor& grad_kl, const at::Tensor& q_s
   const BackwardRowInputs rows = prepare_backward_rows(in.q_s, grad_kl, kl, lse_s, lse_t, at::kFloat);
   AttentionKLParams p =
       make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, options.mask, options.divergence);
-  return run_backward(p, in, rows, teacher_grad, kPaddedLayout);
+  return run_backward(p, in, rows, at::Tensor(), teacher_grad, kPaddedLayout);
+}
+
+// The generalized JSD on the padded layout: the KL ops' outputs plus the per-row statistics.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_jsd_fwd_cuda(
+    const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in,
+    double scale_s, double scale_t, bool causal, double beta, int64_t window_left, int64_t window_right,
+    c10::string_view teacher_head_reduce, const c10::optional<at::Tensor>& teacher_lse) {
+  refuse_aggregated_teacher(teacher_head_reduce, teacher_lse.has_value());
+  const OpOptions options =
+      check_jsd_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, beta, window_left, window_right);
+  const c10::cuda::CUDAGuard guard(q_s_in.device());
+  const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
+  AttentionKLParams p =
+      make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, options.mask, options.divergence);
+  p.beta = beta;
+  const ForwardOutputs out = run_forward(p, in);
+  return {out.kl, out.lse_s, out.lse_t, out.jsd_stats};
+}
+
+Gradients attention_jsd_bwd_cuda(const at::Tensor& grad_jsd, const at::Tensor& q_s_in, const at::Tensor& k_s_in,
+                                 const at::Tensor& q_t_in, const at::Tensor& k_t_in, const at::Tensor& jsd,
+                                 const at::Tensor& lse_s, const at::Tensor& lse_t, const at::Tensor& jsd_stats,
+                                 double scale_s, double scale_t, bool causal, double beta, bool teacher_grad,
+                                 int64_t window_left, int64_t window_right, c10::string_view teacher_head_reduce) {
+  refuse_aggregated_teacher(teacher_head_reduce, false);
+  const OpOptions options =
+      check_jsd_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, beta, window_left, window_right);
+  check_teacher_grad_grouping(teacher_grad, k_s_in, k_t_in);
+  const c10::cuda::CUDAGuard guard(q_s_in.device());
+  const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
+  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, grad_jsd, jsd, lse_s, lse_t, at::kFloat);
+  AttentionKLParams p =
+      make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, options.mask, options.divergence);
+  p.beta = beta;
+  return run_backward(p, in, rows, jsd_stats, teacher_grad, kPaddedLayout);
 }
 
 // ---------------------------------------------------------------------------------------------------- varlen
@@ -192,12 +253,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_varlen_f
   const VarlenCall call = check_varlen_call(q_s_in, k_s_in, q_t_in, k_t_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                             max_seqlen_k, scale_s, scale_t, causal, std::string(divergence),
                                             window_left, window_right);
-  refuse_jsd(call.options.divergence);
   const c10::cuda::CUDAGuard guard(q_s_in.device());
   const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
   AttentionKLParams p = make_varlen_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, beta);
-  const auto [kl, lse_s, lse_t] = run_forward(p, in);
-  return {kl, lse_s, lse_t, at::empty({0}, kl.options())};  // jsd_stats: empty for the KL divergences
+  const ForwardOutputs out = run_forward(p, in);
+  return {out.kl, out.lse_s, out.lse_t, out.jsd_stats};
 }
 
 Gradients attention_kl_varlen_bwd_cuda(const at::Tensor& grad_kl, const at::Tensor& q_s_in, const at::Tensor& k_s_in,
@@ -205,19 +265,18 @@ Gradients attention_kl_varlen_bwd_cuda(const at::Tensor& grad_kl, const at::Tens
                                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                        int64_t max_seqlen_q, int64_t max_seqlen_k, const at::Tensor& kl,
                                        const at::Tensor& lse_s, const at::Tensor& lse_t,
-                                       const at::Tensor& /*jsd_stats: JSD only*/, double scale_s, double scale_t,
+                                       const at::Tensor& jsd_stats, double scale_s, double scale_t,
                                        bool causal, c10::string_view divergence, bool teacher_grad,
                                        int64_t window_left, int64_t window_right, double beta) {
   const VarlenCall call = check_varlen_call(q_s_in, k_s_in, q_t_in, k_t_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                             max_seqlen_k, scale_s, scale_t, causal, std::string(divergence),
                                             window_left, window_right);
-  refuse_jsd(call.options.divergence);
   check_teacher_grad_grouping(teacher_grad, k_s_in, k_t_in);
   const c10::cuda::CUDAGuard guard(q_s_in.device());
   const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
   const BackwardRowInputs rows = prepare_backward_rows(in.q_s, grad_kl, kl, lse_s, lse_t, at::kFloat);
   AttentionKLParams p = make_varlen_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, beta);
-  return run_backward(p, in, rows, teacher_grad, kPackedLayout);
+  return run_backward(p, in, rows, jsd_stats, teacher_grad, kPackedLayout);
 }
 
 }  // namespace
@@ -225,6 +284,8 @@ Gradients attention_kl_varlen_bwd_cuda(const at::Tensor& grad_kl, const at::Tens
 TORCH_LIBRARY_IMPL(streamkl, CUDA, m) {
   m.impl("attention_kl_fwd", &attention_kl_fwd_cuda);
   m.impl("attention_kl_bwd", &attention_kl_bwd_cuda);
+  m.impl("attention_jsd_fwd", &attention_jsd_fwd_cuda);
+  m.impl("attention_jsd_bwd", &attention_jsd_bwd_cuda);
   m.impl("attention_kl_varlen_fwd", &attention_kl_varlen_fwd_cuda);
   m.impl("attention_kl_varlen_bwd", &attention_kl_varlen_bwd_cuda);
 }

@@ -10,20 +10,12 @@
 #include "../kernels/attention_mask.h"
 #include "../kernels/attention_params.h"
 #include "../kernels/online_kl.h"
+#include "device_common.cuh"
 #include "score_stream.cuh"
 #include "score_stream_warpgroup.cuh"
 
 namespace streamkl {
 namespace cuda {
-
-constexpr float kLog2e = 1.4426950408889634f;
-
-// Compile-time choice between two references (the weighting side is a template parameter, so the
-// per-element loop has no select between student and teacher).
-template <bool kFirst, typename T>
-__device__ __forceinline__ T& pick(T& first, T& second) {
-  if constexpr (kFirst) return first; else return second;
-}
 
 template <typename Traits, bool kTeacherWeights>
 struct ForwardPolicy {

@@ -9,6 +9,7 @@
 #include <string>
 #include <type_traits>
 
+#include "attention_jsd_fwd.cuh"
 #include "attention_kl_bwd.cuh"
 #include "attention_kl_fwd.cuh"
 #include "kernel_registry.h"
@@ -48,16 +49,18 @@ using ForwardTraits = KernelTraits<Element, kDimS, kDimT, (kDimS > 128 || kDimT 
 // fragment read from shared memory feeds two MMAs (at 16 rows per warp the products are bound by
 // shared-memory bandwidth on H100: ncu, bench/RESULTS.md), Y tiles of 32. With teacher gradients (two more
 // accumulators) or head dims above 128: 64 rows per CTA (16 per warp), Y tiles of 32, so nothing spills.
-template <typename Element, int kDimS, int kDimT, bool kTeacherGrad>
+// kRowStats: floats per query row staged by the dK kernel (the score-gradient rule's, score_grad_rules.cuh).
+template <typename Element, int kDimS, int kDimT, bool kTeacherGrad, int kRowStats = 4>
 using BackwardTraits = std::conditional_t<(kTeacherGrad || kDimS > 128 || kDimT > 128),
-                                          KernelTraits<Element, kDimS, kDimT, 64, 32, 4>,
-                                          KernelTraits<Element, kDimS, kDimT, 128, 32, 4>>;
+                                          KernelTraits<Element, kDimS, kDimT, 64, 32, 4, false, false, kRowStats>,
+                                          KernelTraits<Element, kDimS, kDimT, 128, 32, 4, false, false, kRowStats>>;
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // Grids are (blocks of p.seqlen_q or p.seqlen_k, heads, batch). In the varlen layout those lengths are the
 // longest sequence's; the kernels return at once from blocks past their own sequence's end.
 
+// The KL forward kernel; for Divergence::kJsd it is pass 1 (its kl output, the reverse KL, is overwritten by pass 2).
 template <typename Traits>
 void run_attention_kl_fwd_with(const AttentionKLParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
@@ -66,34 +69,59 @@ void run_attention_kl_fwd_with(const AttentionKLParams& p, cudaStream_t stream) 
   launch_with_smem(kernel, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p, "attention_kl forward kernel");
 }
 
+// Pass 2 of the JSD: the mixture's row sums over the same score tiles, given pass 1's LSEs (attention_jsd_fwd.cuh).
+template <typename Traits>
+void run_attention_jsd_sums(const AttentionKLParams& p, cudaStream_t stream) {
+  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
+  launch_with_smem(attention_jsd_sums_kernel<Traits>, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p,
+                   "attention_jsd sums kernel");
+}
+
+// One launcher per (dtype, D_s, D_t) for every divergence: the JSD is a runtime branch here, not an instantiation
+// family of its own (its kernels are compiled into the same files). Both passes use the forward's traits.
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_fwd(const AttentionKLParams& p, cudaStream_t stream) {
-  run_attention_kl_fwd_with<ForwardTraits<Element, kDimS, kDimT>>(p, stream);
+  using Traits = ForwardTraits<Element, kDimS, kDimT>;
+  run_attention_kl_fwd_with<Traits>(p, stream);
+  if (p.divergence == Divergence::kJsd) run_attention_jsd_sums<Traits>(p, stream);
 }
 
 // Hopper path (sm_90a, head dims 64 and 128): the same forward kernel with wgmma score products, 128 query
-// rows (two warpgroups) against key tiles of 128.
+// rows (two warpgroups) against key tiles of 128. KL only: the op runs the JSD on the Ampere-path launcher.
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_fwd_sm90(const AttentionKLParams& p, cudaStream_t stream) {
+  if (p.divergence == Divergence::kJsd)
+    throw std::runtime_error("streamkl: the Hopper-path forward computes the KL divergences only");
   run_attention_kl_fwd_with<KernelTraitsSm90<Element, kDimS, kDimT>>(p, stream);
 }
 
-template <typename Traits, bool kTeacherGrad, bool kTeacherWeights>
+template <typename Traits, bool kTeacherGrad, typename ScoreGrads>
 void run_attention_kl_bwd_kernels(const AttentionKLParams& p, cudaStream_t stream) {
   const dim3 dq_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
-  launch_with_smem(attention_kl_bwd_dq_kernel<Traits, kTeacherGrad, kTeacherWeights>, dq_grid, Traits::kNThreads,
+  launch_with_smem(attention_kl_bwd_dq_kernel<Traits, kTeacherGrad, ScoreGrads>, dq_grid, Traits::kNThreads,
                    Traits::kSmemBytes, stream, p, "attention_kl backward dQ kernel");
   const dim3 dk_grid(ceil_div(p.seqlen_k, Traits::kBlockM), p.student.num_kv_heads, p.batch);
-  launch_with_smem(attention_kl_bwd_dk_kernel<Traits, kTeacherGrad, kTeacherWeights>, dk_grid, Traits::kNThreads,
+  launch_with_smem(attention_kl_bwd_dk_kernel<Traits, kTeacherGrad, ScoreGrads>, dk_grid, Traits::kNThreads,
                    Traits::kSmemBytes, stream, p, "attention_kl backward dK kernel");
 }
 
-template <typename Traits, bool kTeacherGrad>
+// The divergence picks the score-gradient rule (score_grad_rules.cuh). The JSD's rows carry 5 statistics, so its
+// traits stage 5 floats per query row in the dK kernel; the KL kernels keep their traits (4).
+template <typename Element, int kDimS, int kDimT, bool kTeacherGrad>
 void run_attention_kl_bwd_impl(const AttentionKLParams& p, cudaStream_t stream) {
-  if (teacher_is_weighting_side(p.divergence))
-    run_attention_kl_bwd_kernels<Traits, kTeacherGrad, true>(p, stream);
-  else
-    run_attention_kl_bwd_kernels<Traits, kTeacherGrad, false>(p, stream);
+  using KlTraits = BackwardTraits<Element, kDimS, kDimT, kTeacherGrad>;
+  using JsdTraits = BackwardTraits<Element, kDimS, kDimT, kTeacherGrad, JsdScoreGrads::kRowStats>;
+  switch (p.divergence) {
+    case Divergence::kForward:
+      run_attention_kl_bwd_kernels<KlTraits, kTeacherGrad, KlScoreGrads<true>>(p, stream);
+      break;
+    case Divergence::kReverse:
+      run_attention_kl_bwd_kernels<KlTraits, kTeacherGrad, KlScoreGrads<false>>(p, stream);
+      break;
+    case Divergence::kJsd:
+      run_attention_kl_bwd_kernels<JsdTraits, kTeacherGrad, JsdScoreGrads>(p, stream);
+      break;
+  }
 }
 
 // Fused student-only backward (opt-in, STREAMKL_FUSED_BACKWARD=1): one kernel per key block computes the
@@ -109,8 +137,9 @@ template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_bwd_fused(const AttentionKLParams& p, cudaStream_t stream) {
   using Traits = FusedBackwardTraits<Element, kDimS, kDimT>;
   const dim3 grid(ceil_div(p.seqlen_k, Traits::kBlockM), p.student.num_kv_heads, p.batch);
-  const auto kernel = teacher_is_weighting_side(p.divergence) ? attention_kl_bwd_dk_kernel<Traits, false, true>
-                                                              : attention_kl_bwd_dk_kernel<Traits, false, false>;
+  const auto kernel = teacher_is_weighting_side(p.divergence)
+                          ? attention_kl_bwd_dk_kernel<Traits, false, KlScoreGrads<true>>
+                          : attention_kl_bwd_dk_kernel<Traits, false, KlScoreGrads<false>>;
   launch_with_smem(kernel, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p, "attention_kl fused backward kernel");
   const int64_t n = static_cast<int64_t>(p.batch) * p.num_heads * p.seqlen_q * kDimS;
   const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 65535));
@@ -120,21 +149,22 @@ void run_attention_kl_bwd_fused(const AttentionKLParams& p, cudaStream_t stream)
   check_launch("attention_kl dQ epilogue");
 }
 
-// p.dq_accum non-null selects the fused student-only backward (it requires a contiguous student dq);
-// otherwise a dQ kernel and a dK kernel, each with a single writer per output row (deterministic).
+// p.dq_accum non-null selects the fused student-only backward (it requires a contiguous student dq; KL only, the
+// op never allocates the workspace for the JSD); otherwise a dQ kernel and a dK kernel, each with a single writer
+// per output row (deterministic).
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_bwd(const AttentionKLParams& p, cudaStream_t stream) {
   if (p.teacher_grad) {
-    run_attention_kl_bwd_impl<BackwardTraits<Element, kDimS, kDimT, true>, true>(p, stream);
+    run_attention_kl_bwd_impl<Element, kDimS, kDimT, true>(p, stream);
     return;
   }
   if constexpr (fused_backward_supports(kDimS, kDimT)) {
-    if (p.dq_accum != nullptr) {
+    if (p.dq_accum != nullptr && p.divergence != Divergence::kJsd) {
       run_attention_kl_bwd_fused<Element, kDimS, kDimT>(p, stream);
       return;
     }
   }
-  run_attention_kl_bwd_impl<BackwardTraits<Element, kDimS, kDimT, false>, false>(p, stream);
+  run_attention_kl_bwd_impl<Element, kDimS, kDimT, false>(p, stream);
 }
 
 }  // namespace cuda

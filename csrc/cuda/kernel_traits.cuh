@@ -40,7 +40,7 @@ struct SmemTile {
 };
 
 template <typename Element_, int kDimS_, int kDimT_, int kBlockM_, int kBlockN_, int kNWarps_, bool kXInRegisters_ = false,
-          bool kFusedDq_ = false>
+          bool kFusedDq_ = false, int kRowStats_ = 4>
 struct KernelTraits {
   using Element = Element_;  // cutlass::bfloat16_t or cutlass::half_t
   static constexpr int kDimS = kDimS_, kDimT = kDimT_;
@@ -66,8 +66,9 @@ struct KernelTraits {
   using YTileT = SmemTile<Element, kBlockN, kDimT, kNThreads>;
   static constexpr int kStages = 2;
 
-  // Per-Y-row statistics staged in shared memory by kernels that need them (dK kernel): 4 floats per row.
-  static constexpr int kRowStats = 4;
+  // Per-Y-row statistics staged in shared memory by kernels that need them (dK kernel): 4 floats per row for
+  // the KL divergences, 5 for the JSD (score_grad_rules.cuh).
+  static constexpr int kRowStats = kRowStats_;
 
   // dS^T tile [kBlockM keys, kBlockN queries] of the fused backward.
   using DsTile = SmemTile<Element, kBlockM, kBlockN, kNThreads>;

@@ -1,0 +1,123 @@
+// Pass 2 of the generalized JSD forward (Ampere path). Pass 1 is the KL forward kernel (attention_kl_fwd.cuh),
+// run for its log-sum-exps lse_s / lse_t; with both normalizers known, this kernel streams the same score tiles
+// (score_stream.cuh) and accumulates, per row, the two KL terms against the mixture (JsdRowSums, jsd_add_key in
+// online_kl.h, mixture in log-sum-exp form). It writes jsd_stats (JsdRowStats) and overwrites kl with the row's
+// JSD. 0 < beta < 1 here: the ops run beta = 0 / 1 as the KL they equal (kernel_attention_params).
+//
+// Unlike the KL's online state, these are plain sums (no running maxima): each thread sums its columns of a row,
+// and the four threads of an MMA quad add theirs at the end.
+#pragma once
+
+#include "../kernels/attention_mask.h"
+#include "../kernels/attention_params.h"
+#include "../kernels/online_kl.h"
+#include "device_common.cuh"
+#include "score_stream.cuh"
+
+namespace streamkl {
+namespace cuda {
+
+template <typename Traits>
+struct JsdSumsPolicy {
+  static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  static constexpr int kThreadRows = 2 * (kBlockM / (16 * Traits::kNWarps));
+
+  AttentionMask mask;
+  int row0;                  // first query row of the CTA
+  float scale_s2, scale_t2;  // softmax scales times log2(e)
+  JsdWeights<float> weights;
+  // Base-2 LSEs of this thread's rows from pass 1 (0 for rows past the end, which are never stored).
+  float lse_s2[kThreadRows], lse_t2[kThreadRows];
+  JsdRowSums<float> sums[kThreadRows];
+
+  __device__ void stage_stats(int, float*) {}
+
+  template <typename TiledMma, typename Acc>
+  __device__ void consume(TiledMma tiled_mma, Acc& acc_s, Acc& acc_t, int y0, int) {
+    Tensor s = make_tensor(acc_s.data(), acc_as_rows_cols(acc_s.layout()));  // raw <q, k>, unscaled
+    Tensor t = make_tensor(acc_t.data(), acc_as_rows_cols(acc_t.layout()));
+    Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
+    const int row_end = min_of(row0 + kBlockM, mask.seqlen_q);
+    const bool full = mask.block_fully_visible(row0, row_end, y0, y0 + kBlockN);
+    CUTE_UNROLL
+    for (int i = 0; i < size<0>(s); ++i) {
+      const KeyRange keys = mask.keys_for_row(row0 + get<0>(coords(i, 0)));
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(s); ++j) {
+        // Masked keys (and keys past the end) contribute nothing; a row with no allowed key has -inf LSEs and
+        // never gets here.
+        if (!full && !keys.contains(y0 + get<1>(coords(i, j)))) continue;
+        jsd_add_key<float, Base2<float>>(sums[i], t(i, j) * scale_t2 - lse_t2[i], s(i, j) * scale_s2 - lse_s2[i],
+                                         weights);
+      }
+    }
+  }
+};
+
+// Sums over disjoint columns add: the 4 threads of an MMA quad (lanes 4g .. 4g+3 hold the same rows).
+__device__ __forceinline__ void add_quad_sums(JsdRowSums<float>& sums) {
+  CUTE_UNROLL
+  for (int offset = 1; offset < 4; offset *= 2) {
+    JsdRowSums<float> other;
+    other.kl_t = __shfl_xor_sync(0xffffffffu, sums.kl_t, offset);
+    other.kl_s = __shfl_xor_sync(0xffffffffu, sums.kl_s, offset);
+    sums.merge(other);
+  }
+}
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads) attention_jsd_sums_kernel(const AttentionKLParams p) {
+  using Element = typename Traits::Element;
+  using Policy = JsdSumsPolicy<Traits>;
+  extern __shared__ __align__(128) char smem_raw[];
+  const SmemPlan<Traits> smem(smem_raw);
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // longest causal rows first, as in the KL forward
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int row0 = m_block * Traits::kBlockM;
+  // Blocks past this sequence's rows (varlen) stream nothing and store nothing (see attention_kl_fwd_kernel).
+  const AttentionKLParams::Sequence seq = p.sequence(b);
+
+  Policy policy;
+  policy.mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
+  policy.row0 = row0;
+  policy.scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
+  policy.scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
+  policy.weights = JsdWeights<float>::mixture_weighted(static_cast<float>(p.beta));
+  typename Traits::TiledMma tiled_mma;
+  Tensor coords = accumulator_coords<Traits::kBlockM, Traits::kBlockN>(tiled_mma, threadIdx.x);
+  const float* lse_s = static_cast<const float*>(p.lse_student);
+  const float* lse_t = static_cast<const float*>(p.lse_teacher);
+  CUTE_UNROLL
+  for (int i = 0; i < Policy::kThreadRows; ++i) {
+    const int row = row0 + get<0>(coords(i, 0));
+    const bool valid = row < seq.seqlen_q;
+    const int64_t idx = valid ? p.row_index(b, h, row) : 0;
+    policy.lse_s2[i] = valid ? lse_s[idx] * kLog2e : 0.f;
+    policy.lse_t2[i] = valid ? lse_t[idx] * kLog2e : 0.f;
+    policy.sums[i].init();
+  }
+
+  const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
+  const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
+  score_stream<Traits>(policy, smem, query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0),
+                       query_block_operands<Element>(p.teacher, p.num_heads, b, h, seq, row0), seq.seqlen_q - row0,
+                       keys.begin, keys.end, seq.seqlen_k);
+
+  float* jsd = static_cast<float*>(p.kl);
+  float* stats = static_cast<float*>(p.jsd_stats);
+  CUTE_UNROLL
+  for (int i = 0; i < Policy::kThreadRows; ++i) {
+    add_quad_sums(policy.sums[i]);
+    const int row = row0 + get<0>(coords(i, 0));
+    if (threadIdx.x % 4 == 0 && row < seq.seqlen_q) {
+      const int64_t idx = p.row_index(b, h, row);
+      // A row with no allowed key has zero sums: statistics 0, JSD 0.
+      const JsdRowStats<float> row_stats = JsdRowStats<float>::finalize<Base2<float>>(policy.sums[i]);
+      row_stats.store(stats + idx * JsdRowStats<float>::kCount);
+      jsd[idx] = row_stats.divergence(policy.weights);
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace streamkl
