@@ -7,11 +7,21 @@ seed from the test's parameters so that each parameter set sees different data, 
 import math
 import zlib
 
+import pytest
 import torch
 
 import streamkl
 
 TINY = 1e-30
+
+# Marks of every CUDA test module: skipped unless a GPU is visible and this build has the CUDA kernels (CI has
+# neither; tools/device_check.sh runs them on a GPU).
+CUDA_TEST_MARKS = [
+    pytest.mark.cuda,
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+    pytest.mark.skipif(not (torch.cuda.is_available() and streamkl.cuda_available()),
+                       reason="needs a CUDA device and the CUDA build of streamkl"),
+]
 
 
 def seed_of(*params) -> int:

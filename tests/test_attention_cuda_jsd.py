@@ -11,15 +11,10 @@ import pytest
 import torch
 
 import streamkl
-from helpers import (assert_grads_close, assert_rel_close, gqa_inputs, make_inputs, masked_rows, reference_grads,
-                     seed_of, upstream_grad, varlen_inputs, varlen_reference_grads)
+from helpers import (CUDA_TEST_MARKS, assert_grads_close, assert_rel_close, gqa_inputs, make_inputs, masked_rows,
+                     reference_grads, seed_of, upstream_grad, varlen_inputs, varlen_reference_grads)
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
-    pytest.mark.skipif(not (torch.cuda.is_available() and streamkl.cuda_available()),
-                       reason="needs a CUDA device and the CUDA build of streamkl"),
-]
+pytestmark = CUDA_TEST_MARKS
 
 DEVICE = "cuda"
 FWD_TOL = 1e-2

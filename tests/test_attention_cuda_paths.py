@@ -13,13 +13,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import streamkl
-from helpers import assert_rel_close, gqa_inputs, make_inputs, seed_of
+from helpers import CUDA_TEST_MARKS, assert_rel_close, gqa_inputs, make_inputs, seed_of
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not (torch.cuda.is_available() and streamkl.cuda_available()),
-                       reason="needs a CUDA device and the CUDA build of streamkl"),
-]
+pytestmark = CUDA_TEST_MARKS
 
 PATHS = ("ampere", "hopper")
 FWD_TOL = 1e-2

@@ -9,15 +9,11 @@ import pytest
 import torch
 
 import streamkl
-from helpers import assert_grads_close, assert_rel_close, rel_err, seed_of, upstream_grad
+from helpers import CUDA_TEST_MARKS, assert_grads_close, assert_rel_close, rel_err, seed_of, upstream_grad
 from linear_helpers import (NAMES, call, compile_and_compare, linear_op_args, make_labels, make_linear_inputs,
                             ours_and_grads, reference_and_grads)
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = CUDA_TEST_MARKS
 
 DEVICE = "cuda"
 WORKSPACE_ENV = "STREAMKL_LINEAR_WORKSPACE_MB"

@@ -76,7 +76,7 @@ struct ForwardPolicy {
       for (int j = 0; j < size<1>(w); ++j) {
         // A masked key (w = o = -inf) contributes nothing, also while the row has seen no key (max = -inf).
         if (!full && w(i, j) == neg_infinity<float>()) continue;
-        const typename State::KeyTerms k = state[i].key_terms(w(i, j) * scale_w2, o(i, j) * scale_o2);
+        const typename State::KeyTerms k = state[i].key_terms(w(i, j), o(i, j), scale_w2, scale_o2);
         sum_w[j % kChains] += k.p_w;
         weighted[j % kChains] += k.weighted;
         sum_o[j % kChains] += k.p_o;

@@ -86,6 +86,14 @@ struct OnlineKLState {
     const T p_w = Base::exp(w - max_w);
     return KeyTerms{p_w, p_w * (w - o), Base::exp(o - max_o)};
   }
+  // The same for raw scores and their scales (w = w_raw * scale_w, o = o_raw * scale_o), with the scaling folded
+  // into fused multiply-adds: each exponent's argument is one instruction instead of two dependent ones.
+  SKL_HOST_DEVICE KeyTerms key_terms(T w_raw, T o_raw, T scale_w, T scale_o) const {
+    const T o = o_raw * scale_o;
+    const T p_w = Base::exp(fused_multiply_add(w_raw, scale_w, -max_w));
+    return KeyTerms{p_w, p_w * fused_multiply_add(w_raw, scale_w, -o),
+                    Base::exp(fused_multiply_add(o_raw, scale_o, -max_o))};
+  }
 
   // Add one allowed key (finite scores); the maxima must already cover it (call rescale first).
   SKL_HOST_DEVICE void add(T w, T o) {

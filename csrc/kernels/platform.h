@@ -25,4 +25,15 @@ SKL_HOST_DEVICE T max_of(T a, T b) { return a > b ? a : b; }
 template <typename T>
 SKL_HOST_DEVICE T min_of(T a, T b) { return a < b ? a : b; }
 
+// a * b + c with one rounding (one FFMA on the GPU, where a separate multiply and add are two dependent
+// instructions).
+template <typename T>
+SKL_HOST_DEVICE T fused_multiply_add(T a, T b, T c) {
+#if defined(__CUDA_ARCH__)
+  return fma(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
 }  // namespace streamkl
