@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import streamkl
-from helpers import (CUDA_TEST_MARKS, assert_grads_close, assert_rel_close, make_inputs, masked_rows, reference_grads,
-                     seed_of, upstream_grad)
+from helpers import (CUDA_TEST_MARKS, assert_compile_matches_eager, assert_grads_close, assert_rel_close, make_inputs,
+                     masked_rows, reference_grads, seed_of, upstream_grad)
 
 pytestmark = CUDA_TEST_MARKS
 
@@ -223,20 +223,11 @@ def test_cuda_compile_fullgraph(causal, divergence):
     shape = (2, 2, 257, 300, 64, 128)
     inputs = make_inputs(*shape, seed=seed_of("cuda-compile", causal, divergence), dtype=torch.bfloat16,
                          device=DEVICE, requires_grad=True)
-    eager_inputs = [x.detach().clone().requires_grad_() for x in inputs]
 
     def loss_fn(q_s, k_s, q_t, k_t):
         return streamkl.attention_kl(q_s, k_s, q_t, k_t, causal=causal, divergence=divergence, reduction="mean")
 
-    torch._dynamo.reset()
-    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=False)
-    loss = compiled(*inputs)
-    loss.backward()
-    eager = loss_fn(*eager_inputs)
-    eager.backward()
-    assert torch.isfinite(loss)
-    assert_rel_close(loss, eager, 1e-5, "compiled loss")
-    assert_grads_close([x.grad for x in inputs], [x.grad for x in eager_inputs], 1e-2)
+    assert_compile_matches_eager(loss_fn, inputs)
 
 
 def test_cuda_memory_16k():

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import streamkl
-from helpers import (CUDA_TEST_MARKS, assert_grads_close, assert_rel_close, gqa_inputs, make_inputs, masked_rows,
-                     reference_grads, seed_of, upstream_grad, varlen_inputs, varlen_reference_grads)
+from helpers import (CUDA_TEST_MARKS, assert_compile_matches_eager, assert_grads_close, assert_rel_close, gqa_inputs,
+                     make_inputs, masked_rows, reference_grads, seed_of, upstream_grad, varlen_inputs,
+                     varlen_reference_grads)
 
 pytestmark = CUDA_TEST_MARKS
 
@@ -222,42 +223,24 @@ def test_cuda_varlen_jsd_opcheck(teacher_grad):
 def test_cuda_jsd_compile_fullgraph():
     inputs = make_inputs(1, 2, 200, 170, 64, 128, seed=seed_of("cuda-jsd-compile"), dtype=torch.bfloat16,
                          device=DEVICE, requires_grad=True)
-    eager_inputs = [x.detach().clone().requires_grad_() for x in inputs]
 
     def loss_fn(q_s, k_s, q_t, k_t):
         return streamkl.attention_kl(q_s, k_s, q_t, k_t, causal=True, divergence="jsd", beta=0.3,
                                      window_size=(60, -1), reduction="mean")
 
-    torch._dynamo.reset()
-    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=False)
-    loss = compiled(*inputs)
-    loss.backward()
-    eager = loss_fn(*eager_inputs)
-    eager.backward()
-    assert torch.isfinite(loss)
-    assert_rel_close(loss, eager, 1e-5, "compiled loss")
-    assert_grads_close([x.grad for x in inputs], [x.grad for x in eager_inputs], 1e-2)
+    assert_compile_matches_eager(loss_fn, inputs)
 
 
 def test_cuda_varlen_jsd_compile_fullgraph():
     tensors, layout = varlen_inputs(RAGGED, 4, 2, 2, 64, 128, seed=seed_of("cuda-varlen-jsd-compile"),
                                     dtype=torch.bfloat16, device=DEVICE)
     cu_q, cu_k, max_q, max_k = layout
-    eager_inputs = [x.detach().clone().requires_grad_() for x in tensors]
 
     def loss_fn(q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k):
         return streamkl.attention_kl_varlen(q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal=True,
                                             divergence="jsd", beta=0.6, reduction="mean")
 
-    torch._dynamo.reset()
-    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=False)
-    loss = compiled(*tensors, cu_q, cu_k)
-    loss.backward()
-    eager = loss_fn(*eager_inputs, cu_q, cu_k)
-    eager.backward()
-    assert torch.isfinite(loss)
-    assert_rel_close(loss, eager, 1e-5, "compiled loss")
-    assert_grads_close([x.grad for x in tensors], [x.grad for x in eager_inputs], 1e-2)
+    assert_compile_matches_eager(loss_fn, tensors, cu_q, cu_k)
 
 
 def test_cuda_jsd_refuses_aggregated_teacher():

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import streamkl
-from helpers import (CUDA_TEST_MARKS, assert_grads_close, assert_rel_close, seed_of, upstream_grad, varlen_inputs,
-                     varlen_reference_grads)
+from helpers import (CUDA_TEST_MARKS, assert_compile_matches_eager, assert_grads_close, assert_rel_close, seed_of,
+                     upstream_grad, varlen_inputs, varlen_reference_grads)
 
 pytestmark = CUDA_TEST_MARKS
 
@@ -199,19 +199,10 @@ def test_cuda_varlen_compile_fullgraph(causal, divergence):
     tensors, layout = _inputs(RAGGED, (4, 2, 2), (64, 128), torch.bfloat16,
                               seed_of("cuda-varlen-compile", causal, divergence))
     cu_q, cu_k, max_q, max_k = layout
-    eager_inputs = [x.detach().clone().requires_grad_() for x in tensors]
 
     def loss_fn(q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k):
         return streamkl.attention_kl_varlen(q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
                                             causal=causal, divergence=divergence, window_size=(50, -1),
                                             reduction="mean")
 
-    torch._dynamo.reset()
-    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=False)
-    loss = compiled(*tensors, cu_q, cu_k)
-    loss.backward()
-    eager = loss_fn(*eager_inputs, cu_q, cu_k)
-    eager.backward()
-    assert torch.isfinite(loss)
-    assert_rel_close(loss, eager, 1e-5, "compiled loss")
-    assert_grads_close([x.grad for x in tensors], [x.grad for x in eager_inputs], 1e-2)
+    assert_compile_matches_eager(loss_fn, tensors, cu_q, cu_k)
