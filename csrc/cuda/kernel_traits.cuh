@@ -16,6 +16,14 @@ namespace cuda {
 
 using namespace cute;
 
+// The gmem -> smem copy of a row-major tile: 16-byte cp.async per thread (8 elements), kThreadsPerRow threads
+// across a row's swizzle atom. Shared by the Ampere-path tiles below and the Hopper path's GMMA tiles.
+template <typename Element, int kNThreads, int kThreadsPerRow>
+using RowTileCopy = decltype(make_tiled_copy(
+    Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{},
+    cute::Layout<Shape<Int<kNThreads / kThreadsPerRow>, Int<kThreadsPerRow>>, Stride<Int<kThreadsPerRow>, _1>>{},
+    cute::Layout<Shape<_1, _8>>{}));
+
 // Shared-memory tile [kRows, kDim] of Element, swizzled so that ldmatrix reads are bank-conflict free,
 // with the gmem->smem copy (16-byte cp.async per thread) that fills it.
 template <typename Element, int kRows, int kDim, int kNThreads>
@@ -33,10 +41,7 @@ struct SmemTile {
 
   static constexpr int kThreadsPerRow = kBlockK / 8;  // 8 elements (16 bytes) per thread per copy
   static_assert(kNThreads % kThreadsPerRow == 0, "");
-  using GmemCopy = decltype(make_tiled_copy(
-      Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{},
-      cute::Layout<Shape<Int<kNThreads / kThreadsPerRow>, Int<kThreadsPerRow>>, Stride<Int<kThreadsPerRow>, _1>>{},
-      cute::Layout<Shape<_1, _8>>{}));
+  using GmemCopy = RowTileCopy<Element, kNThreads, kThreadsPerRow>;
 };
 
 template <typename Element_, int kDimS_, int kDimT_, int kBlockM_, int kBlockN_, int kNWarps_, bool kXInRegisters_ = false,

@@ -1,14 +1,17 @@
 // Compile-time shape of the Hopper-path (sm_90a) attention-KL kernels: the score products run as warpgroup
-// MMAs (wgmma) reading both operands from shared memory, so neither X nor Y fragments occupy registers and
-// the accumulators can span 128 keys. Torch-free.
+// MMAs (wgmma) reading both operands from shared memory, so neither X nor Y fragments occupy registers.
+// Torch-free.
 //
-// The kernels are the Ampere path's kernels (same policies, same score_stream loop); only the traits differ:
-// shared-memory tiles in the canonical GMMA layout and a warpgroup TiledMma. See kernel_traits.cuh.
+// The forward kernel and its policy are the Ampere path's; the traits differ (shared-memory tiles in the
+// canonical GMMA layout, a warpgroup TiledMma, three Y stages) and so does the main loop, which the kernel
+// picks by kWarpgroupMma (score_stream_warpgroup.cuh). See kernel_traits.cuh.
 #pragma once
 
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cutlass/numeric_types.h>
+
+#include "kernel_traits.cuh"
 
 namespace streamkl {
 namespace cuda {
@@ -24,11 +27,7 @@ struct GmmaSmemTile {
   using Layout = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kRows>, Int<kDim>>{}));
   static constexpr int kElements = kRows * kDim;
 
-  static constexpr int kThreadsPerRow = 8;  // 64 columns of a swizzle atom, 8 elements per thread
-  using GmemCopy = decltype(make_tiled_copy(
-      Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{},
-      cute::Layout<Shape<Int<kNThreads / kThreadsPerRow>, Int<kThreadsPerRow>>, Stride<Int<kThreadsPerRow>, _1>>{},
-      cute::Layout<Shape<_1, _8>>{}));
+  using GmemCopy = RowTileCopy<Element, kNThreads, /*kThreadsPerRow=*/8>;  // 64 columns of a swizzle atom
 };
 
 // Two warpgroups of 64 query rows each (kBlockM = 128), key tiles of kBlockN = 64: each warpgroup holds the

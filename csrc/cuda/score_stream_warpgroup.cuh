@@ -85,20 +85,21 @@ __device__ __forceinline__ void score_stream_warpgroup(Policy& policy, const Sme
   // consume do not overlap. Products are issued unconditionally (past the last tile they read a stale stage
   // and are never consumed), so the batch count at each wait is the same on every path.
   constexpr int kGroup = 4;
+  // Make tile + 1 (this group's next, or the next group's first) readable and start loading tile + 2.
+  auto stage_next_tile = [&](int tile) {
+    if (tile + 1 < n_tiles) {
+      wait_for_tile(tile + 1, Int<0>{});  // tile + 1's group is the newest
+      load_y(tile + 2);  // into the stage of tile - 1, whose products every warpgroup has finished
+    }
+  };
   auto step = [&](auto& cur_s, auto& cur_t, auto& next_s, auto& next_t, int tile, auto last_in_group) {
     if constexpr (!decltype(last_in_group)::value) {
-      if (tile + 1 < n_tiles) {
-        wait_for_tile(tile + 1, Int<0>{});  // tile + 1's group is the newest
-        load_y(tile + 2);  // into the stage of tile - 1, whose products every warpgroup has finished
-      }
+      stage_next_tile(tile);
       issue_products(next_s, next_t, tile + 1);
       warpgroup_wait<1>();  // tile j's batch has landed; j + 1's keeps the tensor cores busy
     } else {
       warpgroup_wait<0>();
-      if (tile + 1 < n_tiles) {  // the next group's first tile
-        wait_for_tile(tile + 1, Int<0>{});
-        load_y(tile + 2);
-      }
+      stage_next_tile(tile);
     }
     warpgroup_fence_operand(cur_s);
     warpgroup_fence_operand(cur_t);
