@@ -23,10 +23,11 @@ struct ForwardPolicy {
   using State = OnlineKLState<float, Base2<float>>;
   // Rows of this thread in the (rows, cols) accumulator view: 2 per 16-row MMA slab.
   static constexpr int kThreadRows = 2 * (kBlockM / (16 * Traits::kNWarps));
-  static constexpr int kChains = 4;  // independent partial sums per row and quantity (see consume)
+  static constexpr int kChains = 2;  // independent partial sums per row and quantity (see consume)
 
   AttentionMask mask;
   int row0;                  // first query row of the CTA
+  KeyRange full_keys;        // keys that every row of the CTA sees (mask.keys_visible_to_all), computed once
   float scale_w2, scale_o2;  // softmax scales of the weighting / other side times log2(e)
   State state[kThreadRows];
 
@@ -38,19 +39,29 @@ struct ForwardPolicy {
     Acc& acc_o = pick<kTeacherWeights>(acc_s, acc_t);
     Tensor w = make_tensor(acc_w.data(), acc_as_rows_cols(acc_w.layout()));  // raw <q, k>, unscaled
     Tensor o = make_tensor(acc_o.data(), acc_as_rows_cols(acc_o.layout()));
-    const int row_end = min_of(row0 + kBlockM, mask.seqlen_q);
-    const bool full = mask.block_fully_visible(row0, row_end, y0, y0 + kBlockN);
-    if (!full) {  // tiles on a mask edge or past the last key: masked scores become -inf on both sides
-      Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
+    // Two compiled bodies: the tiles inside every row's key range (nearly all of them) carry no per-key test.
+    // One body with a runtime flag kept a compare and a predicate per key in the hot loop (ptxas predicates
+    // rather than branches), ~4 instructions per key pair out of ~19.
+    if (y0 >= full_keys.begin && y0 + kBlockN <= full_keys.end) {
+      reduce_tile<false>(w, o);
+      return;
+    }
+    // Tiles on a mask edge or past the last key: masked scores become -inf on both sides.
+    Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
+    CUTE_UNROLL
+    for (int i = 0; i < size<0>(w); ++i) {
+      const KeyRange keys = mask.keys_for_row(row0 + get<0>(coords(i, 0)));
       CUTE_UNROLL
-      for (int i = 0; i < size<0>(w); ++i) {
-        const KeyRange keys = mask.keys_for_row(row0 + get<0>(coords(i, 0)));
-        CUTE_UNROLL
-        for (int j = 0; j < size<1>(w); ++j) {
-          if (!keys.contains(y0 + get<1>(coords(i, j)))) w(i, j) = o(i, j) = neg_infinity<float>();
-        }
+      for (int j = 0; j < size<1>(w); ++j) {
+        if (!keys.contains(y0 + get<1>(coords(i, j)))) w(i, j) = o(i, j) = neg_infinity<float>();
       }
     }
+    reduce_tile<true>(w, o);
+  }
+
+  // Fold one tile of raw scores (rows, cols) into the row states.
+  template <bool kMasked, typename Rows>
+  __device__ __forceinline__ void reduce_tile(const Rows& w, const Rows& o) {
     CUTE_UNROLL
     for (int i = 0; i < size<0>(w); ++i) {
       // kChains independent partial maxima and sums per row: one running value per quantity would make every
@@ -71,15 +82,20 @@ struct ForwardPolicy {
       }
       // Scales are positive, so the maximum of the raw scores scales to the maximum of the scores.
       state[i].rescale(max_w[0] * scale_w2, max_o[0] * scale_o2);
-      float sum_w[kChains] = {}, weighted[kChains] = {}, sum_o[kChains] = {};
+      // Each partial sum starts from its first key's terms, not from 0 (0 + x is not folded: it is an add).
+      float sum_w[kChains], weighted[kChains], sum_o[kChains];
       CUTE_UNROLL
       for (int j = 0; j < size<1>(w); ++j) {
+        const int c = j % kChains;
         // A masked key (w = o = -inf) contributes nothing, also while the row has seen no key (max = -inf).
-        if (!full && w(i, j) == neg_infinity<float>()) continue;
+        if (kMasked && w(i, j) == neg_infinity<float>()) {
+          if (j < kChains) sum_w[c] = weighted[c] = sum_o[c] = 0.f;
+          continue;
+        }
         const typename State::KeyTerms k = state[i].key_terms(w(i, j), o(i, j), scale_w2, scale_o2);
-        sum_w[j % kChains] += k.p_w;
-        weighted[j % kChains] += k.weighted;
-        sum_o[j % kChains] += k.p_o;
+        sum_w[c] = j < kChains ? k.p_w : sum_w[c] + k.p_w;
+        weighted[c] = j < kChains ? k.weighted : weighted[c] + k.weighted;
+        sum_o[c] = j < kChains ? k.p_o : sum_o[c] + k.p_o;
       }
       CUTE_UNROLL
       for (int c = 1; c < kChains; ++c) {
@@ -132,6 +148,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(con
 
   const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
   const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
+  policy.full_keys = policy.mask.keys_visible_to_all(row0, row_end);
   const auto student = query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0);
   const auto teacher = query_block_operands<Element>(p.teacher, p.num_heads, b, h, seq, row0);
   if constexpr (Traits::kWarpgroupMma)  // Hopper path: wgmma products, software-pipelined

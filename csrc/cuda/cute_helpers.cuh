@@ -61,6 +61,12 @@ __device__ __forceinline__ void issue_tile_load(const Element* base, int64_t row
   auto thr = gmem_copy.get_thread_slice(tid);
   Tensor src = thr.partition_S(g);
   Tensor dst = thr.partition_D(s);
+  // Whole tiles (all but a stream's last) skip the per-row tests and zero-fill stores: in the forward's key
+  // loop the predicated form was ~110 instructions per tile, an eighth of the loop.
+  if (valid_rows >= kRows) {
+    cute::copy(gmem_copy, src, dst);
+    return;
+  }
   Tensor coords = thr.partition_S(make_identity_tensor(Shape<Int<kRows>, Int<kDim>>{}));
   load_tile(gmem_copy, src, dst, coords, valid_rows);
 }

@@ -133,14 +133,16 @@ __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Trai
   // Used only when Traits::kXInRegisters (otherwise the compiler drops them).
   Tensor x_s_regs = operand_a_fragment(tiled_mma, x_s, tid);
   Tensor x_t_regs = operand_a_fragment(tiled_mma, x_t, tid);
+  // One barrier per tile: passing it means every warp has finished the previous tile, so the load of the next
+  // tile, issued after it, may overwrite the previous tile's stage (two stages).
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int stage = tile % Traits::kStages;
     const int y0 = y_begin + tile * kBlockN;
-    if (tile + 1 < n_tiles) load_y(tile + 1, (tile + 1) % Traits::kStages);
-    cp_async_fence();
-    cp_async_wait<1>();
+    cp_async_wait<0>();
     policy.stage_stats(y0, smem.stats(stage));
     __syncthreads();
+    if (tile + 1 < n_tiles) load_y(tile + 1, (tile + 1) % Traits::kStages);
+    cp_async_fence();
 
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     Tensor acc_t = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -158,7 +160,6 @@ __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Trai
       gemm_smem_smem(tiled_mma, acc_t, x_t, smem.y_t_tile(stage), tid);
     }
     policy.consume(tiled_mma, acc_s, acc_t, y0, stage);
-    __syncthreads();  // the next iteration's loads overwrite this stage
   }
   cp_async_wait<0>();  // nothing may stay in flight when a CTA that streamed no tile exits
 }

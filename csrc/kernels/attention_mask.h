@@ -63,8 +63,15 @@ struct AttentionMask {
   // True when every row of [row_begin, row_end) may see every key of [key_begin, key_end), all of them in
   // bounds: such a tile needs no per-element masking.
   SKL_HOST_DEVICE bool block_fully_visible(int row_begin, int row_end, int key_begin, int key_end) const {
-    if (row_end > seqlen_q || key_end > seqlen_k) return false;
-    return keys_for_row(row_begin).end >= key_end && keys_for_row(row_end - 1).begin <= key_begin;
+    const KeyRange keys = keys_visible_to_all(row_begin, row_end);
+    return key_begin >= keys.begin && key_end <= keys.end;
+  }
+
+  // The keys every row of [row_begin, row_end) may see (all in bounds): a key tile inside it is fully visible.
+  // Kernels that test many tiles against one row block compute it once. Empty when a row is out of bounds.
+  SKL_HOST_DEVICE KeyRange keys_visible_to_all(int row_begin, int row_end) const {
+    if (row_end > seqlen_q || row_end <= row_begin) return KeyRange{0, 0};
+    return KeyRange{keys_for_row(row_end - 1).begin, min_of(keys_for_row(row_begin).end, seqlen_k)};
   }
 };
 

@@ -22,6 +22,13 @@ SKL_HOST_DEVICE T neg_infinity() {
 template <typename T>
 SKL_HOST_DEVICE T max_of(T a, T b) { return a > b ? a : b; }
 
+#if defined(__CUDA_ARCH__)
+// One FMNMX instead of a compare and a select (the online state's rescale runs per row per key tile). Differs
+// from the template only when an operand is NaN (fmaxf returns the other one); a NaN score still reaches the
+// row's sums through its exponential, so results stay NaN.
+__device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); }
+#endif
+
 template <typename T>
 SKL_HOST_DEVICE T min_of(T a, T b) { return a < b ? a : b; }
 
