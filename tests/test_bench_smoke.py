@@ -20,6 +20,8 @@ RUNS = [
                   "--quiet"], "ours", id="attention-sweep"),
     pytest.param([sys.executable, "bench/attention.py", "--device", "cpu", "--scenario", "all", "--quick",
                   "--repeats", "1", "--quiet"], "GQA", id="attention-scenarios"),
+    pytest.param([sys.executable, "bench/long_context.py", "--device", "cpu", "--seqlens", "256", "--baseline-seqlens",
+                  "128", "--heads", "2", "--d", "32", "--repeats", "1", "--no-compile"], "ours", id="long-context"),
     pytest.param([sys.executable, "bench/linear.py", "--device", "cpu", "--quick", "--no-compile", "--repeats", "1",
                   "--quiet"], "ours", id="linear"),
 ]
