@@ -1,6 +1,6 @@
-"""Both CUDA forward paths on one GPU: the Ampere path (mma.sync, every GPU, the default) and the Hopper path
-(wgmma, compute capability 9.x, head dims 64 and 128), selected with STREAMKL_CUDA_PATH=hopper (opt-in until
-it is faster than the Ampere path).
+"""Both CUDA forward paths on one GPU: the Ampere path (mma.sync, every GPU; forced with STREAMKL_CUDA_PATH=ampere)
+and the Hopper path (wgmma, the default on compute capability 9.x for the KL divergences at head dims 64 and 128;
+also named explicitly with STREAMKL_CUDA_PATH=hopper).
 
 Each path is checked against the float64 reference on fresh random inputs, and the dispatch is checked by
 the kernel names the profiler records (so a silent fall-back to the other path would fail here). The full
@@ -18,6 +18,7 @@ from helpers import CUDA_TEST_MARKS, assert_rel_close, gqa_inputs, make_inputs, 
 pytestmark = CUDA_TEST_MARKS
 
 PATHS = ("ampere", "hopper")
+DISPATCH_PATHS = PATHS + ("default",)  # "default": STREAMKL_CUDA_PATH unset
 FWD_TOL = 1e-2
 
 
@@ -26,10 +27,10 @@ def _is_hopper():
 
 
 def _select(monkeypatch, path):
-    if path == "hopper":
-        monkeypatch.setenv("STREAMKL_CUDA_PATH", "hopper")
-    else:
+    if path == "default":
         monkeypatch.delenv("STREAMKL_CUDA_PATH", raising=False)
+    else:
+        monkeypatch.setenv("STREAMKL_CUDA_PATH", path)
 
 
 def _forward_kernel_names(fn):
@@ -39,7 +40,7 @@ def _forward_kernel_names(fn):
     return [e.name for e in prof.events() if "attention_kl_fwd_kernel" in e.name]
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", DISPATCH_PATHS)
 @pytest.mark.parametrize("dims", [(64, 64), (128, 128), (64, 128), (128, 64), (96, 96)], ids=lambda d: f"d{d[0]}x{d[1]}")
 def test_dispatch_picks_the_expected_path(monkeypatch, path, dims):
     _select(monkeypatch, path)
@@ -48,8 +49,15 @@ def test_dispatch_picks_the_expected_path(monkeypatch, path, dims):
     names = _forward_kernel_names(lambda: streamkl.attention_kl(*inputs))
     assert names, "no forward kernel ran"
     hopper_kernel = any("KernelTraitsSm90" in n for n in names)
-    expect_hopper = path == "hopper" and _is_hopper() and dims[0] in (64, 128) and dims[1] in (64, 128)
+    expect_hopper = path != "ampere" and _is_hopper() and dims[0] in (64, 128) and dims[1] in (64, 128)
     assert hopper_kernel == expect_hopper, names
+
+
+def test_unknown_path_is_refused(monkeypatch):
+    monkeypatch.setenv("STREAMKL_CUDA_PATH", "hoper")
+    inputs = make_inputs(1, 1, 16, 16, 64, 64, seed=seed_of("bad-path"), dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="STREAMKL_CUDA_PATH"):
+        streamkl.attention_kl(*inputs)
 
 
 # (B, H, N_q, N_k, D_s, D_t): tails of every kind around the 128 x 128 tiles of the Hopper path.
