@@ -78,8 +78,8 @@ bool fused_backward_enabled() {
 // Which forward runs on compute capability 9.x: the Hopper path (wgmma, sm_90a) by default, for the KL
 // divergences at the head dims it is instantiated for (64, 128); elsewhere, and for the JSD, the Ampere path.
 // STREAMKL_CUDA_PATH=ampere forces the Ampere path (read at every call, so tests and benchmarks run both paths on
-// one GPU). The two measured equal at N=8192, D=128 non-causal and the Hopper path faster causal and at D=64 on
-// H100 (bench/RESULTS.md, session 4).
+// one GPU). On H100 the two measured within 3% at N=8192, D=128 non-causal, the Hopper path 8% faster causal and 3%
+// at D=64 (bench/RESULTS.md, session 4).
 bool hopper_path_enabled(const at::Tensor& t) {
   const char* path = std::getenv("STREAMKL_CUDA_PATH");
   const std::string choice = path == nullptr ? "" : path;
