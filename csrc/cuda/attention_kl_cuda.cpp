@@ -89,11 +89,16 @@ bool hopper_path_enabled(const at::Tensor& t) {
   return at::cuda::getDeviceProperties(t.device().index())->major == 9;
 }
 
-// The head dims are the last dim in both layouts.
+// The registered kernel of `family` for the inputs' dtype and head dims (the last dim in both layouts), or null.
+cuda::LaunchFn lookup_launcher(cuda::KernelFamily family, const KernelInputs& in) {
+  return cuda::find_kernel(cuda::KernelKey{family, element_type(in.q_s), static_cast<int>(in.q_s.size(-1)),
+                                           static_cast<int>(in.q_t.size(-1))});
+}
+
+// The same, required: a clear error naming what this build has when it is missing.
 cuda::LaunchFn find_launcher(cuda::KernelFamily family, const KernelInputs& in) {
   const int64_t dim_s = in.q_s.size(-1), dim_t = in.q_t.size(-1);
-  const cuda::KernelKey key{family, element_type(in.q_s), static_cast<int>(dim_s), static_cast<int>(dim_t)};
-  cuda::LaunchFn fn = cuda::find_kernel(key);
+  cuda::LaunchFn fn = lookup_launcher(family, in);
   TORCH_CHECK_VALUE(fn != nullptr, "streamkl: no CUDA ", family == cuda::KernelFamily::kForward ? "forward" : "backward",
                     " kernel for ", in.q_s.scalar_type(), " with head dims D_s=", dim_s, ", D_t=", dim_t,
                     " in this build. Compiled: ", cuda::describe_kernels(family));
@@ -125,8 +130,7 @@ ForwardOutputs run_forward(AttentionKLParams& p, const KernelInputs& in) {
   cuda::LaunchFn launch = nullptr;
   // The Hopper-path forward computes the KL divergences only; the JSD's two passes run on the Ampere path.
   if (kernel_params.divergence != Divergence::kJsd && hopper_path_enabled(in.q_s))
-    launch = cuda::find_kernel({cuda::KernelFamily::kForwardSm90, element_type(in.q_s),
-                                static_cast<int>(in.q_s.size(-1)), static_cast<int>(in.q_t.size(-1))});
+    launch = lookup_launcher(cuda::KernelFamily::kForwardSm90, in);
   if (launch == nullptr) launch = find_launcher(cuda::KernelFamily::kForward, in);
   if (out.kl.numel() == 0) return out;
   AttentionKLParams k = kernel_params;
