@@ -37,7 +37,7 @@ def _forward_kernel_names(fn):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return [e.name for e in prof.events() if "attention_kl_fwd_kernel" in e.name]
+    return [e.name for e in prof.events() if "attention_kl_fwd" in e.name]
 
 
 @pytest.mark.parametrize("path", DISPATCH_PATHS)
@@ -51,6 +51,8 @@ def test_dispatch_picks_the_expected_path(monkeypatch, path, dims):
     hopper_kernel = any("KernelTraitsSm90" in n for n in names)
     expect_hopper = path != "ampere" and _is_hopper() and dims[0] in (64, 128) and dims[1] in (64, 128)
     assert hopper_kernel == expect_hopper, names
+    if expect_hopper:  # the warp-specialized TMA kernel, not the single-role one (STREAMKL_SM90_FORWARD=cp_async)
+        assert all("attention_kl_fwd_sm90_kernel" in n for n in names), names
 
 
 def test_unknown_path_is_refused(monkeypatch):

@@ -30,12 +30,14 @@ cuda::ElementType element_type(const at::Tensor& t) {
 }
 
 // cp.async moves 16 bytes per thread: rows must start on 16-byte boundaries (every stride but the last dim's,
-// which is 1, is a multiple of 16 bytes), in either layout.
+// which is 1, is a multiple of 16 bytes), in either layout. The Hopper path's TMA descriptors also refuse a zero
+// stride on a dimension of more than one element (an expanded tensor), so such inputs are copied too.
 at::Tensor kernel_ready(const at::Tensor& t) {
   at::Tensor out = with_contiguous_last_dim(t);
   const int64_t elem = out.element_size();
   bool aligned = reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
-  for (int64_t d = 0; d + 1 < out.dim(); ++d) aligned = aligned && (out.stride(d) * elem) % 16 == 0;
+  for (int64_t d = 0; d + 1 < out.dim(); ++d)
+    aligned = aligned && (out.stride(d) * elem) % 16 == 0 && (out.stride(d) != 0 || out.size(d) == 1);
   return aligned ? out : out.contiguous();
 }
 

@@ -123,6 +123,46 @@ __device__ __forceinline__ void merge_quad(State& st) {
   }
 }
 
+// The policy of the CTA owning query rows [row0, row_end) of sequence `seq`, before its first key tile.
+template <typename Traits, bool kTeacherWeights>
+__device__ __forceinline__ ForwardPolicy<Traits, kTeacherWeights> make_forward_policy(
+    const AttentionKLParams& p, const AttentionKLParams::Sequence& seq, int row0, int row_end) {
+  ForwardPolicy<Traits, kTeacherWeights> policy;
+  policy.mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
+  policy.row0 = row0;
+  policy.full_keys = policy.mask.keys_visible_to_all(row0, row_end);
+  const float scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
+  const float scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
+  policy.scale_w2 = kTeacherWeights ? scale_t2 : scale_s2;
+  policy.scale_o2 = kTeacherWeights ? scale_s2 : scale_t2;
+  for (auto& st : policy.state) st.init();
+  return policy;
+}
+
+// Merge each row's partial states across its MMA quad and write the row's divergence and both log-sum-exps.
+// Called by the MMA threads (thread indices 0 .. kNWarps * 32 - 1) of both forward kernels.
+template <typename Traits, bool kTeacherWeights>
+__device__ __forceinline__ void write_forward_rows(ForwardPolicy<Traits, kTeacherWeights>& policy,
+                                                   const AttentionKLParams& p, int b, int h, int row0, int seqlen_q) {
+  typename Traits::TiledMma tiled_mma;
+  Tensor coords = accumulator_coords<Traits::kBlockM, Traits::kBlockN>(tiled_mma, threadIdx.x);
+  float* kl = static_cast<float*>(p.kl);
+  float* lse_s = static_cast<float*>(p.lse_student);
+  float* lse_t = static_cast<float*>(p.lse_teacher);
+  CUTE_UNROLL
+  for (int i = 0; i < ForwardPolicy<Traits, kTeacherWeights>::kThreadRows; ++i) {
+    auto& st = policy.state[i];
+    merge_quad(st);
+    const int row = row0 + get<0>(coords(i, 0));
+    if (threadIdx.x % 4 == 0 && row < seqlen_q) {
+      const int64_t idx = p.row_index(b, h, row);
+      kl[idx] = st.divergence();
+      lse_s[idx] = kTeacherWeights ? st.lse_o() : st.lse_w();
+      lse_t[idx] = kTeacherWeights ? st.lse_w() : st.lse_o();
+    }
+  }
+}
+
 template <typename Traits, bool kTeacherWeights>
 __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(const AttentionKLParams p) {
   using Element = typename Traits::Element;
@@ -136,19 +176,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(con
   // range (keys_for_rows of no row), so it streams no tile and writes nothing. It runs on to the end rather
   // than returning early: an early return here made ptxas allocate more registers (96 -> 111 at D = 256).
   const AttentionKLParams::Sequence seq = p.sequence(b);
-
-  ForwardPolicy<Traits, kTeacherWeights> policy;
-  policy.mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
-  policy.row0 = row0;
-  const float scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
-  const float scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
-  policy.scale_w2 = kTeacherWeights ? scale_t2 : scale_s2;
-  policy.scale_o2 = kTeacherWeights ? scale_s2 : scale_t2;
-  for (auto& st : policy.state) st.init();
-
   const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
+  auto policy = make_forward_policy<Traits, kTeacherWeights>(p, seq, row0, row_end);
   const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
-  policy.full_keys = policy.mask.keys_visible_to_all(row0, row_end);
   const auto student = query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0);
   const auto teacher = query_block_operands<Element>(p.teacher, p.num_heads, b, h, seq, row0);
   if constexpr (Traits::kWarpgroupMma)  // Hopper path: wgmma products, software-pipelined
@@ -156,24 +186,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(con
                                    seq.seqlen_k);
   else
     score_stream<Traits>(policy, smem, student, teacher, seq.seqlen_q - row0, keys.begin, keys.end, seq.seqlen_k);
-
-  typename Traits::TiledMma tiled_mma;
-  Tensor coords = accumulator_coords<Traits::kBlockM, Traits::kBlockN>(tiled_mma, threadIdx.x);
-  float* kl = static_cast<float*>(p.kl);
-  float* lse_s = static_cast<float*>(p.lse_student);
-  float* lse_t = static_cast<float*>(p.lse_teacher);
-  CUTE_UNROLL
-  for (int i = 0; i < ForwardPolicy<Traits, kTeacherWeights>::kThreadRows; ++i) {
-    auto& st = policy.state[i];
-    merge_quad(st);
-    const int row = row0 + get<0>(coords(i, 0));
-    if (threadIdx.x % 4 == 0 && row < seq.seqlen_q) {
-      const int64_t idx = p.row_index(b, h, row);
-      kl[idx] = st.divergence();
-      lse_s[idx] = kTeacherWeights ? st.lse_o() : st.lse_w();
-      lse_t[idx] = kTeacherWeights ? st.lse_w() : st.lse_o();
-    }
-  }
+  write_forward_rows(policy, p, b, h, row0, seq.seqlen_q);
 }
 
 }  // namespace cuda

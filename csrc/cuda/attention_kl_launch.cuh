@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -12,6 +13,7 @@
 #include "attention_jsd_fwd.cuh"
 #include "attention_kl_bwd.cuh"
 #include "attention_kl_fwd.cuh"
+#include "attention_kl_fwd_sm90.cuh"
 #include "kernel_registry.h"
 #include "kernel_traits.cuh"
 #include "kernel_traits_sm90.cuh"
@@ -24,16 +26,16 @@ inline void check_launch(const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("streamkl: ") + what + " failed: " + cudaGetErrorString(err));
 }
 
-template <typename Kernel>
+template <typename Kernel, typename... Args>
 inline void launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t stream,
-                             const AttentionKLParams& p, const char* what) {
+                             const char* what, const Args&... args) {
   if (smem_bytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
     if (err != cudaSuccess)
       throw std::runtime_error(std::string("streamkl: ") + what + ": cannot reserve " + std::to_string(smem_bytes) +
                                " bytes of shared memory: " + cudaGetErrorString(err));
   }
-  kernel<<<grid, threads, smem_bytes, stream>>>(p);
+  kernel<<<grid, threads, smem_bytes, stream>>>(args...);
   check_launch(what);
 }
 
@@ -66,15 +68,15 @@ void run_attention_kl_fwd_with(const AttentionKLParams& p, cudaStream_t stream) 
   const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
   const auto kernel = teacher_is_weighting_side(p.divergence) ? attention_kl_fwd_kernel<Traits, true>
                                                               : attention_kl_fwd_kernel<Traits, false>;
-  launch_with_smem(kernel, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p, "attention_kl forward kernel");
+  launch_with_smem(kernel, grid, Traits::kNThreads, Traits::kSmemBytes, stream, "attention_kl forward kernel", p);
 }
 
 // Pass 2 of the JSD: the mixture's row sums over the same score tiles, given pass 1's LSEs (attention_jsd_fwd.cuh).
 template <typename Traits>
 void run_attention_jsd_sums(const AttentionKLParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
-  launch_with_smem(attention_jsd_sums_kernel<Traits>, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p,
-                   "attention_jsd sums kernel");
+  launch_with_smem(attention_jsd_sums_kernel<Traits>, grid, Traits::kNThreads, Traits::kSmemBytes, stream,
+                   "attention_jsd sums kernel", p);
 }
 
 // One launcher per (dtype, D_s, D_t) for every divergence: the JSD is a runtime branch here, not an instantiation
@@ -86,23 +88,36 @@ void run_attention_kl_fwd(const AttentionKLParams& p, cudaStream_t stream) {
   if (p.divergence == Divergence::kJsd) run_attention_jsd_sums<Traits>(p, stream);
 }
 
-// Hopper path (sm_90a, head dims 64 and 128): the same forward kernel with wgmma score products, 128 query
-// rows (two warpgroups) against key tiles of 128. KL only: the op runs the JSD on the Ampere-path launcher.
+// Hopper path (sm_90a, head dims 64 and 128): the warp-specialized forward (attention_kl_fwd_sm90.cuh), 128 query
+// rows in two MMA warpgroups against key tiles of 64 that a producer warpgroup moves with TMA. KL only: the op runs
+// the JSD on the Ampere-path launcher. STREAMKL_SM90_FORWARD=cp_async runs the earlier single-role kernel
+// (cp.async loads, a CTA barrier per tile) for comparison.
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_fwd_sm90(const AttentionKLParams& p, cudaStream_t stream) {
   if (p.divergence == Divergence::kJsd)
     throw std::runtime_error("streamkl: the Hopper-path forward computes the KL divergences only");
-  run_attention_kl_fwd_with<KernelTraitsSm90<Element, kDimS, kDimT>>(p, stream);
+  const char* variant = std::getenv("STREAMKL_SM90_FORWARD");
+  if (variant != nullptr && std::string(variant) == "cp_async") {
+    run_attention_kl_fwd_with<KernelTraitsSm90<Element, kDimS, kDimT>>(p, stream);
+    return;
+  }
+  using Traits = KernelTraitsSm90Tma<Element, kDimS, kDimT>;
+  const ForwardTmaLoads<Traits> tma = make_forward_tma_loads<Traits>(p);
+  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
+  const auto kernel = teacher_is_weighting_side(p.divergence) ? attention_kl_fwd_sm90_kernel<Traits, true>
+                                                              : attention_kl_fwd_sm90_kernel<Traits, false>;
+  launch_with_smem(kernel, grid, Traits::kNThreads, Traits::kSmemBytes, stream, "attention_kl Hopper forward kernel",
+                   p, tma);
 }
 
 template <typename Traits, bool kTeacherGrad, typename ScoreGrads>
 void run_attention_kl_bwd_kernels(const AttentionKLParams& p, cudaStream_t stream) {
   const dim3 dq_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
   launch_with_smem(attention_kl_bwd_dq_kernel<Traits, kTeacherGrad, ScoreGrads>, dq_grid, Traits::kNThreads,
-                   Traits::kSmemBytes, stream, p, "attention_kl backward dQ kernel");
+                   Traits::kSmemBytes, stream, "attention_kl backward dQ kernel", p);
   const dim3 dk_grid(ceil_div(p.seqlen_k, Traits::kBlockM), p.student.num_kv_heads, p.batch);
   launch_with_smem(attention_kl_bwd_dk_kernel<Traits, kTeacherGrad, ScoreGrads>, dk_grid, Traits::kNThreads,
-                   Traits::kSmemBytes, stream, p, "attention_kl backward dK kernel");
+                   Traits::kSmemBytes, stream, "attention_kl backward dK kernel", p);
 }
 
 // The divergence picks the score-gradient rule (score_grad_rules.cuh). The JSD's rows carry 5 statistics, so its
@@ -140,7 +155,8 @@ void run_attention_kl_bwd_fused(const AttentionKLParams& p, cudaStream_t stream)
   const auto kernel = teacher_is_weighting_side(p.divergence)
                           ? attention_kl_bwd_dk_kernel<Traits, false, KlScoreGrads<true>>
                           : attention_kl_bwd_dk_kernel<Traits, false, KlScoreGrads<false>>;
-  launch_with_smem(kernel, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p, "attention_kl fused backward kernel");
+  launch_with_smem(kernel, grid, Traits::kNThreads, Traits::kSmemBytes, stream, "attention_kl fused backward kernel",
+                   p);
   const int64_t n = static_cast<int64_t>(p.batch) * p.num_heads * p.seqlen_q * kDimS;
   const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 65535));
   scale_convert_kernel<Element><<<blocks, 256, 0, stream>>>(static_cast<const float*>(p.dq_accum),

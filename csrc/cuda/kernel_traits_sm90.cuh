@@ -60,5 +60,29 @@ struct KernelTraitsSm90 {
       kSmemElements * int(sizeof(Element)) + kStages * kBlockN * kRowStats * int(sizeof(float));
 };
 
+// The warp-specialized Hopper forward (attention_kl_fwd_sm90.cuh): the same two MMA warpgroups and tiles, plus a
+// producer warpgroup that moves X once and the Y tiles through kStages shared-memory stages with TMA (bulk tensor
+// copies completing on mbarriers), so the MMA warps issue no loads and never wait at a CTA-wide barrier. The
+// producer is the last warpgroup, so the MMA threads keep thread indices 0..255 (what the policy's accumulator
+// coordinates expect).
+template <typename Element_, int kDimS_, int kDimT_, int kBlockN_ = 64, int kStages_ = 4>
+struct KernelTraitsSm90Tma : KernelTraitsSm90<Element_, kDimS_, kDimT_, kBlockN_> {
+  using Base = KernelTraitsSm90<Element_, kDimS_, kDimT_, kBlockN_>;
+  using Element = Element_;
+  static constexpr int kNMmaThreads = Base::kNThreads;  // 2 warpgroups
+  static constexpr int kNMmaWarps = Base::kNWarps;
+  static constexpr int kNThreads = kNMmaThreads + 128;  // + the producer warpgroup
+  static constexpr int kStages = kStages_;
+  // Registers per thread after setmaxnreg: the MMA warpgroups take what the producer gives back
+  // (2 x 128 x 240 + 128 x 24 <= 64K).
+  static constexpr int kMmaRegisters = 240, kProducerRegisters = 24;
+
+  static constexpr int kXBytes = (Base::XTileS::kElements + Base::XTileT::kElements) * int(sizeof(Element));
+  static constexpr int kStageBytes = (Base::YTileS::kElements + Base::YTileT::kElements) * int(sizeof(Element));
+  // Tiles (each a multiple of 1024 bytes, the 128-byte swizzle's period), then the mbarriers.
+  static constexpr int kBarrierOffset = kXBytes + kStages * kStageBytes;
+  static constexpr int kSmemBytes = kBarrierOffset + (2 * kStages + 1) * int(sizeof(uint64_t));
+};
+
 }  // namespace cuda
 }  // namespace streamkl

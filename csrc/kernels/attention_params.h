@@ -23,6 +23,10 @@ struct AttentionSide {
   int64_t q_batch_stride = 0, q_head_stride = 0, q_row_stride = 0;
   int64_t k_batch_stride = 0, k_head_stride = 0, k_row_stride = 0;
   int head_dim = 0;
+  // Extent of q / k along their row dim: N_q / N_k padded, total_q / total_k varlen. Kernels that walk rows
+  // through the sequence bounds do not need it; the Hopper path's TMA descriptors do (the copy engine bounds-checks
+  // against the tensor's extent).
+  int64_t q_rows = 0, k_rows = 0;
   int num_kv_heads = 0;  // == num_heads without GQA; query head h reads key head h / (num_heads / num_kv_heads)
   double scale = 1.0;    // softmax scale applied to <q, k> (kernels convert to their compute type)
 

@@ -133,6 +133,8 @@ static void fill_side(AttentionSide& side, const at::Tensor& q, const at::Tensor
   side.q_batch_stride = qs.batch, side.q_head_stride = qs.head, side.q_row_stride = qs.row;
   side.k_batch_stride = ks.batch, side.k_head_stride = ks.head, side.k_row_stride = ks.row;
   side.head_dim = static_cast<int>(q.size(layout.feature_dim));
+  side.q_rows = q.size(layout.seq_dim);
+  side.k_rows = k.size(layout.seq_dim);
   side.num_kv_heads = static_cast<int>(k.size(layout.head_dim));
   side.scale = scale;
 }

@@ -1,0 +1,91 @@
+// TMA (bulk tensor copy) descriptors for the warp-specialized Hopper forward: one per operand tile (X and Y of
+// each side), built on the host from AttentionKLParams and passed to the kernel as a __grid_constant__ parameter.
+// Torch-free.
+//
+// Each operand is described to the copy engine as a 4-d tensor (rows, head dim, heads, batch) with the params'
+// strides; the varlen layout is one batch of total rows, and a CTA offsets its row coordinate by the sequence's
+// first row (cu_seqlens). Rows past the tensor's extent arrive as zeros; rows past a varlen sequence's end belong
+// to the next sequence and are masked by the kernel like any key outside the row's range.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+
+#include "../kernels/attention_params.h"
+
+namespace streamkl {
+namespace cuda {
+
+using namespace cute;
+
+using TmaGmemShape = Shape<int, int, int, int>;             // (rows, dim, heads, batch)
+using TmaGmemStride = Stride<int64_t, _1, int64_t, int64_t>;  // elements
+
+template <typename Element, typename SmemLayout>
+using TmaLoad = decltype(make_tma_copy(SM90_TMA_LOAD{},
+                                       make_tensor(make_gmem_ptr(static_cast<const Element*>(nullptr)),
+                                                   TmaGmemShape{}, TmaGmemStride{}),
+                                       SmemLayout{}));
+
+// One operand of one side as the copy engine sees it.
+struct TmaOperand {
+  const void* base;
+  TmaGmemShape shape;
+  TmaGmemStride stride;
+};
+
+// The copy engine takes no stride for a dimension of extent 1 on trust (it must still be a multiple of 16 bytes
+// and below 2^40), so such a dimension gets the row stride, which is both.
+inline int64_t stride_or_row_stride(int extent, int64_t stride, int64_t row_stride) {
+  return extent == 1 ? row_stride : stride;
+}
+
+inline TmaOperand tma_operand(const void* base, int64_t rows, int dim, int heads, int batch, int64_t row_stride,
+                              int64_t head_stride, int64_t batch_stride) {
+  return TmaOperand{base, make_shape(static_cast<int>(rows), dim, heads, batch),
+                    make_stride(row_stride, _1{}, stride_or_row_stride(heads, head_stride, row_stride),
+                                stride_or_row_stride(batch, batch_stride, row_stride))};
+}
+
+// The four descriptors and the gmem shapes the kernel rebuilds its coordinate tensors from.
+template <typename Traits>
+struct ForwardTmaLoads {
+  using Element = typename Traits::Element;
+  TmaLoad<Element, typename Traits::XTileS::Layout> x_s;
+  TmaLoad<Element, typename Traits::XTileT::Layout> x_t;
+  TmaLoad<Element, typename Traits::YTileS::Layout> y_s;
+  TmaLoad<Element, typename Traits::YTileT::Layout> y_t;
+  TmaGmemShape x_s_shape, x_t_shape, y_s_shape, y_t_shape;
+};
+
+template <typename Element, typename SmemLayout>
+TmaLoad<Element, SmemLayout> make_tma_load(const TmaOperand& op) {
+  Tensor g = make_tensor(make_gmem_ptr(static_cast<const Element*>(op.base)), op.shape, op.stride);
+  return make_tma_copy(SM90_TMA_LOAD{}, g, SmemLayout{});
+}
+
+// Host side. The params' tensors start on 16-byte boundaries with every row, head and batch stride a multiple of
+// 16 bytes (the op's kernel_ready), which is what the copy engine requires.
+template <typename Traits>
+ForwardTmaLoads<Traits> make_forward_tma_loads(const AttentionKLParams& p) {
+  using Element = typename Traits::Element;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int batch = varlen ? 1 : p.batch;
+  auto queries = [&](const AttentionSide& s) {
+    return tma_operand(s.q, s.q_rows, s.head_dim, p.num_heads, batch, s.q_row_stride, s.q_head_stride,
+                       s.q_batch_stride);
+  };
+  auto keys = [&](const AttentionSide& s) {
+    return tma_operand(s.k, s.k_rows, s.head_dim, s.num_kv_heads, batch, s.k_row_stride, s.k_head_stride,
+                       s.k_batch_stride);
+  };
+  const TmaOperand xs = queries(p.student), xt = queries(p.teacher), ys = keys(p.student), yt = keys(p.teacher);
+  return ForwardTmaLoads<Traits>{make_tma_load<Element, typename Traits::XTileS::Layout>(xs),
+                                 make_tma_load<Element, typename Traits::XTileT::Layout>(xt),
+                                 make_tma_load<Element, typename Traits::YTileS::Layout>(ys),
+                                 make_tma_load<Element, typename Traits::YTileT::Layout>(yt),
+                                 xs.shape, xt.shape, ys.shape, yt.shape};
+}
+
+}  // namespace cuda
+}  // namespace streamkl
