@@ -6,7 +6,10 @@ set -uo pipefail
 OUT=${OUT:-/tmp/streamkl_out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-index .whl/nvidia_cutlass-*.whl > "$OUT/cutlass.log" 2>&1
-export STREAMKL_CUDA_ARCHS=90 STREAMKL_DISABLE_FWD90=1 STREAMKL_DISABLE_FP16=1 \
+# AB_DISABLE: the kernel families left out (default: the Hopper forward, so the Ampere forward is timed; AB_DISABLE=FWD
+# times the Hopper path, which the dispatch picks on sm_90).
+for family in ${AB_DISABLE:-FWD90}; do export STREAMKL_DISABLE_$family=1; done
+export STREAMKL_CUDA_ARCHS=90 STREAMKL_DISABLE_FP16=1 \
   STREAMKL_DISABLE_HD256X256=1 STREAMKL_DISABLE_HD32X32=1 STREAMKL_DISABLE_HD96X96=1 \
   STREAMKL_DISABLE_HD64X128=1 STREAMKL_DISABLE_HD128X64=1
 ROOT=$PWD

@@ -139,7 +139,7 @@ __device__ __forceinline__ void consume_forward_tiles(Policy& policy, const Forw
   warpgroup_fence_operand(acc_s1);
   warpgroup_fence_operand(acc_t1);
 
-  constexpr int kGroup = 4;
+  constexpr int kGroup = Traits::kGroup;
   // Products past the last tile are issued anyway (they read a stage the producer no longer writes and are never
   // consumed), so the batch count at each wait is the same on every path.
   auto step = [&](auto& cur_s, auto& cur_t, auto& next_s, auto& next_t, int tile, auto last_in_group) {

@@ -65,7 +65,7 @@ struct KernelTraitsSm90 {
 // copies completing on mbarriers), so the MMA warps issue no loads and never wait at a CTA-wide barrier. The
 // producer is the last warpgroup, so the MMA threads keep thread indices 0..255 (what the policy's accumulator
 // coordinates expect).
-template <typename Element_, int kDimS_, int kDimT_, int kBlockN_ = 64, int kStages_ = 4>
+template <typename Element_, int kDimS_, int kDimT_, int kBlockN_ = 64, int kStages_ = 4, int kGroup_ = 4>
 struct KernelTraitsSm90Tma : KernelTraitsSm90<Element_, kDimS_, kDimT_, kBlockN_> {
   using Base = KernelTraitsSm90<Element_, kDimS_, kDimT_, kBlockN_>;
   using Element = Element_;
@@ -73,6 +73,9 @@ struct KernelTraitsSm90Tma : KernelTraitsSm90<Element_, kDimS_, kDimT_, kBlockN_
   static constexpr int kNMmaWarps = Base::kNWarps;
   static constexpr int kNThreads = kNMmaThreads + 128;  // + the producer warpgroup
   static constexpr int kStages = kStages_;
+  // Key tiles per unrolled group of the MMA loop (attention_kl_fwd_sm90.cuh): one tile per group runs its products
+  // without overlap, so longer groups overlap more, at the cost of code size.
+  static constexpr int kGroup = kGroup_;
   // Registers per thread after setmaxnreg: the MMA warpgroups take what the producer gives back
   // (2 x 128 x 240 + 128 x 24 <= 64K).
   static constexpr int kMmaRegisters = 240, kProducerRegisters = 24;
