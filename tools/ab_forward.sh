@@ -19,7 +19,7 @@ dirs=("$PWD")
 for patch in "$@"; do
   name=$(basename "$patch" .patch)
   dir=/tmp/ab_$name
-  rm -rf "$dir" && mkdir -p "$dir" && git ls-files -z | xargs -0 cp --parents -t "$dir"
+  rm -rf "$dir" && mkdir -p "$dir" && git ls-files -z -co --exclude-standard | xargs -0 cp --parents -t "$dir"
   cp -r .cutlass "$dir" 2>/dev/null
   (cd "$dir" && patch -p1 -s < "$OLDPWD/$patch") || { echo "$name: patch failed"; continue; }
   names+=("$name")
