@@ -119,16 +119,12 @@ __device__ __forceinline__ void consume_forward_tiles(Policy& policy, const Forw
   auto release_tile = [&](int tile) {
     if (tid % 32 == 0) Barrier::arrive(&smem.empty[tile % kStages]);
   };
-  // Ping-pong turns: warpgroup g waits on named barrier 1 + g before issuing and then opens the other's.
-  const int warp_group = tid / 128;
   auto issue_products = [&](auto& acc_s, auto& acc_t, int tile) {
     const int stage = tile % kStages;
-    if constexpr (Traits::kPingPong) cutlass::arch::NamedBarrier::sync(Traits::kNMmaThreads, 1 + warp_group);
     warpgroup_products_begin(acc_s, acc_t);
     warpgroup_gemm_ss(tiled_mma, acc_s, x_s, Smem::template tile<typename Traits::YTileS>(smem.y_s(stage)), tid);
     warpgroup_gemm_ss(tiled_mma, acc_t, x_t, Smem::template tile<typename Traits::YTileT>(smem.y_t(stage)), tid);
     warpgroup_commit_batch();
-    if constexpr (Traits::kPingPong) cutlass::arch::NamedBarrier::arrive(Traits::kNMmaThreads, 2 - warp_group);
   };
 
   Tensor acc_s0 = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -161,9 +157,6 @@ __device__ __forceinline__ void consume_forward_tiles(Policy& policy, const Forw
   };
 
   Barrier::wait(smem.x_full, 0);
-  if constexpr (Traits::kPingPong) {  // warpgroup 0 goes first
-    if (warp_group == 1) cutlass::arch::NamedBarrier::arrive(Traits::kNMmaThreads, 1);
-  }
   for (int base = 0; base < n_tiles; base += kGroup) {
     wait_for_tile(base);
     issue_products(acc_s0, acc_t0, base);
@@ -174,9 +167,6 @@ __device__ __forceinline__ void consume_forward_tiles(Policy& policy, const Forw
       else
         step(acc_s1, acc_t1, acc_s0, acc_t0, base + int(i), cute::bool_constant<kLast>{});
     });
-  }
-  if constexpr (Traits::kPingPong) {  // take warpgroup 1's last turn-opening arrival, so no barrier is left pending
-    if (warp_group == 0) cutlass::arch::NamedBarrier::sync(Traits::kNMmaThreads, 1);
   }
 }
 

@@ -76,9 +76,6 @@ struct KernelTraitsSm90Tma : KernelTraitsSm90<Element_, kDimS_, kDimT_, kBlockN_
   // Key tiles per unrolled group of the MMA loop (attention_kl_fwd_sm90.cuh): one tile per group runs its products
   // without overlap, so longer groups overlap more, at the cost of code size.
   static constexpr int kGroup = kGroup_;
-  // Ping-pong: the two MMA warpgroups take turns issuing their products (named barriers), so that one's
-  // exponentials run while the other's products occupy the tensor cores.
-  static constexpr bool kPingPong = false;
   // Registers per thread after setmaxnreg: the MMA warpgroups take what the producer gives back
   // (2 x 128 x 240 + 128 x 24 <= 64K).
   static constexpr int kMmaRegisters = 240, kProducerRegisters = 24;
