@@ -17,7 +17,9 @@ from helpers import CUDA_TEST_MARKS, assert_rel_close, gqa_inputs, make_inputs, 
 
 pytestmark = CUDA_TEST_MARKS
 
-PATHS = ("ampere", "hopper")
+# "hopper_cp_async": the Hopper path's single-role kernel (cp.async loads, STREAMKL_SM90_FORWARD=cp_async) instead of
+# the warp-specialized TMA kernel; it also serves problems without keys.
+PATHS = ("ampere", "hopper", "hopper_cp_async")
 DISPATCH_PATHS = PATHS + ("default",)  # "default": STREAMKL_CUDA_PATH unset
 FWD_TOL = 1e-2
 
@@ -27,8 +29,12 @@ def _is_hopper():
 
 
 def _select(monkeypatch, path):
+    monkeypatch.delenv("STREAMKL_SM90_FORWARD", raising=False)
     if path == "default":
         monkeypatch.delenv("STREAMKL_CUDA_PATH", raising=False)
+    elif path == "hopper_cp_async":
+        monkeypatch.setenv("STREAMKL_CUDA_PATH", "hopper")
+        monkeypatch.setenv("STREAMKL_SM90_FORWARD", "cp_async")
     else:
         monkeypatch.setenv("STREAMKL_CUDA_PATH", path)
 
@@ -51,8 +57,19 @@ def test_dispatch_picks_the_expected_path(monkeypatch, path, dims):
     hopper_kernel = any("KernelTraitsSm90" in n for n in names)
     expect_hopper = path != "ampere" and _is_hopper() and dims[0] in (64, 128) and dims[1] in (64, 128)
     assert hopper_kernel == expect_hopper, names
-    if expect_hopper:  # the warp-specialized TMA kernel, not the single-role one (STREAMKL_SM90_FORWARD=cp_async)
-        assert all("attention_kl_fwd_sm90_kernel" in n for n in names), names
+    if expect_hopper:  # the warp-specialized TMA kernel unless the single-role one is asked for
+        warp_specialized = all("attention_kl_fwd_sm90_kernel" in n for n in names)
+        assert warp_specialized == (path != "hopper_cp_async"), names
+
+
+def test_unknown_hopper_forward_variant_is_refused(monkeypatch):
+    if not _is_hopper():
+        pytest.skip("the Hopper-path forward runs on compute capability 9.x only")
+    _select(monkeypatch, "hopper")
+    monkeypatch.setenv("STREAMKL_SM90_FORWARD", "cpasync")
+    inputs = make_inputs(1, 1, 16, 16, 64, 64, seed=seed_of("bad-variant"), dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError, match="STREAMKL_SM90_FORWARD"):
+        streamkl.attention_kl(*inputs)
 
 
 def test_unknown_path_is_refused(monkeypatch):

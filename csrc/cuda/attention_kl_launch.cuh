@@ -90,16 +90,20 @@ void run_attention_kl_fwd(const AttentionKLParams& p, cudaStream_t stream) {
 
 // Hopper path (sm_90a, head dims 64 and 128): the warp-specialized forward (attention_kl_fwd_sm90.cuh), 128 query
 // rows in two MMA warpgroups against key tiles of 64 that a producer warpgroup moves with TMA. KL only: the op runs
-// the JSD on the Ampere-path launcher. STREAMKL_SM90_FORWARD=cp_async runs the earlier single-role kernel
+// the JSD on the Ampere-path launcher. STREAMKL_SM90_FORWARD=cp_async (default: tma) runs the single-role kernel
 // (cp.async loads, a CTA barrier per tile) for comparison; that kernel also takes problems without keys, which a
 // TMA descriptor cannot describe (no extent may be 0; every row's result is then 0 and -inf without a load).
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_fwd_sm90(const AttentionKLParams& p, cudaStream_t stream) {
   if (p.divergence == Divergence::kJsd)
     throw std::runtime_error("streamkl: the Hopper-path forward computes the KL divergences only");
-  const char* variant = std::getenv("STREAMKL_SM90_FORWARD");
+  const char* env = std::getenv("STREAMKL_SM90_FORWARD");
+  const std::string variant = env == nullptr ? "" : env;
+  if (!variant.empty() && variant != "tma" && variant != "cp_async")
+    throw std::runtime_error("streamkl: STREAMKL_SM90_FORWARD must be 'tma' or 'cp_async' (or unset), got '" + variant +
+                             "'");
   const bool no_keys = p.student.k_rows == 0 || p.teacher.k_rows == 0;
-  if (no_keys || (variant != nullptr && std::string(variant) == "cp_async")) {
+  if (no_keys || variant == "cp_async") {
     run_attention_kl_fwd_with<KernelTraitsSm90<Element, kDimS, kDimT>>(p, stream);
     return;
   }
