@@ -108,7 +108,7 @@ void run_attention_kl_fwd_sm90(const AttentionKLParams& p, cudaStream_t stream) 
     return;
   }
   using Traits = KernelTraitsSm90Tma<Element, kDimS, kDimT>;
-  const ForwardTmaLoads<Traits> tma = make_forward_tma_loads<Traits>(p);
+  const StreamTmaLoads<Traits> tma = make_stream_tma_loads<Traits>(p);
   const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
   const auto kernel = teacher_is_weighting_side(p.divergence) ? attention_kl_fwd_sm90_kernel<Traits, true>
                                                               : attention_kl_fwd_sm90_kernel<Traits, false>;

@@ -1,5 +1,6 @@
-// TMA (bulk tensor copy) descriptors for the warp-specialized Hopper forward: one per operand tile (X and Y of
-// each side), built on the host from AttentionKLParams and passed to the kernel as a __grid_constant__ parameter.
+// TMA (bulk tensor copy) descriptors for the warp-specialized Hopper kernels (a CTA owns a block of query rows and
+// streams the key tiles): one per operand tile (X = queries and Y = keys of each side), built on the host from
+// AttentionKLParams and passed to the kernel as a __grid_constant__ parameter.
 // Torch-free.
 //
 // Each operand is described to the copy engine as a 4-d tensor (rows, head dim, heads, batch) with the params'
@@ -49,7 +50,7 @@ inline TmaOperand tma_operand(const void* base, int64_t rows, int dim, int heads
 
 // The four descriptors and the gmem shapes the kernel rebuilds its coordinate tensors from.
 template <typename Traits>
-struct ForwardTmaLoads {
+struct StreamTmaLoads {
   using Element = typename Traits::Element;
   TmaLoad<Element, typename Traits::XTileS::Layout> x_s;
   TmaLoad<Element, typename Traits::XTileT::Layout> x_t;
@@ -67,7 +68,7 @@ TmaLoad<Element, SmemLayout> make_tma_load(const TmaOperand& op) {
 // Host side. The params' tensors start on 16-byte boundaries with every row, head and batch stride a multiple of
 // 16 bytes (the op's kernel_ready), which is what the copy engine requires.
 template <typename Traits>
-ForwardTmaLoads<Traits> make_forward_tma_loads(const AttentionKLParams& p) {
+StreamTmaLoads<Traits> make_stream_tma_loads(const AttentionKLParams& p) {
   using Element = typename Traits::Element;
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int batch = varlen ? 1 : p.batch;
@@ -80,7 +81,7 @@ ForwardTmaLoads<Traits> make_forward_tma_loads(const AttentionKLParams& p) {
                        s.k_batch_stride);
   };
   const TmaOperand xs = queries(p.student), xt = queries(p.teacher), ys = keys(p.student), yt = keys(p.teacher);
-  return ForwardTmaLoads<Traits>{make_tma_load<Element, typename Traits::XTileS::Layout>(xs),
+  return StreamTmaLoads<Traits>{make_tma_load<Element, typename Traits::XTileS::Layout>(xs),
                                  make_tma_load<Element, typename Traits::XTileT::Layout>(xt),
                                  make_tma_load<Element, typename Traits::YTileS::Layout>(ys),
                                  make_tma_load<Element, typename Traits::YTileT::Layout>(yt),

@@ -1,0 +1,130 @@
+// The producer side of the warp-specialized Hopper kernels (forward and dQ): the shared-memory plan (X once, Y in
+// kStages stages, mbarriers) and the one thread that issues every TMA copy of a CTA. The copies complete on a
+// "full" barrier per stage (the producer's expected bytes); the MMA warps free a stage with one arrival each on its
+// "empty" barrier once their products that read it have finished. Torch-free.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "kernel_traits_sm90.cuh"
+#include "tma_loads_sm90.cuh"
+
+namespace streamkl {
+namespace cuda {
+
+using namespace cute;
+
+// Dynamic shared memory of the warp-specialized kernels: X of both sides, kStages stages of Y of both sides,
+// then the mbarriers (KernelTraitsSm90Tma::kSmemBytes).
+template <typename Traits>
+struct StreamSmemSm90 {
+  using Element = typename Traits::Element;
+  static constexpr int kStageElements = Traits::YTileS::kElements + Traits::YTileT::kElements;
+  Element* x_s;
+  Element* x_t;
+  Element* y_base;
+  uint64_t* x_full;  // X of both sides has landed
+  uint64_t* full;    // [kStages]: the stage's Y tiles have landed
+  uint64_t* empty;   // [kStages]: every MMA warp has finished reading the stage
+
+  __device__ explicit StreamSmemSm90(char* raw) {
+    x_s = reinterpret_cast<Element*>(raw);
+    x_t = x_s + Traits::XTileS::kElements;
+    y_base = x_t + Traits::XTileT::kElements;
+    x_full = reinterpret_cast<uint64_t*>(raw + Traits::kBarrierOffset);
+    full = x_full + 1;
+    empty = full + Traits::kStages;
+  }
+  __device__ Element* y_s(int stage) const { return y_base + stage * kStageElements; }
+  __device__ Element* y_t(int stage) const { return y_s(stage) + Traits::YTileS::kElements; }
+
+  template <typename Tile>
+  __device__ static auto tile(Element* base) {
+    return make_tensor(make_smem_ptr(base), typename Tile::Layout{});
+  }
+};
+
+// Where one CTA's tiles sit in the TMA coordinate space: its head and key heads, the batch index of the
+// descriptors (0 for varlen), its first query row and the first row of its key range.
+struct StreamTileCoords {
+  int head, kv_head_s, kv_head_t, batch;
+  int x_row, y_row;
+};
+
+// Producer: one thread issues every copy of the CTA. kRows-row tile number `tile` of the operand `tma` (rows
+// from `row`, head `head`) into `smem`, completing on `barrier`.
+template <int kRows, int kDim, typename Tma, typename SmemTile>
+__device__ __forceinline__ void tma_load_tile(const Tma& tma, const TmaGmemShape& shape, int head, int batch, int row,
+                                              int tile, const SmemTile& smem, uint64_t& barrier) {
+  Tensor m = tma.get_tma_tensor(shape);                                      // (rows, dim, heads, batch)
+  Tensor g = local_tile(domain_offset(make_coord(row, 0), m(_, _, head, batch)), Shape<Int<kRows>, Int<kDim>>{},
+                        make_coord(tile, 0));                                // (kRows, kDim)
+  auto src_dst = tma_partition(tma, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(smem), group_modes<0, 2>(g));
+  copy(tma.with(barrier), get<0>(src_dst), get<1>(src_dst));
+}
+
+template <typename Traits>
+__device__ __forceinline__ void produce_stream_tiles(const StreamTmaLoads<Traits>& tma,
+                                                      const StreamSmemSm90<Traits>& smem, const StreamTileCoords& c,
+                                                      int n_tiles) {
+  using Smem = StreamSmemSm90<Traits>;
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  constexpr int kDimS = Traits::kDimS, kDimT = Traits::kDimT;
+  Barrier::arrive_and_expect_tx(smem.x_full, Traits::kXBytes);
+  tma_load_tile<kBlockM, kDimS>(tma.x_s, tma.x_s_shape, c.head, c.batch, c.x_row, 0,
+                                Smem::template tile<typename Traits::XTileS>(smem.x_s), *smem.x_full);
+  tma_load_tile<kBlockM, kDimT>(tma.x_t, tma.x_t_shape, c.head, c.batch, c.x_row, 0,
+                                Smem::template tile<typename Traits::XTileT>(smem.x_t), *smem.x_full);
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int stage = tile % Traits::kStages;
+    // A fresh barrier counts as having completed the phase before its first, so the first round passes at once.
+    Barrier::wait(&smem.empty[stage], ((tile / Traits::kStages) & 1) ^ 1);
+    Barrier::arrive_and_expect_tx(&smem.full[stage], Traits::kStageBytes);
+    tma_load_tile<kBlockN, kDimS>(tma.y_s, tma.y_s_shape, c.kv_head_s, c.batch, c.y_row, tile,
+                                  Smem::template tile<typename Traits::YTileS>(smem.y_s(stage)), smem.full[stage]);
+    tma_load_tile<kBlockN, kDimT>(tma.y_t, tma.y_t_shape, c.kv_head_t, c.batch, c.y_row, tile,
+                                  Smem::template tile<typename Traits::YTileT>(smem.y_t(stage)), smem.full[stage]);
+  }
+}
+
+// Barrier setup by one thread, before the CTA-wide barrier that precedes the roles.
+template <typename Traits>
+__device__ __forceinline__ void init_stream_barriers(const StreamSmemSm90<Traits>& smem) {
+  cutlass::arch::ClusterTransactionBarrier::init(smem.x_full, 1);
+  for (int s = 0; s < Traits::kStages; ++s) {
+    cutlass::arch::ClusterTransactionBarrier::init(&smem.full[s], 1);
+    cutlass::arch::ClusterBarrier::init(&smem.empty[s], Traits::kNMmaWarps);
+  }
+  cutlass::arch::fence_barrier_init();
+}
+
+// Wait until key tile `tile` has landed / free its stage (one arrival per MMA warp, after the warp's last product
+// that reads it has completed).
+template <typename Traits>
+__device__ __forceinline__ void wait_for_stream_tile(const StreamSmemSm90<Traits>& smem, int tile) {
+  cutlass::arch::ClusterBarrier::wait(&smem.full[tile % Traits::kStages], (tile / Traits::kStages) & 1);
+}
+template <typename Traits>
+__device__ __forceinline__ void release_stream_tile(const StreamSmemSm90<Traits>& smem, int tile) {
+  if (threadIdx.x % 32 == 0) cutlass::arch::ClusterBarrier::arrive(&smem.empty[tile % Traits::kStages]);
+}
+
+// The producer role of a CTA owning query rows [row0, row_end) of (sequence seq, head h) whose key range starts at
+// key_begin: the whole producer warpgroup gives back its registers, one thread issues the copies.
+template <typename Traits>
+__device__ __forceinline__ void run_stream_producer(const AttentionKLParams& p, const StreamTmaLoads<Traits>& tma,
+                                                    const StreamSmemSm90<Traits>& smem,
+                                                    const AttentionKLParams::Sequence& seq, int b, int h, int row0,
+                                                    int key_begin, int n_tiles) {
+  if (threadIdx.x == Traits::kNMmaThreads && n_tiles > 0) {
+    const StreamTileCoords coords{h, h / (p.num_heads / p.student.num_kv_heads),
+                                  h / (p.num_heads / p.teacher.num_kv_heads), p.cu_seqlens_q != nullptr ? 0 : b,
+                                  static_cast<int>(seq.q_start) + row0, static_cast<int>(seq.k_start) + key_begin};
+    produce_stream_tiles(tma, smem, coords, n_tiles);
+  }
+}
+
+}  // namespace cuda
+}  // namespace streamkl
