@@ -39,6 +39,60 @@ __device__ __forceinline__ void accumulate_grad_products(TiledMma tiled_mma, Acc
   }
 }
 
+// Write a gradient accumulator [kRows, kDim] (times the side's scale) to rows [row0, row0 + valid_rows) of dK
+// (keys = true) or dQ of head h, batch b. row0 counts from the tensor's row 0 of batch entry b: the sequence's
+// start row (varlen) plus the block's first row in it.
+template <int kRows, int kDim, typename Element, typename TiledMma, typename Acc>
+__device__ __forceinline__ void store_grad_rows(TiledMma tiled_mma, const AttentionSide& side, const Acc& acc, bool keys,
+                                                int b, int h, int64_t row0, int valid_rows) {
+  const int64_t row_stride = keys ? side.dk_row_stride : side.dq_row_stride;
+  Element* out = static_cast<Element*>(keys ? side.dk : side.dq) +
+                 b * (keys ? side.dk_batch_stride : side.dq_batch_stride) +
+                 h * (keys ? side.dk_head_stride : side.dq_head_stride) + row0 * row_stride;
+  store_rows<kRows, kDim>(tiled_mma, acc, static_cast<float>(side.scale), out, row_stride, valid_rows, threadIdx.x);
+}
+
+// Score gradients of a (query rows x keys) tile of the dQ kernels, in place: the recomputed raw scores in acc_s /
+// acc_t become (dS_s, dS_t). rows: the thread's per-row inputs; fully_visible: every score of the tile is allowed
+// (then no per-element mask arithmetic runs).
+template <int kBlockM, int kBlockN, typename ScoreGrads, typename TiledMma, typename Acc>
+__device__ __forceinline__ void query_tile_score_grads(const ScoreGrads& rule, const typename ScoreGrads::Row* rows,
+                                                       const AttentionMask& mask, bool fully_visible, int row0, int y0,
+                                                       float scale_s2, float scale_t2, TiledMma tiled_mma, Acc& acc_s,
+                                                       Acc& acc_t) {
+  Tensor s = make_tensor(acc_s.data(), acc_as_rows_cols(acc_s.layout()));
+  Tensor t = make_tensor(acc_t.data(), acc_as_rows_cols(acc_t.layout()));
+  if (fully_visible) {
+    CUTE_UNROLL
+    for (int i = 0; i < size<0>(s); ++i) {
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(s); ++j) rule.apply(s(i, j), t(i, j), scale_s2, scale_t2, rows[i], true);
+    }
+  } else {
+    Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
+    CUTE_UNROLL
+    for (int i = 0; i < size<0>(s); ++i) {
+      const KeyRange keys = mask.keys_for_row(row0 + get<0>(coords(i, 0)));
+      CUTE_UNROLL
+      for (int j = 0; j < size<1>(s); ++j)
+        rule.apply(s(i, j), t(i, j), scale_s2, scale_t2, rows[i], keys.contains(y0 + get<1>(coords(i, j))));
+    }
+  }
+}
+
+// The per-row gradient inputs of the thread's rows of query block row0 (rows past the sequence: none()).
+template <int kBlockM, int kBlockN, int kThreadRows, typename ScoreGrads, typename TiledMma>
+__device__ __forceinline__ void load_query_row_inputs(const ScoreGrads& rule, const AttentionKLParams& p,
+                                                      int seqlen_q, int b, int h, int row0, TiledMma tiled_mma,
+                                                      typename ScoreGrads::Row (&rows)[kThreadRows]) {
+  Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
+  CUTE_UNROLL
+  for (int i = 0; i < kThreadRows; ++i) {
+    const int row = row0 + get<0>(coords(i, 0));
+    rows[i] = row < seqlen_q ? rule.load(p, p.row_index(b, h, row)) : rule.none();
+  }
+}
+
 template <typename Traits, bool kTeacherGrad>
 struct GradAccumulators {
   typename Traits::TiledMma tiled_mma;
@@ -61,13 +115,8 @@ struct GradAccumulators {
   template <int kDim, typename Acc>
   __device__ void store_side(const AttentionSide& side, const Acc& acc, bool keys, int b, int h, int64_t row0,
                              int valid_rows) const {
-    using Element = typename Traits::Element;
-    const int64_t row_stride = keys ? side.dk_row_stride : side.dq_row_stride;
-    Element* out = static_cast<Element*>(keys ? side.dk : side.dq) +
-                   b * (keys ? side.dk_batch_stride : side.dq_batch_stride) +
-                   h * (keys ? side.dk_head_stride : side.dq_head_stride) + row0 * row_stride;
-    store_rows<Traits::kBlockM, kDim>(tiled_mma, acc, static_cast<float>(side.scale), out, row_stride, valid_rows,
-                                      threadIdx.x);
+    store_grad_rows<Traits::kBlockM, kDim, typename Traits::Element>(tiled_mma, side, acc, keys, b, h, row0,
+                                                                      valid_rows);
   }
 };
 
@@ -106,27 +155,10 @@ struct DqPolicy : GradPolicyBase<Traits, kTeacherGrad> {
 
   template <typename TiledMma, typename Acc>
   __device__ void consume(TiledMma tiled_mma, Acc& acc_s, Acc& acc_t, int y0, int stage) {
-    Tensor s = make_tensor(acc_s.data(), acc_as_rows_cols(acc_s.layout()));
-    Tensor t = make_tensor(acc_t.data(), acc_as_rows_cols(acc_t.layout()));
     const int row_end = min_of(row0 + kBlockM, mask.seqlen_q);
-    if (mask.block_fully_visible(row0, row_end, y0, y0 + kBlockN)) {
-      // Interior tile: no per-element mask arithmetic at all.
-      CUTE_UNROLL
-      for (int i = 0; i < size<0>(s); ++i) {
-        CUTE_UNROLL
-        for (int j = 0; j < size<1>(s); ++j)
-          score_grads.apply(s(i, j), t(i, j), scale_s2, scale_t2, rows[i], true);
-      }
-    } else {
-      Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
-      CUTE_UNROLL
-      for (int i = 0; i < size<0>(s); ++i) {
-        const KeyRange keys = mask.keys_for_row(row0 + get<0>(coords(i, 0)));
-        CUTE_UNROLL
-        for (int j = 0; j < size<1>(s); ++j)
-          score_grads.apply(s(i, j), t(i, j), scale_s2, scale_t2, rows[i], keys.contains(y0 + get<1>(coords(i, j))));
-      }
-    }
+    query_tile_score_grads<kBlockM, kBlockN>(score_grads, rows, mask,
+                                             mask.block_fully_visible(row0, row_end, y0, y0 + kBlockN), row0, y0,
+                                             scale_s2, scale_t2, tiled_mma, acc_s, acc_t);
     accumulate_grad_products<Traits, kTeacherGrad>(tiled_mma, acc_s, acc_t, grads.s, grads.t,
                                                    smem->y_s_transposed(stage), smem->y_t_transposed(stage));
   }
@@ -148,15 +180,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dq_kernel(
   policy.init(p, seq, smem);
   policy.row0 = row0;
   policy.score_grads.init(p);
-  {
-    Tensor coords = accumulator_coords<Traits::kBlockM, Traits::kBlockN>(policy.grads.tiled_mma, threadIdx.x);
-    CUTE_UNROLL
-    for (int i = 0; i < policy.kThreadRows; ++i) {
-      const int row = row0 + get<0>(coords(i, 0));
-      policy.rows[i] =
-          row < seq.seqlen_q ? policy.score_grads.load(p, p.row_index(b, h, row)) : policy.score_grads.none();
-    }
-  }
+  load_query_row_inputs<Traits::kBlockM, Traits::kBlockN>(policy.score_grads, p, seq.seqlen_q, b, h, row0,
+                                                          policy.grads.tiled_mma, policy.rows);
 
   const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
   const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);

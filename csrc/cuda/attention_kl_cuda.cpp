@@ -148,7 +148,11 @@ ForwardOutputs run_forward(AttentionKLParams& p, const KernelInputs& in) {
 // forward's JSD statistics (read only for Divergence::kJsd).
 Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const BackwardRowInputs& rows,
                        const at::Tensor& jsd_stats, bool teacher_grad, const TensorLayout& layout) {
-  const cuda::LaunchFn launch = find_launcher(cuda::KernelFamily::kBackward, in);
+  // The Hopper-path backward takes the KL divergences with student gradients only (not the opt-in fused backward).
+  cuda::LaunchFn launch = nullptr;
+  if (!teacher_grad && p.divergence != Divergence::kJsd && !fused_backward_enabled() && hopper_path_enabled(in.q_s))
+    launch = lookup_launcher(cuda::KernelFamily::kBackwardSm90, in);
+  if (launch == nullptr) launch = find_launcher(cuda::KernelFamily::kBackward, in);
   // The dQ kernel writes every query row and the dK kernel every key row (zeros where nothing is seen; in
   // the varlen layout each row belongs to exactly one sequence), so the outputs need no memset; only empty
   // problems return early with zeros.

@@ -12,6 +12,7 @@
 
 #include "attention_jsd_fwd.cuh"
 #include "attention_kl_bwd.cuh"
+#include "attention_kl_bwd_sm90.cuh"
 #include "attention_kl_fwd.cuh"
 #include "attention_kl_fwd_sm90.cuh"
 #include "kernel_registry.h"
@@ -117,13 +118,44 @@ void run_attention_kl_fwd_sm90(const AttentionKLParams& p, cudaStream_t stream) 
 }
 
 template <typename Traits, bool kTeacherGrad, typename ScoreGrads>
+void run_attention_kl_bwd_dk(const AttentionKLParams& p, cudaStream_t stream) {
+  const dim3 dk_grid(ceil_div(p.seqlen_k, Traits::kBlockM), p.student.num_kv_heads, p.batch);
+  launch_with_smem(attention_kl_bwd_dk_kernel<Traits, kTeacherGrad, ScoreGrads>, dk_grid, Traits::kNThreads,
+                   Traits::kSmemBytes, stream, "attention_kl backward dK kernel", p);
+}
+
+template <typename Traits, bool kTeacherGrad, typename ScoreGrads>
 void run_attention_kl_bwd_kernels(const AttentionKLParams& p, cudaStream_t stream) {
   const dim3 dq_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
   launch_with_smem(attention_kl_bwd_dq_kernel<Traits, kTeacherGrad, ScoreGrads>, dq_grid, Traits::kNThreads,
                    Traits::kSmemBytes, stream, "attention_kl backward dQ kernel", p);
-  const dim3 dk_grid(ceil_div(p.seqlen_k, Traits::kBlockM), p.student.num_kv_heads, p.batch);
-  launch_with_smem(attention_kl_bwd_dk_kernel<Traits, kTeacherGrad, ScoreGrads>, dk_grid, Traits::kNThreads,
-                   Traits::kSmemBytes, stream, "attention_kl backward dK kernel", p);
+  run_attention_kl_bwd_dk<Traits, kTeacherGrad, ScoreGrads>(p, stream);
+}
+
+// Hopper-path backward (sm_90a, head dims 64 and 128; KL divergences, student gradients only): the warp-specialized
+// dQ kernel (attention_kl_bwd_sm90.cuh), then the Ampere-path dK kernel. The op asks for this family only for the
+// configurations it takes; the others (teacher gradients, the JSD, the fused backward, no keys) run
+// run_attention_kl_bwd.
+template <typename Element, int kDimS, int kDimT, bool kTeacherWeights>
+void run_attention_kl_bwd_sm90_kernels(const AttentionKLParams& p, cudaStream_t stream) {
+  using Traits = KernelTraitsSm90Tma<Element, kDimS, kDimT>;
+  using Rule = KlScoreGrads<kTeacherWeights>;
+  const StreamTmaLoads<Traits> tma = make_stream_tma_loads<Traits>(p);
+  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
+  launch_with_smem(attention_kl_bwd_dq_sm90_kernel<Traits, Rule>, grid, Traits::kNThreads, Traits::kSmemBytes, stream,
+                   "attention_kl Hopper backward dQ kernel", p, tma);
+  run_attention_kl_bwd_dk<BackwardTraits<Element, kDimS, kDimT, false>, false, Rule>(p, stream);
+}
+
+template <typename Element, int kDimS, int kDimT>
+void run_attention_kl_bwd_sm90(const AttentionKLParams& p, cudaStream_t stream) {
+  if (p.teacher_grad || p.divergence == Divergence::kJsd || p.dq_accum != nullptr || p.student.k_rows == 0 ||
+      p.teacher.k_rows == 0)
+    throw std::runtime_error("streamkl: the Hopper-path backward takes the KL divergences with student gradients only");
+  if (teacher_is_weighting_side(p.divergence))
+    run_attention_kl_bwd_sm90_kernels<Element, kDimS, kDimT, true>(p, stream);
+  else
+    run_attention_kl_bwd_sm90_kernels<Element, kDimS, kDimT, false>(p, stream);
 }
 
 // The divergence picks the score-gradient rule (score_grad_rules.cuh). The JSD's rows carry 5 statistics, so its

@@ -10,8 +10,9 @@
 namespace streamkl {
 namespace cuda {
 
-// kForwardSm90: the Hopper-path forward (wgmma, sm_90a), chosen over kForward on compute capability 9.x.
-enum class KernelFamily : int { kForward = 0, kBackward = 1, kForwardSm90 = 2 };
+// kForwardSm90 / kBackwardSm90: the Hopper-path forward and backward (wgmma, TMA, sm_90a), chosen over kForward /
+// kBackward on compute capability 9.x for the configurations they take.
+enum class KernelFamily : int { kForward = 0, kBackward = 1, kForwardSm90 = 2, kBackwardSm90 = 3 };
 enum class ElementType : int { kFloat16 = 0, kBFloat16 = 1 };
 
 struct KernelKey {

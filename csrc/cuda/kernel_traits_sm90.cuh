@@ -25,6 +25,9 @@ template <typename Element, int kRows, int kDim, int kNThreads>
 struct GmmaSmemTile {
   static_assert(kDim % 64 == 0, "the Hopper path takes head dims that are multiples of 64");
   using Layout = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<Int<kRows>, Int<kDim>>{}));
+  // The same memory seen as [kDim, kRows]: the MN-major B operand of a (score gradients x Y) product.
+  using LayoutTransposed =
+      decltype(composition(Layout{}, make_layout(Shape<Int<kDim>, Int<kRows>>{}, GenRowMajor{})));
   static constexpr int kElements = kRows * kDim;
 
   using GmemCopy = RowTileCopy<Element, kNThreads, /*kThreadsPerRow=*/8>;  // 64 columns of a swizzle atom
@@ -79,6 +82,11 @@ struct KernelTraitsSm90Tma : KernelTraitsSm90<Element_, kDimS_, kDimT_, kBlockN_
   // Registers per thread after setmaxnreg: the MMA warpgroups take what the producer gives back
   // (2 x 128 x 240 + 128 x 24 <= 64K).
   static constexpr int kMmaRegisters = 240, kProducerRegisters = 24;
+  // The dQ kernel's gradient product dQ_s += dS K_s (attention_kl_bwd_sm90.cuh): dS from registers (the score
+  // accumulators, converted), K_s from the Y stage read as [D_s, kBlockN] (MN-major B), 64 x D_s per warpgroup.
+  using GradMmaS = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kDimS_>, _16>, GMMA::Major::K, GMMA::Major::MN>(),
+      Layout<Shape<_2, _1, _1>>{}));
 
   static constexpr int kXBytes = (Base::XTileS::kElements + Base::XTileT::kElements) * int(sizeof(Element));
   static constexpr int kStageBytes = (Base::YTileS::kElements + Base::YTileT::kElements) * int(sizeof(Element));

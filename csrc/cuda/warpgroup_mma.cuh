@@ -26,6 +26,26 @@ __device__ __forceinline__ void warpgroup_gemm_ss(TiledMma tiled_mma, Acc& acc, 
   }
 }
 
+// acc += A * B^T with A from registers (a converted accumulator, see wgmma_acc_as_operand_a) and B read from shared
+// memory through descriptors.
+template <typename TiledMma, typename Acc, typename RA, typename SB>
+__device__ __forceinline__ void warpgroup_gemm_rs(TiledMma tiled_mma, Acc& acc, const RA& rA, const SB& sB, int tid) {
+  auto thr_mma = tiled_mma.get_thread_slice(tid);
+  Tensor rB = thr_mma.partition_fragment_B(sB);
+  tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(rA); ++k) cute::gemm(tiled_mma, rA(_, _, k), rB(_, _, k), acc);
+}
+
+// A wgmma accumulator ((2, 2, N/8), M, 1) seen as the register A operand of a following k16 wgmma,
+// ((2, 2, 2), M, N/16): the C fragment's column pairs, row halves and neighbouring 8-column groups are the A
+// fragment's k pairs, row halves and k halves.
+template <typename Layout>
+__device__ __forceinline__ auto wgmma_acc_as_operand_a(Layout acc) {
+  auto v = logical_divide(get<0>(acc), Shape<Underscore, Underscore, _2>{});  // (2, 2, (2, N/16))
+  return make_layout(make_layout(get<0>(v), get<1>(v), get<2, 0>(v)), get<1>(acc), get<2, 1>(v));
+}
+
 // Make the accumulators' registers visible to the asynchronous MMAs and open a batch.
 template <typename... Accs>
 __device__ __forceinline__ void warpgroup_products_begin(Accs&... accs) {
