@@ -13,7 +13,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import streamkl
-from helpers import CUDA_TEST_MARKS, assert_rel_close, gqa_inputs, make_inputs, seed_of
+from helpers import (CUDA_TEST_MARKS, assert_grads_close, assert_rel_close, gqa_inputs, make_inputs, reference_grads,
+                     seed_of, upstream_grad, varlen_inputs, varlen_reference_grads)
 
 pytestmark = CUDA_TEST_MARKS
 
@@ -22,6 +23,7 @@ pytestmark = CUDA_TEST_MARKS
 PATHS = ("ampere", "hopper", "hopper_cp_async")
 DISPATCH_PATHS = PATHS + ("default",)  # "default": STREAMKL_CUDA_PATH unset
 FWD_TOL = 1e-2
+GRAD_TOL = 2e-2
 
 
 def _is_hopper():
@@ -115,3 +117,78 @@ def test_forward_paths_windows_and_gqa(monkeypatch, path, window):
     out = streamkl.attention_kl(*inputs, window_size=window)
     ref = streamkl.attention_kl_reference(*[x.double().cpu() for x in inputs], window_size=window)
     assert_rel_close(out, ref, FWD_TOL)
+
+
+# ------------------------------------------------------------------------------------------------- backward
+# The Hopper-path backward (warp-specialized dQ kernel + the Ampere-path dK kernel) takes the KL divergences with
+# student gradients only, at head dims 64/128; teacher gradients, the JSD and other head dims run the Ampere path.
+
+def _backward_kernel_names(fn):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "attention_kl_bwd" in e.name]
+
+
+@pytest.mark.parametrize("path", ("ampere", "hopper", "default"))
+@pytest.mark.parametrize("teacher_grad", [False, True], ids=["student", "teacher-too"])
+@pytest.mark.parametrize("dims", [(128, 128), (64, 128), (96, 96)], ids=lambda d: f"d{d[0]}x{d[1]}")
+def test_backward_dispatch_picks_the_expected_path(monkeypatch, path, teacher_grad, dims):
+    _select(monkeypatch, path)
+    q_s, k_s, q_t, k_t = make_inputs(1, 2, 300, 300, *dims, seed=seed_of("bwd-dispatch", path, dims),
+                                     dtype=torch.bfloat16, device="cuda")
+    for x in (q_s, k_s) + ((q_t, k_t) if teacher_grad else ()):
+        x.requires_grad_(True)
+    out = streamkl.attention_kl(q_s, k_s, q_t, k_t)
+    names = _backward_kernel_names(lambda: out.sum().backward())
+    assert names, "no backward kernel ran"
+    expect_hopper = (path != "ampere" and _is_hopper() and not teacher_grad and dims[0] in (64, 128)
+                     and dims[1] in (64, 128))
+    assert any("attention_kl_bwd_dq_sm90_kernel" in n for n in names) == expect_hopper, names
+    assert any("attention_kl_bwd_dk_kernel" in n for n in names), names
+
+
+@pytest.mark.parametrize("path", ("ampere", "hopper"))
+@pytest.mark.parametrize("divergence", ["forward", "reverse"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s.values[0][3] > 1])
+def test_student_backward_paths_match_reference(monkeypatch, path, shape, causal, divergence):
+    _select(monkeypatch, path)
+    seed = seed_of("bwd-paths", shape, causal, divergence)
+    inputs = make_inputs(*shape, seed=seed, dtype=torch.bfloat16, device="cuda")
+    inputs[0].requires_grad_(True)
+    inputs[1].requires_grad_(True)
+    out = streamkl.attention_kl(*inputs, causal=causal, divergence=divergence)
+    grad_out = upstream_grad(tuple(out.shape), seed, device="cuda")
+    out.backward(grad_out)
+    _, ref_grads = reference_grads(inputs, grad_out, causal=causal, divergence=divergence)
+    assert_grads_close([x.grad for x in inputs], ref_grads, GRAD_TOL)
+
+
+@pytest.mark.parametrize("path", ("ampere", "hopper"))
+@pytest.mark.parametrize("window", [(64, 0), (100, 37), (-1, 5)], ids=str)
+def test_student_backward_paths_windows_and_gqa(monkeypatch, path, window):
+    _select(monkeypatch, path)
+    seed = seed_of("bwd-paths-gqa", window)
+    inputs = gqa_inputs(2, 8, 2, 4, 333, 333, 128, 64, seed=seed, dtype=torch.bfloat16, device="cuda",
+                        teacher_requires_grad=False)
+    out = streamkl.attention_kl(*inputs, window_size=window)
+    grad_out = upstream_grad(tuple(out.shape), seed, device="cuda")
+    out.backward(grad_out)
+    _, ref_grads = reference_grads(inputs, grad_out, window_size=window)
+    assert_grads_close([x.grad for x in inputs], ref_grads, GRAD_TOL)
+
+
+@pytest.mark.parametrize("path", ("ampere", "hopper"))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_student_backward_paths_varlen(monkeypatch, path, causal):
+    _select(monkeypatch, path)
+    seed = seed_of("bwd-paths-varlen", causal)
+    lengths = [(37, 70), (0, 9), (200, 131), (1, 250), (300, 97)]
+    tensors, layout = varlen_inputs(lengths, 4, 2, 2, 64, 128, seed=seed, dtype=torch.bfloat16, device="cuda",
+                                    teacher_requires_grad=False)
+    out = streamkl.attention_kl_varlen(*tensors, *layout, causal=causal)
+    grad_out = upstream_grad(tuple(out.shape), seed, device="cuda")
+    out.backward(grad_out)
+    _, ref_grads = varlen_reference_grads(tensors, layout, grad_out, causal=causal)
+    assert_grads_close([x.grad for x in tensors], ref_grads, GRAD_TOL)
