@@ -145,7 +145,8 @@ def test_backward_dispatch_picks_the_expected_path(monkeypatch, path, teacher_gr
     expect_hopper = (path != "ampere" and _is_hopper() and not teacher_grad and dims[0] in (64, 128)
                      and dims[1] in (64, 128))
     assert any("attention_kl_bwd_dq_sm90_kernel" in n for n in names) == expect_hopper, names
-    assert any("attention_kl_bwd_dk_kernel" in n for n in names), names
+    assert any("attention_kl_bwd_dk_sm90_kernel" in n for n in names) == expect_hopper, names
+    assert any("attention_kl_bwd_dk_kernel" in n for n in names) != expect_hopper, names
 
 
 @pytest.mark.parametrize("path", ("ampere", "hopper"))
@@ -165,12 +166,15 @@ def test_student_backward_paths_match_reference(monkeypatch, path, shape, causal
     assert_grads_close([x.grad for x in inputs], ref_grads, GRAD_TOL)
 
 
+# kv (2, 2): the Hopper dK kernel over groups of 4 query heads; (2, 4): teacher heads grouped differently, the Hopper
+# dQ kernel with the Ampere-path dK kernel.
 @pytest.mark.parametrize("path", ("ampere", "hopper"))
+@pytest.mark.parametrize("kv", [(2, 2), (2, 4)], ids=["kv2-2", "kv2-4"])
 @pytest.mark.parametrize("window", [(64, 0), (100, 37), (-1, 5)], ids=str)
-def test_student_backward_paths_windows_and_gqa(monkeypatch, path, window):
+def test_student_backward_paths_windows_and_gqa(monkeypatch, path, kv, window):
     _select(monkeypatch, path)
-    seed = seed_of("bwd-paths-gqa", window)
-    inputs = gqa_inputs(2, 8, 2, 4, 333, 333, 128, 64, seed=seed, dtype=torch.bfloat16, device="cuda",
+    seed = seed_of("bwd-paths-gqa", kv, window)
+    inputs = gqa_inputs(2, 8, *kv, 333, 333, 128, 64, seed=seed, dtype=torch.bfloat16, device="cuda",
                         teacher_requires_grad=False)
     out = streamkl.attention_kl(*inputs, window_size=window)
     grad_out = upstream_grad(tuple(out.shape), seed, device="cuda")

@@ -80,6 +80,37 @@ __device__ __forceinline__ void query_tile_score_grads(const ScoreGrads& rule, c
   }
 }
 
+// Score gradients of a transposed (keys x query rows) tile of the dK kernels, in place: the recomputed raw scores
+// K Q^T in acc_s / acc_t become (dS_s^T, dS_t^T). stats: the tile's per-query-row inputs as ScoreGrads::stage laid
+// them out (kBlockN rows); key0: the block's first key; y0: the tile's first query row.
+template <int kBlockM, int kBlockN, typename ScoreGrads, typename TiledMma, typename Acc>
+__device__ __forceinline__ void key_tile_score_grads(const ScoreGrads& rule, const float* stats, const AttentionMask& mask,
+                                                     bool fully_visible, int key0, int y0, float scale_s2,
+                                                     float scale_t2, TiledMma tiled_mma, Acc& acc_s, Acc& acc_t) {
+  Tensor s = make_tensor(acc_s.data(), acc_as_rows_cols(acc_s.layout()));  // (keys, queries)
+  Tensor t = make_tensor(acc_t.data(), acc_as_rows_cols(acc_t.layout()));
+  Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
+  if (fully_visible) {
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(s); ++j) {
+      const typename ScoreGrads::Row r = ScoreGrads::unstage(stats, get<1>(coords(0, j)), kBlockN);
+      CUTE_UNROLL
+      for (int i = 0; i < size<0>(s); ++i) rule.apply(s(i, j), t(i, j), scale_s2, scale_t2, r, true);
+    }
+  } else {
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(s); ++j) {
+      const int c = get<1>(coords(0, j));
+      const typename ScoreGrads::Row r = ScoreGrads::unstage(stats, c, kBlockN);
+      const KeyRange keys = mask.keys_for_row(y0 + c);
+      const bool row_in_bounds = y0 + c < mask.seqlen_q;
+      CUTE_UNROLL
+      for (int i = 0; i < size<0>(s); ++i)
+        rule.apply(s(i, j), t(i, j), scale_s2, scale_t2, r, row_in_bounds && keys.contains(key0 + get<0>(coords(i, j))));
+    }
+  }
+}
+
 // The per-row gradient inputs of the thread's rows of query block row0 (rows past the sequence: none()).
 template <int kBlockM, int kBlockN, int kThreadRows, typename ScoreGrads, typename TiledMma>
 __device__ __forceinline__ void load_query_row_inputs(const ScoreGrads& rule, const AttentionKLParams& p,
@@ -217,33 +248,10 @@ struct DkPolicy : GradPolicyBase<Traits, kTeacherGrad> {
 
   template <typename TiledMma, typename Acc>
   __device__ void consume(TiledMma tiled_mma, Acc& acc_s, Acc& acc_t, int y0, int stage) {
-    Tensor s = make_tensor(acc_s.data(), acc_as_rows_cols(acc_s.layout()));  // (keys, queries)
-    Tensor t = make_tensor(acc_t.data(), acc_as_rows_cols(acc_t.layout()));
-    Tensor coords = accumulator_coords<kBlockM, kBlockN>(tiled_mma, threadIdx.x);
-    const float* stats = smem->stats(stage);
-    auto row_inputs = [&](int c) { return ScoreGrads::unstage(stats, c, kBlockN); };
     const int key_end = min_of(key0 + kBlockM, mask.seqlen_k);
-    if (mask.block_fully_visible(y0, y0 + kBlockN, key0, key_end)) {
-      // Interior tile: no per-element mask arithmetic at all.
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(s); ++j) {
-        const typename ScoreGrads::Row r = row_inputs(get<1>(coords(0, j)));
-        CUTE_UNROLL
-        for (int i = 0; i < size<0>(s); ++i) score_grads.apply(s(i, j), t(i, j), scale_s2, scale_t2, r, true);
-      }
-    } else {
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(s); ++j) {
-        const int c = get<1>(coords(0, j));
-        const typename ScoreGrads::Row r = row_inputs(c);
-        const KeyRange keys = mask.keys_for_row(y0 + c);
-        const bool row_in_bounds = y0 + c < mask.seqlen_q;
-        CUTE_UNROLL
-        for (int i = 0; i < size<0>(s); ++i)
-          score_grads.apply(s(i, j), t(i, j), scale_s2, scale_t2, r,
-                            row_in_bounds && keys.contains(key0 + get<0>(coords(i, j))));
-      }
-    }
+    key_tile_score_grads<kBlockM, kBlockN>(score_grads, smem->stats(stage), mask,
+                                           mask.block_fully_visible(y0, y0 + kBlockN, key0, key_end), key0, y0,
+                                           scale_s2, scale_t2, tiled_mma, acc_s, acc_t);
     accumulate_grad_products<Traits, kTeacherGrad>(tiled_mma, acc_s, acc_t, grads.s, grads.t,
                                                    smem->y_s_transposed(stage), smem->y_t_transposed(stage));
     if constexpr (Traits::kFusedDq) accumulate_student_dq(tiled_mma, acc_s, y0);

@@ -1,9 +1,11 @@
-// Warp-specialized Hopper (sm_90a) dQ kernel of the attention-KL backward (student gradients only): the producer
+// Warp-specialized Hopper (sm_90a) dQ and dK kernels of the attention-KL backward (student gradients only): the producer
 // warpgroup moves the query block once and the key tiles through the stages with TMA (tma_stream_sm90.cuh, the
 // forward's producer); each MMA warpgroup recomputes its 64 rows' score tiles on wgmma, turns them into score
 // gradients with the divergence's rule (query_tile_score_grads, shared with the Ampere-path dQ kernel) and adds
 // dQ_s += dS_s K_s with dS_s from registers and K_s from the same stage, read transposed (MN-major B). The dK
-// kernel stays on the Ampere path.
+// kernel is the same loop with the roles of queries and keys swapped (X = a block of keys, Y = query tiles of every
+// head of the GQA group) and dK_s += dS_s^T Q_s; its producer warpgroup also stages each query tile's per-row
+// inputs (LSEs, divergence, incoming gradient) in shared memory.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -31,11 +33,14 @@ struct DqStateSm90 {
   typename ScoreGrads::Row rows[kThreadRows];
 };
 
-// The MMA warpgroups' key loop: per tile, the two score products, the score gradients, the dQ product; the stage is
-// freed once the dQ product (the last reader of K_s) has completed.
-template <typename Traits, typename State, typename AccDq>
-__device__ __forceinline__ void consume_dq_tiles(State& st, const StreamSmemSm90<Traits>& smem, AccDq& acc_dq,
-                                                 int y_begin, int n_tiles) {
+// The MMA warpgroups' loop of both gradient kernels over n_tiles streamed Y tiles (flat index: the dK kernel streams
+// the query tiles of several heads one after the other): per tile, the two score products, the score gradients
+// (score_grads(acc_s, acc_t, tile, stage) turns the scores into dS in place), then acc_grad += dS_s Y_s with dS_s
+// from registers and Y_s read transposed from the same stage; the stage is freed once that product (its last
+// reader) has completed.
+template <typename Traits, typename AccGrad, typename ScoreGradsFn>
+__device__ __forceinline__ void consume_grad_tiles(const StreamSmemSm90<Traits>& smem, AccGrad& acc_grad, int n_tiles,
+                                                   ScoreGradsFn&& score_grads) {
   using Smem = StreamSmemSm90<Traits>;
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kStages = Traits::kStages;
@@ -51,7 +56,7 @@ __device__ __forceinline__ void consume_dq_tiles(State& st, const StreamSmemSm90
 
   cutlass::arch::ClusterBarrier::wait(smem.x_full, 0);
   for (int tile = 0; tile < n_tiles; ++tile) {
-    const int stage = tile % kStages, y0 = y_begin + tile * kBlockN;
+    const int stage = tile % kStages;
     wait_for_stream_tile(smem, tile);
     warpgroup_products_begin(acc_s, acc_t);
     warpgroup_gemm_ss(score_mma, acc_s, x_s, Smem::template tile<typename Traits::YTileS>(smem.y_s(stage)), tid);
@@ -61,19 +66,38 @@ __device__ __forceinline__ void consume_dq_tiles(State& st, const StreamSmemSm90
     warpgroup_fence_operand(acc_s);
     warpgroup_fence_operand(acc_t);
 
-    query_tile_score_grads<kBlockM, kBlockN>(st.score_grads, st.rows, st.mask,
-                                             y0 >= st.full_keys.begin && y0 + kBlockN <= st.full_keys.end, st.row0,
-                                             y0, st.scale_s2, st.scale_t2, score_mma, acc_s, acc_t);
+    score_grads(score_mma, acc_s, acc_t, tile, stage);
     Tensor ds = convert_fragment<Element>(acc_s);
     Tensor ds_a = make_tensor(ds.data(), wgmma_acc_as_operand_a(ds.layout()));
-    Tensor k_s = make_tensor(make_smem_ptr(smem.y_s(stage)), typename Traits::YTileS::LayoutTransposed{});
+    Tensor y_s = make_tensor(make_smem_ptr(smem.y_s(stage)), typename Traits::YTileS::LayoutTransposed{});
     warpgroup_fence_operand(ds_a);
-    warpgroup_products_begin(acc_dq);
-    warpgroup_gemm_rs(grad_mma, acc_dq, ds_a, k_s, tid);
+    warpgroup_products_begin(acc_grad);
+    warpgroup_gemm_rs(grad_mma, acc_grad, ds_a, y_s, tid);
     warpgroup_commit_batch();
     warpgroup_wait<0>();
-    warpgroup_fence_operand(acc_dq);
+    warpgroup_fence_operand(acc_grad);
     release_stream_tile(smem, tile);
+  }
+}
+
+// The dK kernel's statistics warp (warp 1 of the producer warpgroup): the per-query-row gradient inputs of each
+// streamed query tile into the stage's stats buffer, one arrival per lane on the stage's full barrier.
+template <typename Traits, typename ScoreGrads>
+__device__ __forceinline__ void produce_row_stats(const ScoreGrads& rule, const AttentionKLParams& p,
+                                                  const StreamSmemSm90<Traits>& smem, int b, int head0, int n_groups,
+                                                  int y_begin, int seqlen_q, int n_tiles, int lane) {
+  constexpr int kBlockN = Traits::kBlockN;
+  for (int g = 0, i = 0; g < n_groups; ++g) {
+    for (int tile = 0; tile < n_tiles; ++tile, ++i) {
+      wait_for_free_stage(smem, i);
+      float* stats = smem.stats(i % Traits::kStages);
+      for (int c = lane; c < kBlockN; c += 32) {
+        const int row = y_begin + tile * kBlockN + c;
+        ScoreGrads::stage(row < seqlen_q ? rule.load(p, p.row_index(b, head0 + g, row)) : rule.none(), stats, c,
+                          kBlockN);
+      }
+      cutlass::arch::ClusterBarrier::arrive(&smem.full[i % Traits::kStages]);
+    }
   }
 }
 
@@ -111,9 +135,73 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     typename Traits::GradMmaS grad_mma;
     Tensor acc_dq = partition_fragment_C(grad_mma, Shape<Int<Traits::kBlockM>, Int<Traits::kDimS>>{});
     clear(acc_dq);
-    if (n_tiles > 0) consume_dq_tiles<Traits>(st, smem, acc_dq, keys.begin, n_tiles);
+    auto score_grads = [&](auto score_mma, auto& acc_s, auto& acc_t, int tile, int) {
+      const int y0 = keys.begin + tile * Traits::kBlockN;
+      query_tile_score_grads<Traits::kBlockM, Traits::kBlockN>(
+          st.score_grads, st.rows, st.mask, y0 >= st.full_keys.begin && y0 + Traits::kBlockN <= st.full_keys.end,
+          row0, y0, st.scale_s2, st.scale_t2, score_mma, acc_s, acc_t);
+    };
+    if (n_tiles > 0) consume_grad_tiles<Traits>(smem, acc_dq, n_tiles, score_grads);
     store_grad_rows<Traits::kBlockM, Traits::kDimS, typename Traits::Element>(
         grad_mma, p.student, acc_dq, /*keys=*/false, b, h, seq.q_start + row0, seq.seqlen_q - row0);
+  }
+}
+
+// A CTA owns kBlockM keys of one student key head and streams the query tiles of every query head that reads it,
+// accumulating dK_s over the group (one writer per dK row). Teacher key heads must group the query heads the same
+// way (the launcher checks), so the teacher's X block is the same for the whole group.
+template <typename Traits, typename ScoreGrads>
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+    attention_kl_bwd_dk_sm90_kernel(const AttentionKLParams p, const __grid_constant__ StreamTmaLoads<Traits> tma) {
+  extern __shared__ __align__(1024) char smem_sm90[];
+  const StreamSmemSm90<Traits> smem(smem_sm90);
+  const int kv_head = blockIdx.y, b = blockIdx.z;
+  const int key0 = blockIdx.x * Traits::kBlockM;
+  const int group = p.num_heads / p.student.num_kv_heads;
+  const AttentionKLParams::Sequence seq = p.sequence(b);
+  const int key_end = min_of(key0 + Traits::kBlockM, seq.seqlen_k);
+  const AttentionMask mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
+  const KeyRange rows = mask.rows_for_keys(key0, key_end);
+  const int n_tiles = rows.end > rows.begin ? (rows.end - rows.begin + Traits::kBlockN - 1) / Traits::kBlockN : 0;
+
+  if (threadIdx.x == 0) init_stream_barriers(smem, /*extra_full_arrivals=*/32);
+  __syncthreads();
+
+  ScoreGrads rule;
+  rule.init(p);
+  if (cutlass::canonical_warp_group_idx() == Traits::kNMmaThreads / 128) {  // the producer warpgroup
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
+    const int warp = (threadIdx.x / 32) % 4;
+    if (n_tiles > 0 && threadIdx.x == Traits::kNMmaThreads) {
+      const StreamTileCoords coords{kv_head,
+                                    kv_head,
+                                    kv_head * group,
+                                    kv_head * group,
+                                    1,
+                                    p.cu_seqlens_q != nullptr ? 0 : b,
+                                    static_cast<int>(seq.k_start) + key0,
+                                    static_cast<int>(seq.q_start) + rows.begin};
+      produce_stream_tiles(tma, smem, coords, n_tiles, group);
+    } else if (n_tiles > 0 && warp == 1) {
+      produce_row_stats<Traits>(rule, p, smem, b, kv_head * group, group, rows.begin, seq.seqlen_q, n_tiles,
+                                threadIdx.x % 32);
+    }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<Traits::kMmaRegisters>();
+    const float scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
+    const float scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
+    typename Traits::GradMmaS grad_mma;
+    Tensor acc_dk = partition_fragment_C(grad_mma, Shape<Int<Traits::kBlockM>, Int<Traits::kDimS>>{});
+    clear(acc_dk);
+    auto score_grads = [&](auto score_mma, auto& acc_s, auto& acc_t, int flat_tile, int stage) {
+      const int y0 = rows.begin + (flat_tile % n_tiles) * Traits::kBlockN;
+      key_tile_score_grads<Traits::kBlockM, Traits::kBlockN>(
+          rule, smem.stats(stage), mask, mask.block_fully_visible(y0, y0 + Traits::kBlockN, key0, key_end), key0, y0,
+          scale_s2, scale_t2, score_mma, acc_s, acc_t);
+    };
+    if (n_tiles > 0) consume_grad_tiles<Traits>(smem, acc_dk, n_tiles * group, score_grads);
+    store_grad_rows<Traits::kBlockM, Traits::kDimS, typename Traits::Element>(
+        grad_mma, p.student, acc_dk, /*keys=*/true, b, kv_head, seq.k_start + key0, seq.seqlen_k - key0);
   }
 }
 

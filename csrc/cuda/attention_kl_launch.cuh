@@ -133,7 +133,7 @@ void run_attention_kl_bwd_kernels(const AttentionKLParams& p, cudaStream_t strea
 }
 
 // Hopper-path backward (sm_90a, head dims 64 and 128; KL divergences, student gradients only): the warp-specialized
-// dQ kernel (attention_kl_bwd_sm90.cuh), then the Ampere-path dK kernel. The op asks for this family only for the
+// dQ and dK kernels (attention_kl_bwd_sm90.cuh). The op asks for this family only for the
 // configurations it takes; the others (teacher gradients, the JSD, the fused backward, no keys) run
 // run_attention_kl_bwd.
 template <typename Element, int kDimS, int kDimT, bool kTeacherWeights>
@@ -144,7 +144,17 @@ void run_attention_kl_bwd_sm90_kernels(const AttentionKLParams& p, cudaStream_t 
   const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
   launch_with_smem(attention_kl_bwd_dq_sm90_kernel<Traits, Rule>, grid, Traits::kNThreads, Traits::kSmemBytes, stream,
                    "attention_kl Hopper backward dQ kernel", p, tma);
-  run_attention_kl_bwd_dk<BackwardTraits<Element, kDimS, kDimT, false>, false, Rule>(p, stream);
+  // The Hopper dK kernel keeps one teacher key block per CTA, so it needs the teacher to group its query heads
+  // like the student; otherwise the Ampere-path dK kernel (which reloads the teacher's block per query head).
+  if (p.teacher.num_kv_heads != p.student.num_kv_heads) {
+    run_attention_kl_bwd_dk<BackwardTraits<Element, kDimS, kDimT, false>, false, Rule>(p, stream);
+    return;
+  }
+  using DkTraits = KernelTraitsSm90Tma<Element, kDimS, kDimT, 64, 4, 4, /*kProducerRegisters=*/40>;
+  const StreamTmaLoads<DkTraits> dk_tma = make_stream_tma_loads<DkTraits>(p, /*keys_as_x=*/true);
+  const dim3 dk_grid(ceil_div(p.seqlen_k, DkTraits::kBlockM), p.student.num_kv_heads, p.batch);
+  launch_with_smem(attention_kl_bwd_dk_sm90_kernel<DkTraits, Rule>, dk_grid, DkTraits::kNThreads,
+                   DkTraits::kSmemBytes, stream, "attention_kl Hopper backward dK kernel", p, dk_tma);
 }
 
 template <typename Element, int kDimS, int kDimT>

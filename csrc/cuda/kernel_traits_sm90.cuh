@@ -68,7 +68,8 @@ struct KernelTraitsSm90 {
 // copies completing on mbarriers), so the MMA warps issue no loads and never wait at a CTA-wide barrier. The
 // producer is the last warpgroup, so the MMA threads keep thread indices 0..255 (what the policy's accumulator
 // coordinates expect).
-template <typename Element_, int kDimS_, int kDimT_, int kBlockN_ = 64, int kStages_ = 4, int kGroup_ = 4>
+template <typename Element_, int kDimS_, int kDimT_, int kBlockN_ = 64, int kStages_ = 4, int kGroup_ = 4,
+          int kProducerRegisters_ = 24>
 struct KernelTraitsSm90Tma : KernelTraitsSm90<Element_, kDimS_, kDimT_, kBlockN_> {
   using Base = KernelTraitsSm90<Element_, kDimS_, kDimT_, kBlockN_>;
   using Element = Element_;
@@ -79,9 +80,10 @@ struct KernelTraitsSm90Tma : KernelTraitsSm90<Element_, kDimS_, kDimT_, kBlockN_
   // Key tiles per unrolled group of the MMA loop (attention_kl_fwd_sm90.cuh): one tile per group runs its products
   // without overlap, so longer groups overlap more, at the cost of code size.
   static constexpr int kGroup = kGroup_;
-  // Registers per thread after setmaxnreg: the MMA warpgroups take what the producer gives back
-  // (2 x 128 x 240 + 128 x 24 <= 64K).
-  static constexpr int kMmaRegisters = 240, kProducerRegisters = 24;
+  // Registers per thread after setmaxnreg: the MMA warpgroups take what the producer gives back (2 x 128 x 240 +
+  // 128 x 24 <= 64K). The dK kernel's producer also loads per-row statistics and keeps 40.
+  static constexpr int kProducerRegisters = kProducerRegisters_;
+  static constexpr int kMmaRegisters = cute::min(240, (65536 - 128 * kProducerRegisters) / 256 / 8 * 8);
   // The dQ kernel's gradient product dQ_s += dS K_s (attention_kl_bwd_sm90.cuh): dS from registers (the score
   // accumulators, converted), K_s from the Y stage read as [D_s, kBlockN] (MN-major B), 64 x D_s per warpgroup.
   using GradMmaS = decltype(make_tiled_mma(
@@ -90,8 +92,10 @@ struct KernelTraitsSm90Tma : KernelTraitsSm90<Element_, kDimS_, kDimT_, kBlockN_
 
   static constexpr int kXBytes = (Base::XTileS::kElements + Base::XTileT::kElements) * int(sizeof(Element));
   static constexpr int kStageBytes = (Base::YTileS::kElements + Base::YTileT::kElements) * int(sizeof(Element));
-  // Tiles (each a multiple of 1024 bytes, the 128-byte swizzle's period), then the mbarriers.
-  static constexpr int kBarrierOffset = kXBytes + kStages * kStageBytes;
+  // Tiles (each a multiple of 1024 bytes, the 128-byte swizzle's period), the per-Y-row statistics of the dK kernel
+  // (kRowStats floats per row and stage: the KL rules' 4), then the mbarriers.
+  static constexpr int kStatsOffset = kXBytes + kStages * kStageBytes;
+  static constexpr int kBarrierOffset = kStatsOffset + kStages * kBlockN_ * Base::kRowStats * int(sizeof(float));
   static constexpr int kSmemBytes = kBarrierOffset + (2 * kStages + 1) * int(sizeof(uint64_t));
 };
 

@@ -1,6 +1,6 @@
-// TMA (bulk tensor copy) descriptors for the warp-specialized Hopper kernels (a CTA owns a block of query rows and
-// streams the key tiles): one per operand tile (X = queries and Y = keys of each side), built on the host from
-// AttentionKLParams and passed to the kernel as a __grid_constant__ parameter.
+// TMA (bulk tensor copy) descriptors for the warp-specialized Hopper kernels (a CTA owns a block of X rows and
+// streams tiles of Y rows: queries and keys, or keys and queries in the dK kernel): one per operand tile of each
+// side, built on the host from AttentionKLParams and passed to the kernel as a __grid_constant__ parameter.
 // Torch-free.
 //
 // Each operand is described to the copy engine as a 4-d tensor (rows, head dim, heads, batch) with the params'
@@ -66,9 +66,10 @@ TmaLoad<Element, SmemLayout> make_tma_load(const TmaOperand& op) {
 }
 
 // Host side. The params' tensors start on 16-byte boundaries with every row, head and batch stride a multiple of
-// 16 bytes (the op's kernel_ready), which is what the copy engine requires.
+// 16 bytes (the op's kernel_ready), which is what the copy engine requires. keys_as_x: X is a block of keys and Y
+// the streamed query rows (the dK kernel); otherwise X is a block of queries and Y the keys.
 template <typename Traits>
-StreamTmaLoads<Traits> make_stream_tma_loads(const AttentionKLParams& p) {
+StreamTmaLoads<Traits> make_stream_tma_loads(const AttentionKLParams& p, bool keys_as_x = false) {
   using Element = typename Traits::Element;
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int batch = varlen ? 1 : p.batch;
@@ -80,7 +81,11 @@ StreamTmaLoads<Traits> make_stream_tma_loads(const AttentionKLParams& p) {
     return tma_operand(s.k, s.k_rows, s.head_dim, s.num_kv_heads, batch, s.k_row_stride, s.k_head_stride,
                        s.k_batch_stride);
   };
-  const TmaOperand xs = queries(p.student), xt = queries(p.teacher), ys = keys(p.student), yt = keys(p.teacher);
+  const TmaOperand qs = queries(p.student), qt = queries(p.teacher), ks = keys(p.student), kt = keys(p.teacher);
+  const TmaOperand& xs = keys_as_x ? ks : qs;
+  const TmaOperand& xt = keys_as_x ? kt : qt;
+  const TmaOperand& ys = keys_as_x ? qs : ks;
+  const TmaOperand& yt = keys_as_x ? qt : kt;
   return StreamTmaLoads<Traits>{make_tma_load<Element, typename Traits::XTileS::Layout>(xs),
                                  make_tma_load<Element, typename Traits::XTileT::Layout>(xt),
                                  make_tma_load<Element, typename Traits::YTileS::Layout>(ys),

@@ -24,6 +24,7 @@ struct StreamSmemSm90 {
   Element* x_s;
   Element* x_t;
   Element* y_base;
+  float* stats_base;  // [kStages][kRowStats][kBlockN]: the dK kernel's per-query-row inputs of each stage's tile
   uint64_t* x_full;  // X of both sides has landed
   uint64_t* full;    // [kStages]: the stage's Y tiles have landed
   uint64_t* empty;   // [kStages]: every MMA warp has finished reading the stage
@@ -32,12 +33,14 @@ struct StreamSmemSm90 {
     x_s = reinterpret_cast<Element*>(raw);
     x_t = x_s + Traits::XTileS::kElements;
     y_base = x_t + Traits::XTileT::kElements;
+    stats_base = reinterpret_cast<float*>(raw + Traits::kStatsOffset);
     x_full = reinterpret_cast<uint64_t*>(raw + Traits::kBarrierOffset);
     full = x_full + 1;
     empty = full + Traits::kStages;
   }
   __device__ Element* y_s(int stage) const { return y_base + stage * kStageElements; }
   __device__ Element* y_t(int stage) const { return y_s(stage) + Traits::YTileS::kElements; }
+  __device__ float* stats(int stage) const { return stats_base + stage * Traits::kRowStats * Traits::kBlockN; }
 
   template <typename Tile>
   __device__ static auto tile(Element* base) {
@@ -45,10 +48,11 @@ struct StreamSmemSm90 {
   }
 };
 
-// Where one CTA's tiles sit in the TMA coordinate space: its head and key heads, the batch index of the
-// descriptors (0 for varlen), its first query row and the first row of its key range.
+// Where one CTA's tiles sit in the TMA coordinate space: the heads of its X block and of the Y rows it streams for
+// the first of n_groups heads (the dK kernel streams the query rows of every query head that reads its key head:
+// y head + g * y_head_step), the batch index of the descriptors (0 for varlen), the first X row and the first Y row.
 struct StreamTileCoords {
-  int head, kv_head_s, kv_head_t, batch;
+  int x_head_s, x_head_t, y_head_s, y_head_t, y_head_step, batch;
   int x_row, y_row;
 };
 
@@ -64,37 +68,47 @@ __device__ __forceinline__ void tma_load_tile(const Tma& tma, const TmaGmemShape
   copy(tma.with(barrier), get<0>(src_dst), get<1>(src_dst));
 }
 
+// Wait until the stage of flat tile i may be overwritten. A fresh barrier counts as having completed the phase
+// before its first, so the first round passes at once.
+template <typename Traits>
+__device__ __forceinline__ void wait_for_free_stage(const StreamSmemSm90<Traits>& smem, int i) {
+  cutlass::arch::ClusterBarrier::wait(&smem.empty[i % Traits::kStages], ((i / Traits::kStages) & 1) ^ 1);
+}
+
+// X once, then n_tiles Y tiles for each of n_groups heads; flat tile i = g * n_tiles + tile.
 template <typename Traits>
 __device__ __forceinline__ void produce_stream_tiles(const StreamTmaLoads<Traits>& tma,
                                                       const StreamSmemSm90<Traits>& smem, const StreamTileCoords& c,
-                                                      int n_tiles) {
+                                                      int n_tiles, int n_groups = 1) {
   using Smem = StreamSmemSm90<Traits>;
   using Barrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   constexpr int kDimS = Traits::kDimS, kDimT = Traits::kDimT;
   Barrier::arrive_and_expect_tx(smem.x_full, Traits::kXBytes);
-  tma_load_tile<kBlockM, kDimS>(tma.x_s, tma.x_s_shape, c.head, c.batch, c.x_row, 0,
+  tma_load_tile<kBlockM, kDimS>(tma.x_s, tma.x_s_shape, c.x_head_s, c.batch, c.x_row, 0,
                                 Smem::template tile<typename Traits::XTileS>(smem.x_s), *smem.x_full);
-  tma_load_tile<kBlockM, kDimT>(tma.x_t, tma.x_t_shape, c.head, c.batch, c.x_row, 0,
+  tma_load_tile<kBlockM, kDimT>(tma.x_t, tma.x_t_shape, c.x_head_t, c.batch, c.x_row, 0,
                                 Smem::template tile<typename Traits::XTileT>(smem.x_t), *smem.x_full);
-  for (int tile = 0; tile < n_tiles; ++tile) {
-    const int stage = tile % Traits::kStages;
-    // A fresh barrier counts as having completed the phase before its first, so the first round passes at once.
-    Barrier::wait(&smem.empty[stage], ((tile / Traits::kStages) & 1) ^ 1);
-    Barrier::arrive_and_expect_tx(&smem.full[stage], Traits::kStageBytes);
-    tma_load_tile<kBlockN, kDimS>(tma.y_s, tma.y_s_shape, c.kv_head_s, c.batch, c.y_row, tile,
-                                  Smem::template tile<typename Traits::YTileS>(smem.y_s(stage)), smem.full[stage]);
-    tma_load_tile<kBlockN, kDimT>(tma.y_t, tma.y_t_shape, c.kv_head_t, c.batch, c.y_row, tile,
-                                  Smem::template tile<typename Traits::YTileT>(smem.y_t(stage)), smem.full[stage]);
+  for (int g = 0, i = 0; g < n_groups; ++g) {
+    for (int tile = 0; tile < n_tiles; ++tile, ++i) {
+      const int stage = i % Traits::kStages;
+      wait_for_free_stage(smem, i);
+      Barrier::arrive_and_expect_tx(&smem.full[stage], Traits::kStageBytes);
+      tma_load_tile<kBlockN, kDimS>(tma.y_s, tma.y_s_shape, c.y_head_s + g * c.y_head_step, c.batch, c.y_row, tile,
+                                    Smem::template tile<typename Traits::YTileS>(smem.y_s(stage)), smem.full[stage]);
+      tma_load_tile<kBlockN, kDimT>(tma.y_t, tma.y_t_shape, c.y_head_t + g * c.y_head_step, c.batch, c.y_row, tile,
+                                    Smem::template tile<typename Traits::YTileT>(smem.y_t(stage)), smem.full[stage]);
+    }
   }
 }
 
-// Barrier setup by one thread, before the CTA-wide barrier that precedes the roles.
+// Barrier setup by one thread, before the CTA-wide barrier that precedes the roles. extra_full_arrivals: arrivals
+// on each full barrier besides the copy thread's (the dK kernel's statistics warp: 32).
 template <typename Traits>
-__device__ __forceinline__ void init_stream_barriers(const StreamSmemSm90<Traits>& smem) {
+__device__ __forceinline__ void init_stream_barriers(const StreamSmemSm90<Traits>& smem, int extra_full_arrivals = 0) {
   cutlass::arch::ClusterTransactionBarrier::init(smem.x_full, 1);
   for (int s = 0; s < Traits::kStages; ++s) {
-    cutlass::arch::ClusterTransactionBarrier::init(&smem.full[s], 1);
+    cutlass::arch::ClusterTransactionBarrier::init(&smem.full[s], 1 + extra_full_arrivals);
     cutlass::arch::ClusterBarrier::init(&smem.empty[s], Traits::kNMmaWarps);
   }
   cutlass::arch::fence_barrier_init();
@@ -119,9 +133,14 @@ __device__ __forceinline__ void run_stream_producer(const AttentionKLParams& p, 
                                                     const AttentionKLParams::Sequence& seq, int b, int h, int row0,
                                                     int key_begin, int n_tiles) {
   if (threadIdx.x == Traits::kNMmaThreads && n_tiles > 0) {
-    const StreamTileCoords coords{h, h / (p.num_heads / p.student.num_kv_heads),
-                                  h / (p.num_heads / p.teacher.num_kv_heads), p.cu_seqlens_q != nullptr ? 0 : b,
-                                  static_cast<int>(seq.q_start) + row0, static_cast<int>(seq.k_start) + key_begin};
+    const StreamTileCoords coords{h,
+                                  h,
+                                  h / (p.num_heads / p.student.num_kv_heads),
+                                  h / (p.num_heads / p.teacher.num_kv_heads),
+                                  0,
+                                  p.cu_seqlens_q != nullptr ? 0 : b,
+                                  static_cast<int>(seq.q_start) + row0,
+                                  static_cast<int>(seq.k_start) + key_begin};
     produce_stream_tiles(tma, smem, coords, n_tiles);
   }
 }
