@@ -1,6 +1,6 @@
-"""Both CUDA forward paths on one GPU: the Ampere path (mma.sync, every GPU; forced with STREAMKL_CUDA_PATH=ampere)
-and the Hopper path (wgmma, the default on compute capability 9.x for the KL divergences at head dims 64 and 128;
-also named explicitly with STREAMKL_CUDA_PATH=hopper).
+"""Both CUDA paths on one GPU: the Ampere path (mma.sync, every GPU; forced with STREAMKL_CUDA_PATH=ampere) and the
+Hopper path (warp-specialized wgmma + TMA kernels, the default on compute capability 9.x for the KL divergences at
+head dims 64 and 128: the forward, and the backward with student gradients; also named with STREAMKL_CUDA_PATH=hopper).
 
 Each path is checked against the float64 reference on fresh random inputs, and the dispatch is checked by
 the kernel names the profiler records (so a silent fall-back to the other path would fail here). The full
@@ -18,9 +18,7 @@ from helpers import (CUDA_TEST_MARKS, assert_grads_close, assert_rel_close, gqa_
 
 pytestmark = CUDA_TEST_MARKS
 
-# "hopper_cp_async": the Hopper path's single-role kernel (cp.async loads, STREAMKL_SM90_FORWARD=cp_async) instead of
-# the warp-specialized TMA kernel; it also serves problems without keys.
-PATHS = ("ampere", "hopper", "hopper_cp_async")
+PATHS = ("ampere", "hopper")
 DISPATCH_PATHS = PATHS + ("default",)  # "default": STREAMKL_CUDA_PATH unset
 FWD_TOL = 1e-2
 GRAD_TOL = 2e-2
@@ -31,12 +29,8 @@ def _is_hopper():
 
 
 def _select(monkeypatch, path):
-    monkeypatch.delenv("STREAMKL_SM90_FORWARD", raising=False)
     if path == "default":
         monkeypatch.delenv("STREAMKL_CUDA_PATH", raising=False)
-    elif path == "hopper_cp_async":
-        monkeypatch.setenv("STREAMKL_CUDA_PATH", "hopper")
-        monkeypatch.setenv("STREAMKL_SM90_FORWARD", "cp_async")
     else:
         monkeypatch.setenv("STREAMKL_CUDA_PATH", path)
 
@@ -59,19 +53,18 @@ def test_dispatch_picks_the_expected_path(monkeypatch, path, dims):
     hopper_kernel = any("KernelTraitsSm90" in n for n in names)
     expect_hopper = path != "ampere" and _is_hopper() and dims[0] in (64, 128) and dims[1] in (64, 128)
     assert hopper_kernel == expect_hopper, names
-    if expect_hopper:  # the warp-specialized TMA kernel unless the single-role one is asked for
-        warp_specialized = all("attention_kl_fwd_sm90_kernel" in n for n in names)
-        assert warp_specialized == (path != "hopper_cp_async"), names
+    assert all("attention_kl_fwd_sm90_kernel" in n for n in names) == expect_hopper, names
 
 
-def test_unknown_hopper_forward_variant_is_refused(monkeypatch):
-    if not _is_hopper():
-        pytest.skip("the Hopper-path forward runs on compute capability 9.x only")
-    _select(monkeypatch, "hopper")
-    monkeypatch.setenv("STREAMKL_SM90_FORWARD", "cpasync")
-    inputs = make_inputs(1, 1, 16, 16, 64, 64, seed=seed_of("bad-variant"), dtype=torch.bfloat16, device="cuda")
-    with pytest.raises(RuntimeError, match="STREAMKL_SM90_FORWARD"):
-        streamkl.attention_kl(*inputs)
+@pytest.mark.parametrize("path", PATHS)
+def test_forward_without_keys(monkeypatch, path):
+    """No key at all: every row's divergence is 0 (the Hopper path hands such problems to the Ampere kernel, since a
+    TMA tensor map cannot have a zero extent)."""
+    _select(monkeypatch, path)
+    q_s, k_s, q_t, k_t = make_inputs(1, 2, 50, 0, 64, 64, seed=seed_of("no-keys", path), dtype=torch.bfloat16,
+                                     device="cuda")
+    out = streamkl.attention_kl(q_s, k_s, q_t, k_t)
+    assert out.shape == (1, 2, 50) and (out == 0).all()
 
 
 def test_unknown_path_is_refused(monkeypatch):

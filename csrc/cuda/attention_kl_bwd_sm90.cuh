@@ -10,7 +10,6 @@
 
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
-#include <cutlass/arch/reg_reconfig.h>
 
 #include "attention_kl_bwd.cuh"
 #include "kernel_traits_sm90.cuh"
@@ -25,10 +24,8 @@ using namespace cute;
 template <typename Traits, typename ScoreGrads>
 struct DqStateSm90 {
   static constexpr int kThreadRows = 2 * (Traits::kBlockM / (16 * Traits::kNWarps));
-  AttentionMask mask;
   KeyRange full_keys;  // keys every row of the block sees (a tile inside needs no mask arithmetic)
   float scale_s2, scale_t2;
-  int row0;
   ScoreGrads score_grads;
   typename ScoreGrads::Row rows[kThreadRows];
 };
@@ -106,45 +103,32 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     attention_kl_bwd_dq_sm90_kernel(const AttentionKLParams p, const __grid_constant__ StreamTmaLoads<Traits> tma) {
   extern __shared__ __align__(1024) char smem_sm90[];
   const StreamSmemSm90<Traits> smem(smem_sm90);
-  const int m_block = gridDim.x - 1 - blockIdx.x;  // longest causal rows first
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int row0 = m_block * Traits::kBlockM;
-  const AttentionKLParams::Sequence seq = p.sequence(b);
-  const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
-  const AttentionMask mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
-  const KeyRange keys = mask.keys_for_rows(row0, row_end);
-  const int n_tiles = keys.end > keys.begin ? (keys.end - keys.begin + Traits::kBlockN - 1) / Traits::kBlockN : 0;
-
-  if (threadIdx.x == 0) init_stream_barriers(smem);
-  __syncthreads();
-
-  if (cutlass::canonical_warp_group_idx() == Traits::kNMmaThreads / 128) {  // the producer warpgroup
-    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
-    run_stream_producer(p, tma, smem, seq, b, h, row0, keys.begin, n_tiles);
-  } else {
-    cutlass::arch::warpgroup_reg_alloc<Traits::kMmaRegisters>();
-    DqStateSm90<Traits, ScoreGrads> st;
-    st.mask = mask;
-    st.full_keys = mask.keys_visible_to_all(row0, row_end);
-    st.scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
-    st.scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
-    st.row0 = row0;
-    st.score_grads.init(p);
-    load_query_row_inputs<Traits::kBlockM, Traits::kBlockN>(st.score_grads, p, seq.seqlen_q, b, h, row0,
-                                                            typename Traits::TiledMma{}, st.rows);
-    typename Traits::GradMmaS grad_mma;
-    Tensor acc_dq = partition_fragment_C(grad_mma, Shape<Int<Traits::kBlockM>, Int<Traits::kDimS>>{});
-    clear(acc_dq);
-    auto score_grads = [&](auto score_mma, auto& acc_s, auto& acc_t, int tile, int) {
-      const int y0 = keys.begin + tile * Traits::kBlockN;
-      query_tile_score_grads<Traits::kBlockM, Traits::kBlockN>(
-          st.score_grads, st.rows, st.mask, y0 >= st.full_keys.begin && y0 + Traits::kBlockN <= st.full_keys.end,
-          row0, y0, st.scale_s2, st.scale_t2, score_mma, acc_s, acc_t);
-    };
-    if (n_tiles > 0) consume_grad_tiles<Traits>(smem, acc_dq, n_tiles, score_grads);
-    store_grad_rows<Traits::kBlockM, Traits::kDimS, typename Traits::Element>(
-        grad_mma, p.student, acc_dq, /*keys=*/false, b, h, seq.q_start + row0, seq.seqlen_q - row0);
-  }
+  const QueryBlockSm90 blk = QueryBlockSm90::of_this_cta<Traits>(p);
+  run_warp_specialized<Traits>(
+      smem, 0,
+      [&] { run_stream_producer(p, tma, smem, blk.seq, blk.b, blk.h, blk.row0, blk.keys.begin, blk.n_tiles); },
+      [&] {
+        DqStateSm90<Traits, ScoreGrads> st;
+        st.full_keys = blk.mask.keys_visible_to_all(blk.row0, blk.row_end);
+        st.scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
+        st.scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
+        st.score_grads.init(p);
+        load_query_row_inputs<Traits::kBlockM, Traits::kBlockN>(st.score_grads, p, blk.seq.seqlen_q, blk.b, blk.h,
+                                                                blk.row0, typename Traits::TiledMma{}, st.rows);
+        typename Traits::GradMmaS grad_mma;
+        Tensor acc_dq = partition_fragment_C(grad_mma, Shape<Int<Traits::kBlockM>, Int<Traits::kDimS>>{});
+        clear(acc_dq);
+        auto score_grads = [&](auto score_mma, auto& acc_s, auto& acc_t, int tile, int) {
+          const int y0 = blk.keys.begin + tile * Traits::kBlockN;
+          query_tile_score_grads<Traits::kBlockM, Traits::kBlockN>(
+              st.score_grads, st.rows, blk.mask, y0 >= st.full_keys.begin && y0 + Traits::kBlockN <= st.full_keys.end,
+              blk.row0, y0, st.scale_s2, st.scale_t2, score_mma, acc_s, acc_t);
+        };
+        if (blk.n_tiles > 0) consume_grad_tiles<Traits>(smem, acc_dq, blk.n_tiles, score_grads);
+        store_grad_rows<Traits::kBlockM, Traits::kDimS, typename Traits::Element>(
+            grad_mma, p.student, acc_dq, /*keys=*/false, blk.b, blk.h, blk.seq.q_start + blk.row0,
+            blk.seq.seqlen_q - blk.row0);
+      });
 }
 
 // A CTA owns kBlockM keys of one student key head and streams the query tiles of every query head that reads it,
@@ -164,45 +148,43 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const KeyRange rows = mask.rows_for_keys(key0, key_end);
   const int n_tiles = rows.end > rows.begin ? (rows.end - rows.begin + Traits::kBlockN - 1) / Traits::kBlockN : 0;
 
-  if (threadIdx.x == 0) init_stream_barriers(smem, /*extra_full_arrivals=*/32);
-  __syncthreads();
-
   ScoreGrads rule;
   rule.init(p);
-  if (cutlass::canonical_warp_group_idx() == Traits::kNMmaThreads / 128) {  // the producer warpgroup
-    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
-    const int warp = (threadIdx.x / 32) % 4;
-    if (n_tiles > 0 && threadIdx.x == Traits::kNMmaThreads) {
-      const StreamTileCoords coords{kv_head,
-                                    kv_head,
-                                    kv_head * group,
-                                    kv_head * group,
-                                    1,
-                                    p.cu_seqlens_q != nullptr ? 0 : b,
-                                    static_cast<int>(seq.k_start) + key0,
-                                    static_cast<int>(seq.q_start) + rows.begin};
-      produce_stream_tiles(tma, smem, coords, n_tiles, group);
-    } else if (n_tiles > 0 && warp == 1) {
-      produce_row_stats<Traits>(rule, p, smem, b, kv_head * group, group, rows.begin, seq.seqlen_q, n_tiles,
-                                threadIdx.x % 32);
-    }
-  } else {
-    cutlass::arch::warpgroup_reg_alloc<Traits::kMmaRegisters>();
-    const float scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
-    const float scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
-    typename Traits::GradMmaS grad_mma;
-    Tensor acc_dk = partition_fragment_C(grad_mma, Shape<Int<Traits::kBlockM>, Int<Traits::kDimS>>{});
-    clear(acc_dk);
-    auto score_grads = [&](auto score_mma, auto& acc_s, auto& acc_t, int flat_tile, int stage) {
-      const int y0 = rows.begin + (flat_tile % n_tiles) * Traits::kBlockN;
-      key_tile_score_grads<Traits::kBlockM, Traits::kBlockN>(
-          rule, smem.stats(stage), mask, mask.block_fully_visible(y0, y0 + Traits::kBlockN, key0, key_end), key0, y0,
-          scale_s2, scale_t2, score_mma, acc_s, acc_t);
-    };
-    if (n_tiles > 0) consume_grad_tiles<Traits>(smem, acc_dk, n_tiles * group, score_grads);
-    store_grad_rows<Traits::kBlockM, Traits::kDimS, typename Traits::Element>(
-        grad_mma, p.student, acc_dk, /*keys=*/true, b, kv_head, seq.k_start + key0, seq.seqlen_k - key0);
-  }
+  run_warp_specialized<Traits>(
+      smem, /*extra_full_arrivals=*/32,
+      [&] {
+        const int warp = (threadIdx.x / 32) % 4;
+        if (n_tiles > 0 && threadIdx.x == Traits::kNMmaThreads) {
+          const StreamTileCoords coords{kv_head,
+                                        kv_head,
+                                        kv_head * group,
+                                        kv_head * group,
+                                        1,
+                                        p.cu_seqlens_q != nullptr ? 0 : b,
+                                        static_cast<int>(seq.k_start) + key0,
+                                        static_cast<int>(seq.q_start) + rows.begin};
+          produce_stream_tiles(tma, smem, coords, n_tiles, group);
+        } else if (n_tiles > 0 && warp == 1) {
+          produce_row_stats<Traits>(rule, p, smem, b, kv_head * group, group, rows.begin, seq.seqlen_q, n_tiles,
+                                    threadIdx.x % 32);
+        }
+      },
+      [&] {
+        const float scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
+        const float scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
+        typename Traits::GradMmaS grad_mma;
+        Tensor acc_dk = partition_fragment_C(grad_mma, Shape<Int<Traits::kBlockM>, Int<Traits::kDimS>>{});
+        clear(acc_dk);
+        auto score_grads = [&](auto score_mma, auto& acc_s, auto& acc_t, int flat_tile, int stage) {
+          const int y0 = rows.begin + (flat_tile % n_tiles) * Traits::kBlockN;
+          key_tile_score_grads<Traits::kBlockM, Traits::kBlockN>(
+              rule, smem.stats(stage), mask, mask.block_fully_visible(y0, y0 + Traits::kBlockN, key0, key_end), key0,
+              y0, scale_s2, scale_t2, score_mma, acc_s, acc_t);
+        };
+        if (n_tiles > 0) consume_grad_tiles<Traits>(smem, acc_dk, n_tiles * group, score_grads);
+        store_grad_rows<Traits::kBlockM, Traits::kDimS, typename Traits::Element>(
+            grad_mma, p.student, acc_dk, /*keys=*/true, b, kv_head, seq.k_start + key0, seq.seqlen_k - key0);
+      });
 }
 
 }  // namespace cuda

@@ -130,8 +130,10 @@ ForwardOutputs run_forward(AttentionKLParams& p, const KernelInputs& in) {
   ForwardOutputs out{at::empty(rows, opts), at::empty(rows, opts), at::empty(rows, opts), at::zeros(stats_shape, opts)};
   const AttentionKLParams kernel_params = kernel_attention_params(p);
   cuda::LaunchFn launch = nullptr;
-  // The Hopper-path forward computes the KL divergences only; the JSD's two passes run on the Ampere path.
-  if (kernel_params.divergence != Divergence::kJsd && hopper_path_enabled(in.q_s))
+  // The Hopper-path forward computes the KL divergences over at least one key; the JSD's two passes and key-less
+  // problems run on the Ampere path.
+  if (kernel_params.divergence != Divergence::kJsd && in.k_s.numel() > 0 && in.k_t.numel() > 0 &&
+      hopper_path_enabled(in.q_s))
     launch = lookup_launcher(cuda::KernelFamily::kForwardSm90, in);
   if (launch == nullptr) launch = find_launcher(cuda::KernelFamily::kForward, in);
   if (out.kl.numel() == 0) return out;

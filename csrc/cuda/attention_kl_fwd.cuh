@@ -12,7 +12,6 @@
 #include "../kernels/online_kl.h"
 #include "device_common.cuh"
 #include "score_stream.cuh"
-#include "score_stream_warpgroup.cuh"
 
 namespace streamkl {
 namespace cuda {
@@ -181,11 +180,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(con
   const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
   const auto student = query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0);
   const auto teacher = query_block_operands<Element>(p.teacher, p.num_heads, b, h, seq, row0);
-  if constexpr (Traits::kWarpgroupMma)  // Hopper path: wgmma products, software-pipelined
-    score_stream_warpgroup<Traits>(policy, smem, student, teacher, seq.seqlen_q - row0, keys.begin, keys.end,
-                                   seq.seqlen_k);
-  else
-    score_stream<Traits>(policy, smem, student, teacher, seq.seqlen_q - row0, keys.begin, keys.end, seq.seqlen_k);
+  score_stream<Traits>(policy, smem, student, teacher, seq.seqlen_q - row0, keys.begin, keys.end, seq.seqlen_k);
   write_forward_rows(policy, p, b, h, row0, seq.seqlen_q);
 }
 

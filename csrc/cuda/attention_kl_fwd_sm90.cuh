@@ -2,20 +2,21 @@
 // warpgroups run the score products on wgmma and the online two-softmax reduction (ForwardPolicy, the same code
 // as every other forward) on the accumulators.
 //
-// Why: in the single-role kernel (score_stream_warpgroup.cuh) every thread issues cp.async loads for each key tile
-// and the whole CTA meets at a barrier per tile, so both warpgroups run in lockstep and pay for the loads' address
-// arithmetic. Here the copies complete on mbarriers (tma_stream_sm90.cuh), so each warpgroup runs at its own pace
-// and the producer keeps up to kStages - 2 tiles ahead.
+// Why warp-specialized: when every thread issues cp.async loads for each key tile and the whole CTA meets at a
+// barrier per tile (the previous, single-role kernel), both warpgroups run in lockstep and pay for the loads' address
+// arithmetic: 1.645 ms against 1.25 ms at N=8192, D=128 (bench/RESULTS.md, session 5). Here the copies complete on
+// mbarriers (tma_stream_sm90.cuh), so each warpgroup runs at its own pace and the producer keeps up to kStages - 2
+// tiles ahead.
 //
-// Mainloop shape as in score_stream_warpgroup.cuh: each warpgroup issues the products of key tile j + 1 before
-// it consumes tile j, so the exponentials of j overlap the tensor-core work of j + 1; tiles go in groups of
-// kGroup with no product in flight across a group boundary (ptxas serializes wgmma batches that cross a loop
-// back-edge, C7514).
+// Mainloop: each warpgroup issues the products of key tile j + 1 before it consumes tile j, so the exponentials of
+// j overlap the tensor-core work of j + 1 (each warpgroup holds the accumulators of two tiles); tiles go in groups of
+// kGroup with no product in flight across a group boundary (ptxas serializes every wgmma of a loop whose batches
+// cross its back-edge, C7514). Products past the last tile are issued anyway and never consumed, so the batch
+// count at each wait is the same on every path.
 #pragma once
 
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
-#include <cutlass/arch/reg_reconfig.h>
 
 #include "attention_kl_fwd.cuh"
 #include "kernel_traits_sm90.cuh"
@@ -51,7 +52,9 @@ __device__ __forceinline__ void consume_forward_tiles(Policy& policy, const Stre
   Tensor acc_t0 = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor acc_s1 = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor acc_t1 = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-  // Defined before any product is in flight (see score_stream_warpgroup.cuh: C7515).
+  // wgmma reads its accumulators (the first k-step scales them by zero), so they must be defined before any product
+  // is in flight: ptxas serializes every wgmma when ordinary instructions write accumulator registers while a
+  // product is pending (C7515), which undefined values would cause.
   clear(acc_s0);
   clear(acc_t0);
   clear(acc_s1);
@@ -96,27 +99,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   // Tiles start at multiples of 1024 bytes (the 128-byte swizzle's period) from here.
   extern __shared__ __align__(1024) char smem_sm90[];
   const StreamSmemSm90<Traits> smem(smem_sm90);
-  const int m_block = gridDim.x - 1 - blockIdx.x;  // longest causal rows first
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int row0 = m_block * Traits::kBlockM;
-  const AttentionKLParams::Sequence seq = p.sequence(b);
-  const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
-  const AttentionMask mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
-  const KeyRange keys = mask.keys_for_rows(row0, row_end);
-  const int n_tiles = keys.end > keys.begin ? (keys.end - keys.begin + Traits::kBlockN - 1) / Traits::kBlockN : 0;
-
-  if (threadIdx.x == 0) init_stream_barriers(smem);
-  __syncthreads();
-
-  if (cutlass::canonical_warp_group_idx() == Traits::kNMmaThreads / 128) {  // the producer warpgroup
-    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
-    run_stream_producer(p, tma, smem, seq, b, h, row0, keys.begin, n_tiles);
-  } else {
-    cutlass::arch::warpgroup_reg_alloc<Traits::kMmaRegisters>();
-    auto policy = make_forward_policy<Traits, kTeacherWeights>(p, seq, row0, row_end);
-    if (n_tiles > 0) consume_forward_tiles<Traits>(policy, smem, keys.begin, n_tiles);
-    write_forward_rows(policy, p, b, h, row0, seq.seqlen_q);
-  }
+  const QueryBlockSm90 blk = QueryBlockSm90::of_this_cta<Traits>(p);
+  run_warp_specialized<Traits>(
+      smem, 0,
+      [&] { run_stream_producer(p, tma, smem, blk.seq, blk.b, blk.h, blk.row0, blk.keys.begin, blk.n_tiles); },
+      [&] {
+        auto policy = make_forward_policy<Traits, kTeacherWeights>(p, blk.seq, blk.row0, blk.row_end);
+        if (blk.n_tiles > 0) consume_forward_tiles<Traits>(policy, smem, blk.keys.begin, blk.n_tiles);
+        write_forward_rows(policy, p, blk.b, blk.h, blk.row0, blk.seq.seqlen_q);
+      });
 }
 
 }  // namespace cuda

@@ -5,7 +5,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -90,25 +89,13 @@ void run_attention_kl_fwd(const AttentionKLParams& p, cudaStream_t stream) {
 }
 
 // Hopper path (sm_90a, head dims 64 and 128): the warp-specialized forward (attention_kl_fwd_sm90.cuh), 128 query
-// rows in two MMA warpgroups against key tiles of 64 that a producer warpgroup moves with TMA. KL only: the op runs
-// the JSD on the Ampere-path launcher. STREAMKL_SM90_FORWARD=cp_async (default: tma) runs the single-role kernel
-// (cp.async loads, a CTA barrier per tile) for comparison; that kernel also takes problems without keys, which a
-// TMA descriptor cannot describe (no extent may be 0; every row's result is then 0 and -inf without a load).
+// rows in two MMA warpgroups against key tiles of 64 that a producer warpgroup moves with TMA. KL only, and at least
+// one key (a tensor map has no zero extent): the op runs the JSD and key-less problems on the Ampere-path launcher.
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_fwd_sm90(const AttentionKLParams& p, cudaStream_t stream) {
-  if (p.divergence == Divergence::kJsd)
-    throw std::runtime_error("streamkl: the Hopper-path forward computes the KL divergences only");
-  const char* env = std::getenv("STREAMKL_SM90_FORWARD");
-  const std::string variant = env == nullptr ? "" : env;
-  if (!variant.empty() && variant != "tma" && variant != "cp_async")
-    throw std::runtime_error("streamkl: STREAMKL_SM90_FORWARD must be 'tma' or 'cp_async' (or unset), got '" + variant +
-                             "'");
-  const bool no_keys = p.student.k_rows == 0 || p.teacher.k_rows == 0;
-  if (no_keys || variant == "cp_async") {
-    run_attention_kl_fwd_with<KernelTraitsSm90<Element, kDimS, kDimT>>(p, stream);
-    return;
-  }
-  using Traits = KernelTraitsSm90Tma<Element, kDimS, kDimT>;
+  if (p.divergence == Divergence::kJsd || p.student.k_rows == 0 || p.teacher.k_rows == 0)
+    throw std::runtime_error("streamkl: the Hopper-path forward computes the KL divergences over at least one key");
+  using Traits = KernelTraitsSm90<Element, kDimS, kDimT>;
   const StreamTmaLoads<Traits> tma = make_stream_tma_loads<Traits>(p);
   const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
   const auto kernel = teacher_is_weighting_side(p.divergence) ? attention_kl_fwd_sm90_kernel<Traits, true>
@@ -138,7 +125,7 @@ void run_attention_kl_bwd_kernels(const AttentionKLParams& p, cudaStream_t strea
 // run_attention_kl_bwd.
 template <typename Element, int kDimS, int kDimT, bool kTeacherWeights>
 void run_attention_kl_bwd_sm90_kernels(const AttentionKLParams& p, cudaStream_t stream) {
-  using Traits = KernelTraitsSm90Tma<Element, kDimS, kDimT>;
+  using Traits = KernelTraitsSm90<Element, kDimS, kDimT>;
   using Rule = KlScoreGrads<kTeacherWeights>;
   const StreamTmaLoads<Traits> tma = make_stream_tma_loads<Traits>(p);
   const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
@@ -150,7 +137,7 @@ void run_attention_kl_bwd_sm90_kernels(const AttentionKLParams& p, cudaStream_t 
     run_attention_kl_bwd_dk<BackwardTraits<Element, kDimS, kDimT, false>, false, Rule>(p, stream);
     return;
   }
-  using DkTraits = KernelTraitsSm90Tma<Element, kDimS, kDimT, 64, 4, 4, /*kProducerRegisters=*/40>;
+  using DkTraits = KernelTraitsSm90<Element, kDimS, kDimT, 64, 4, 4, /*kProducerRegisters=*/40>;
   const StreamTmaLoads<DkTraits> dk_tma = make_stream_tma_loads<DkTraits>(p, /*keys_as_x=*/true);
   const dim3 dk_grid(ceil_div(p.seqlen_k, DkTraits::kBlockM), p.student.num_kv_heads, p.batch);
   launch_with_smem(attention_kl_bwd_dk_sm90_kernel<DkTraits, Rule>, dk_grid, DkTraits::kNThreads,

@@ -17,7 +17,7 @@ namespace cuda {
 using namespace cute;
 
 // The gmem -> smem copy of a row-major tile: 16-byte cp.async per thread (8 elements), kThreadsPerRow threads
-// across a row's swizzle atom. Shared by the Ampere-path tiles below and the Hopper path's GMMA tiles.
+// across a row's swizzle atom.
 template <typename Element, int kNThreads, int kThreadsPerRow>
 using RowTileCopy = decltype(make_tiled_copy(
     Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{},
@@ -54,7 +54,6 @@ struct KernelTraits {
   // Keep the X fragments in registers for the whole stream (loaded from shared memory once) instead of
   // re-reading them with ldmatrix for every Y tile: halves the shared-memory traffic of the score products.
   static constexpr bool kXInRegisters = kXInRegisters_;
-  static constexpr bool kWarpgroupMma = false;  // mma.sync; the Hopper path's traits (kernel_traits_sm90.cuh) say true
   // Backward dK kernel that also produces dQ (student only): the dS^T tile goes through shared memory and
   // dQ += dS K is added into an fp32 workspace with atomics, so the score tiles are computed once.
   static constexpr bool kFusedDq = kFusedDq_;

@@ -6,6 +6,9 @@
 
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "../kernels/attention_mask.h"
 
 #include "kernel_traits_sm90.cuh"
 #include "tma_loads_sm90.cuh"
@@ -16,7 +19,7 @@ namespace cuda {
 using namespace cute;
 
 // Dynamic shared memory of the warp-specialized kernels: X of both sides, kStages stages of Y of both sides,
-// then the mbarriers (KernelTraitsSm90Tma::kSmemBytes).
+// the dK kernel's per-row statistics, then the mbarriers (KernelTraitsSm90::kSmemBytes).
 template <typename Traits>
 struct StreamSmemSm90 {
   using Element = typename Traits::Element;
@@ -142,6 +145,46 @@ __device__ __forceinline__ void run_stream_producer(const AttentionKLParams& p, 
                                   static_cast<int>(seq.q_start) + row0,
                                   static_cast<int>(seq.k_start) + key_begin};
     produce_stream_tiles(tma, smem, coords, n_tiles);
+  }
+}
+
+// The CTA of a query-block kernel (forward, dQ): query rows [row0, row_end) of (sequence seq, head h, batch entry b)
+// and the n_tiles key tiles of its key range. Longest causal rows first: the last row blocks see the most keys.
+struct QueryBlockSm90 {
+  int h, b, row0, row_end, n_tiles;
+  AttentionKLParams::Sequence seq;
+  AttentionMask mask;
+  KeyRange keys;
+
+  template <typename Traits>
+  __device__ static QueryBlockSm90 of_this_cta(const AttentionKLParams& p) {
+    QueryBlockSm90 q;
+    q.h = blockIdx.y;
+    q.b = blockIdx.z;
+    q.row0 = (gridDim.x - 1 - blockIdx.x) * Traits::kBlockM;
+    q.seq = p.sequence(q.b);
+    q.row_end = min_of(q.row0 + Traits::kBlockM, q.seq.seqlen_q);
+    q.mask = AttentionMask::from_params(p, q.seq.seqlen_q, q.seq.seqlen_k);
+    q.keys = q.mask.keys_for_rows(q.row0, q.row_end);
+    q.n_tiles = q.keys.end > q.keys.begin ? (q.keys.end - q.keys.begin + Traits::kBlockN - 1) / Traits::kBlockN : 0;
+    return q;
+  }
+};
+
+// Set up the barriers, then run the producer warpgroup's role and the MMA warpgroups' role, each after setmaxnreg
+// (which takes effect only when each role is one branch of a single if/else). extra_full_arrivals: see
+// init_stream_barriers.
+template <typename Traits, typename ProducerRole, typename MmaRole>
+__device__ __forceinline__ void run_warp_specialized(const StreamSmemSm90<Traits>& smem, int extra_full_arrivals,
+                                                     ProducerRole&& producer, MmaRole&& mma) {
+  if (threadIdx.x == 0) init_stream_barriers(smem, extra_full_arrivals);
+  __syncthreads();
+  if (cutlass::canonical_warp_group_idx() == Traits::kNMmaThreads / 128) {
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
+    producer();
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<Traits::kMmaRegisters>();
+    mma();
   }
 }
 
