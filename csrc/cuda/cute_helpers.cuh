@@ -27,28 +27,6 @@ __device__ __forceinline__ void load_tile(GmemCopy gmem_copy, const GTensor& src
   }
 }
 
-// Shared-memory layouts whose swizzle acts on the address (the GMMA tiles of the Hopper path, built from
-// GMMA::Layout_K_*_Atom) versus plain swizzled layouts (the Ampere path's tiles).
-template <typename Layout>
-struct SwizzlesAddress : std::false_type {};
-template <typename SwizzleFn, int kBits, typename Layout>
-struct SwizzlesAddress<ComposedLayout<SwizzleFn, smem_ptr_flag_bits<kBits>, Layout>> : std::true_type {};
-
-// A tile as the copy engines see it: address-swizzled layouts become the equivalent element-offset swizzle
-// (what cute::as_position_independent_swizzle_tensor does, minus its debug-build alignment assert, whose
-// __assertfail call would make ptxas serialize every wgmma of the kernel: C7510). Tiles start at multiples
-// of 1024 bytes, so both views agree.
-template <typename Layout, typename Element>
-__device__ __forceinline__ auto smem_tile_for_copy(Element* smem) {
-  if constexpr (SwizzlesAddress<Layout>::value) {
-    const Layout layout{};
-    return make_tensor(make_smem_ptr(smem),
-                       composition(recast_layout<uint8_t, Element>(layout.layout_a()), Int<0>{}, layout.layout_b()));
-  } else {
-    return make_tensor(make_smem_ptr(smem), Layout{});
-  }
-}
-
 // Issue the cp.async loads of one [rows, dim] tile starting at `base` (row stride `row_stride`).
 template <typename Tile, typename Element>
 __device__ __forceinline__ void issue_tile_load(const Element* base, int64_t row_stride, Element* smem, int valid_rows,
@@ -56,7 +34,7 @@ __device__ __forceinline__ void issue_tile_load(const Element* base, int64_t row
   constexpr int kRows = size<0>(typename Tile::Layout{});
   constexpr int kDim = size<1>(typename Tile::Layout{});
   Tensor g = make_tensor(make_gmem_ptr(base), Shape<Int<kRows>, Int<kDim>>{}, make_stride(row_stride, _1{}));
-  Tensor s = smem_tile_for_copy<typename Tile::Layout>(smem);
+  Tensor s = make_tensor(make_smem_ptr(smem), typename Tile::Layout{});
   typename Tile::GmemCopy gmem_copy;
   auto thr = gmem_copy.get_thread_slice(tid);
   Tensor src = thr.partition_S(g);
