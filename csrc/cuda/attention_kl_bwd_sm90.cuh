@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         auto score_grads = [&](auto score_mma, auto& acc_s, auto& acc_t, int tile, int) {
           const int y0 = blk.keys.begin + tile * Traits::kBlockN;
           query_tile_score_grads<Traits::kBlockM, Traits::kBlockN>(
-              st.score_grads, st.rows, blk.mask, y0 >= st.full_keys.begin && y0 + Traits::kBlockN <= st.full_keys.end,
+              st.score_grads, st.rows, blk.mask, st.full_keys.covers(y0, y0 + Traits::kBlockN),
               blk.row0, y0, st.scale_s2, st.scale_t2, score_mma, acc_s, acc_t);
         };
         if (blk.n_tiles > 0) consume_grad_tiles<Traits>(smem, acc_dq, blk.n_tiles, score_grads);

@@ -41,7 +41,7 @@ struct ForwardPolicy {
     // Two compiled bodies: the tiles inside every row's key range (nearly all of them) carry no per-key test.
     // One body with a runtime flag kept a compare and a predicate per key in the hot loop (ptxas predicates
     // rather than branches), ~4 instructions per key pair out of ~19.
-    if (y0 >= full_keys.begin && y0 + kBlockN <= full_keys.end) {
+    if (full_keys.covers(y0, y0 + kBlockN)) {
       reduce_tile<false>(w, o);
       return;
     }

@@ -13,6 +13,8 @@ struct KeyRange {
   int end;    // one past the last allowed key; begin >= end means a fully masked row
   SKL_HOST_DEVICE bool empty() const { return begin >= end; }
   SKL_HOST_DEVICE bool contains(int j) const { return j >= begin && j < end; }
+  // Every key of [first, last_end) is in the range.
+  SKL_HOST_DEVICE bool covers(int first, int last_end) const { return first >= begin && last_end <= end; }
 };
 
 // Bottom-right aligned mask: row i of N_q sees keys up to i + (N_k - N_q) when causal, as in
@@ -63,8 +65,7 @@ struct AttentionMask {
   // True when every row of [row_begin, row_end) may see every key of [key_begin, key_end), all of them in
   // bounds: such a tile needs no per-element masking.
   SKL_HOST_DEVICE bool block_fully_visible(int row_begin, int row_end, int key_begin, int key_end) const {
-    const KeyRange keys = keys_visible_to_all(row_begin, row_end);
-    return key_begin >= keys.begin && key_end <= keys.end;
+    return keys_visible_to_all(row_begin, row_end).covers(key_begin, key_end);
   }
 
   // The keys every row of [row_begin, row_end) may see (all in bounds): a key tile inside it is fully visible.
