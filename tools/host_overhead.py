@@ -1,0 +1,68 @@
+"""Host time per attention-KL call against the GPU time of its kernels, for both CUDA paths, at small N (where a
+call can be bound by the host: launch arguments, TMA descriptor encoding, allocations).
+
+Usage (on the GPU machine): python tools/host_overhead.py [--n 1024] [--d 128] [--iters 200]
+Prints, per path and for the forward and forward+backward: the host time per call (wall clock of `iters` calls
+issued back to back, divided by iters, after a synchronize), and the summed GPU time of the streamkl kernels per call
+(torch.profiler). Host time well above GPU time means the call is host-bound.
+"""
+
+import argparse
+import os
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import streamkl
+
+
+def host_ms(fn, iters):
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / iters
+
+
+def kernel_ms(fn, iters):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.device_time_total for e in prof.key_averages() if "streamkl" in e.key)
+    return total_us / 1e3 / iters
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1024)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=200)
+    a = ap.parse_args()
+    mk = lambda: torch.randn(1, a.heads, a.n, a.d, device="cuda", dtype=torch.bfloat16)
+    q_s, k_s, q_t, k_t = mk(), mk(), mk(), mk()
+    q_s.requires_grad_(True)
+    k_s.requires_grad_(True)
+
+    def forward():
+        with torch.no_grad():
+            streamkl.attention_kl(q_s, k_s, q_t, k_t)
+
+    def forward_backward():
+        streamkl.attention_kl(q_s, k_s, q_t, k_t).sum().backward()
+        q_s.grad = k_s.grad = None
+
+    print(f"N={a.n} D={a.d} H={a.heads} bf16, {a.iters} calls; ms per call")
+    for path in ("ampere", "hopper"):
+        os.environ["STREAMKL_CUDA_PATH"] = path
+        for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
+            print(f"{path:7s} {name:8s} host {host_ms(fn, a.iters):.4f}  kernels {kernel_ms(fn, a.iters):.4f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
