@@ -38,14 +38,11 @@ struct DqStateSm90 {
 template <typename Traits, typename AccGrad, typename ScoreGradsFn>
 __device__ __forceinline__ void consume_grad_tiles(const StreamSmemSm90<Traits>& smem, AccGrad& acc_grad, int n_tiles,
                                                    ScoreGradsFn&& score_grads) {
-  using Smem = StreamSmemSm90<Traits>;
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kStages = Traits::kStages;
   const int tid = threadIdx.x;
   typename Traits::TiledMma score_mma;
   typename Traits::GradMmaS grad_mma;
-  Tensor x_s = Smem::template tile<typename Traits::XTileS>(smem.x_s);
-  Tensor x_t = Smem::template tile<typename Traits::XTileT>(smem.x_t);
   Tensor acc_s = partition_fragment_C(score_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor acc_t = partition_fragment_C(score_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
   clear(acc_s);  // defined before any product is in flight (C7515)
@@ -55,10 +52,7 @@ __device__ __forceinline__ void consume_grad_tiles(const StreamSmemSm90<Traits>&
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int stage = tile % kStages;
     wait_for_stream_tile(smem, tile);
-    warpgroup_products_begin(acc_s, acc_t);
-    warpgroup_gemm_ss(score_mma, acc_s, x_s, Smem::template tile<typename Traits::YTileS>(smem.y_s(stage)), tid);
-    warpgroup_gemm_ss(score_mma, acc_t, x_t, Smem::template tile<typename Traits::YTileT>(smem.y_t(stage)), tid);
-    warpgroup_commit_batch();
+    issue_score_products(score_mma, smem, stage, acc_s, acc_t);
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_s);
     warpgroup_fence_operand(acc_t);
@@ -137,6 +131,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 template <typename Traits, typename ScoreGrads>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     attention_kl_bwd_dk_sm90_kernel(const AttentionKLParams p, const __grid_constant__ StreamTmaLoads<Traits> tma) {
+  static_assert(ScoreGrads::kRowStats <= Traits::kRowStats, "the traits' stats buffer must hold the rule's rows");
   extern __shared__ __align__(1024) char smem_sm90[];
   const StreamSmemSm90<Traits> smem(smem_sm90);
   const int kv_head = blockIdx.y, b = blockIdx.z;
@@ -146,7 +141,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int key_end = min_of(key0 + Traits::kBlockM, seq.seqlen_k);
   const AttentionMask mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
   const KeyRange rows = mask.rows_for_keys(key0, key_end);
-  const int n_tiles = rows.end > rows.begin ? (rows.end - rows.begin + Traits::kBlockN - 1) / Traits::kBlockN : 0;
+  const int n_tiles = rows.tile_count(Traits::kBlockN);
 
   ScoreGrads rule;
   rule.init(p);

@@ -32,20 +32,11 @@ using namespace cute;
 template <typename Traits, typename Policy>
 __device__ __forceinline__ void consume_forward_tiles(Policy& policy, const StreamSmemSm90<Traits>& smem, int y_begin,
                                                       int n_tiles) {
-  using Smem = StreamSmemSm90<Traits>;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kStages = Traits::kStages;
-  const int tid = threadIdx.x;
   typename Traits::TiledMma tiled_mma;
-  Tensor x_s = Smem::template tile<typename Traits::XTileS>(smem.x_s);
-  Tensor x_t = Smem::template tile<typename Traits::XTileT>(smem.x_t);
-
   auto wait_for_tile = [&](int tile) { wait_for_stream_tile(smem, tile); };
   auto issue_products = [&](auto& acc_s, auto& acc_t, int tile) {
-    const int stage = tile % kStages;
-    warpgroup_products_begin(acc_s, acc_t);
-    warpgroup_gemm_ss(tiled_mma, acc_s, x_s, Smem::template tile<typename Traits::YTileS>(smem.y_s(stage)), tid);
-    warpgroup_gemm_ss(tiled_mma, acc_t, x_t, Smem::template tile<typename Traits::YTileT>(smem.y_t(stage)), tid);
-    warpgroup_commit_batch();
+    issue_score_products(tiled_mma, smem, tile % kStages, acc_s, acc_t);
   };
 
   Tensor acc_s0 = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});

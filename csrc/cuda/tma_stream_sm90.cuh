@@ -1,7 +1,8 @@
-// The producer side of the warp-specialized Hopper kernels (forward and dQ): the shared-memory plan (X once, Y in
-// kStages stages, mbarriers) and the one thread that issues every TMA copy of a CTA. The copies complete on a
-// "full" barrier per stage (the producer's expected bytes); the MMA warps free a stage with one arrival each on its
-// "empty" barrier once their products that read it have finished. Torch-free.
+// What the warp-specialized Hopper kernels (forward, dQ, dK) share: the shared-memory plan (X once, Y in kStages
+// stages, mbarriers), the one thread that issues every TMA copy of a CTA, the MMA side's waits, releases and score
+// products, and the role split. The copies complete on a "full" barrier per stage (the producer's expected bytes);
+// the MMA warps free a stage with one arrival each on its "empty" barrier once their products that read it have
+// finished. Torch-free.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -12,6 +13,7 @@
 
 #include "kernel_traits_sm90.cuh"
 #include "tma_loads_sm90.cuh"
+#include "warpgroup_mma.cuh"
 
 namespace streamkl {
 namespace cuda {
@@ -128,8 +130,22 @@ __device__ __forceinline__ void release_stream_tile(const StreamSmemSm90<Traits>
   if (threadIdx.x % 32 == 0) cutlass::arch::ClusterBarrier::arrive(&smem.empty[tile % Traits::kStages]);
 }
 
+// One batch with the two score products of a stage's Y tiles against X (acc_s = X_s Y_s^T, acc_t = X_t Y_t^T),
+// committed; the caller waits for it.
+template <typename Traits, typename TiledMma, typename Acc>
+__device__ __forceinline__ void issue_score_products(TiledMma score_mma, const StreamSmemSm90<Traits>& smem, int stage,
+                                                     Acc& acc_s, Acc& acc_t) {
+  using Smem = StreamSmemSm90<Traits>;
+  warpgroup_products_begin(acc_s, acc_t);
+  warpgroup_gemm_ss(score_mma, acc_s, Smem::template tile<typename Traits::XTileS>(smem.x_s),
+                    Smem::template tile<typename Traits::YTileS>(smem.y_s(stage)), threadIdx.x);
+  warpgroup_gemm_ss(score_mma, acc_t, Smem::template tile<typename Traits::XTileT>(smem.x_t),
+                    Smem::template tile<typename Traits::YTileT>(smem.y_t(stage)), threadIdx.x);
+  warpgroup_commit_batch();
+}
+
 // The producer role of a CTA owning query rows [row0, row_end) of (sequence seq, head h) whose key range starts at
-// key_begin: the whole producer warpgroup gives back its registers, one thread issues the copies.
+// key_begin: one thread of the producer warpgroup issues the copies.
 template <typename Traits>
 __device__ __forceinline__ void run_stream_producer(const AttentionKLParams& p, const StreamTmaLoads<Traits>& tma,
                                                     const StreamSmemSm90<Traits>& smem,
@@ -166,7 +182,7 @@ struct QueryBlockSm90 {
     q.row_end = min_of(q.row0 + Traits::kBlockM, q.seq.seqlen_q);
     q.mask = AttentionMask::from_params(p, q.seq.seqlen_q, q.seq.seqlen_k);
     q.keys = q.mask.keys_for_rows(q.row0, q.row_end);
-    q.n_tiles = q.keys.end > q.keys.begin ? (q.keys.end - q.keys.begin + Traits::kBlockN - 1) / Traits::kBlockN : 0;
+    q.n_tiles = q.keys.tile_count(Traits::kBlockN);
     return q;
   }
 };

@@ -13,6 +13,8 @@ struct KeyRange {
   int end;    // one past the last allowed key; begin >= end means a fully masked row
   SKL_HOST_DEVICE bool empty() const { return begin >= end; }
   SKL_HOST_DEVICE bool contains(int j) const { return j >= begin && j < end; }
+  // Tiles of `tile` keys that cover the range (0 when empty).
+  SKL_HOST_DEVICE int tile_count(int tile) const { return empty() ? 0 : (end - begin + tile - 1) / tile; }
   // Every key of [first, last_end) is in the range.
   SKL_HOST_DEVICE bool covers(int first, int last_end) const { return first >= begin && last_end <= end; }
 };
