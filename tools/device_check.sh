@@ -19,8 +19,8 @@ python3 -c "import torch, streamkl; print('torch', torch.__version__, torch.cuda
 # message with a number segfaults there: tools/repro_c10_str.py); CI runs them.
 CUDA_TESTS=$(ls tests/test_attention_cuda*.py tests/test_linear_cuda.py)
 python3 -X faulthandler -m pytest -q -p no:cacheprovider $CUDA_TESTS --maxfail=10 > "$OUT/pytest_cuda.log" 2>&1
-summary+=("pytest cuda (default: Hopper-path forward on sm_90): $(tail -1 "$OUT/pytest_cuda.log")")
-# The attention suite again with the Ampere-path forward forced (the default on other GPUs).
+summary+=("pytest cuda (default: Hopper-path forward and student backward on sm_90): $(tail -1 "$OUT/pytest_cuda.log")")
+# The attention suite again with the Ampere path forced (the default on other GPUs).
 STREAMKL_CUDA_PATH=ampere python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_attention_cuda.py tests/test_attention_cuda_features.py tests/test_attention_cuda_varlen.py --maxfail=10 > "$OUT/pytest_cuda_ampere.log" 2>&1
 summary+=("pytest cuda (STREAMKL_CUDA_PATH=ampere): $(tail -1 "$OUT/pytest_cuda_ampere.log")")
 python3 tools/cuda_smoke.py > "$OUT/smoke.log" 2>&1
