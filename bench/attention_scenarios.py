@@ -15,8 +15,8 @@ bench/attention.py, whose cell runner, baselines, memory estimates and tables th
 
 Every cell times the forward and the forward+backward (gradients w.r.t. the student's q, k; the teacher is
 detached) and records the peak extra memory and each baseline's max |KL - ours| on the same inputs. An ``ours``
-cell whose op refuses the device with NotImplementedError (today the aggregated teacher on CUDA, and varlen on
-CUDA until its kernels land) reads "n/a (CPU only)" and the run goes on. ``--device cpu`` runs smaller shapes;
+cell whose op refuses the device with NotImplementedError (none does today; the aggregated teacher was CPU-only
+until session 6) reads "n/a (CPU only)" and the run goes on. ``--device cpu`` runs smaller shapes;
 ``--quick`` smaller still, and on the CPU without torch.compile, so ``--device cpu --scenario all --quick`` takes
 well under a minute.
 """

@@ -52,7 +52,7 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
             attention probabilities of teacher heads ``h*r .. h*r+r-1`` (DeepSeek DSA's indexer target when
             ``H = 1``). Needs the teacher's LSEs first: a second streaming pass, still no quadratic memory. All
             three divergences work; the teacher gets no gradient (``q_t``/``k_t`` must not require grad: detach
-            them). CPU only for now.
+            them). CPU and CUDA (on CUDA: head dims 64 and 128, Ampere-path kernels on every GPU).
         teacher_lse: optional ``[B, H_t, N_q]`` log-sum-exps of the teacher's scores (natural log, computed with
             this ``scale_t``; e.g. FlashAttention's ``softmax_lse`` when its ``softmax_scale`` equals ``scale_t``),
             which skips the teacher's LSE pass. Only with ``teacher_head_reduce="mean"``.
@@ -71,7 +71,6 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
     check_beta(beta, where=where)
     check_teacher_lse(teacher_lse, q_t, teacher_head_reduce, where=where)
     if teacher_head_reduce == "mean":
-        refuse_on_cuda(q_s, "a head-aggregated teacher (teacher_head_reduce='mean')", where=where)
         if torch.is_grad_enabled() and (q_t.requires_grad or k_t.requires_grad):
             raise NotImplementedError(f"{where}: gradients to an aggregated teacher (teacher_head_reduce='mean') are "
                                       f"not supported; pass q_t.detach(), k_t.detach() (the teacher is a fixed target)")
@@ -82,13 +81,6 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
         return reduce_rows(jsd, reduction)
     kl, _, _ = _ops.ops.attention_kl_fwd(q_s, k_s, q_t, k_t, scale_s, scale_t, bool(causal), divergence, *tail)
     return reduce_rows(kl, reduction)
-
-
-def refuse_on_cuda(tensor, feature, *, where):
-    """NotImplementedError for features whose CUDA kernels do not exist yet (rather than a dispatcher error)."""
-    if tensor.device.type == "cuda":
-        raise NotImplementedError(f"{where}: {feature} runs on the CPU only for now (no CUDA kernel yet); move the "
-                                  f"inputs to the CPU or use divergence='forward'/'reverse' without it")
 
 
 def default_scales(q_s, q_t, scale_s, scale_t):

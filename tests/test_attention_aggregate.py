@@ -214,12 +214,3 @@ def test_bwd_checks_lse_t_against_teacher_heads():
     with pytest.raises(ValueError, match="lse_t"):
         kl_bwd(kl, *inputs, kl, lse_s, lse_t[:, :2], 0.5, 0.5, False, "forward", False, -1, -1, "mean")
 
-
-@pytest.mark.skipif(not (torch.cuda.is_available() and streamkl.cuda_available()), reason="needs the CUDA kernels")
-def test_cuda_refuses_aggregated_teacher_clearly():
-    inputs = [x.detach().cuda().bfloat16() for x in aggregate_inputs(1, 1, 4, 1, 4, 64, 64, 64, 64,
-                                                                       seed=seed_of("aggregate-cuda"))]
-    with pytest.raises(NotImplementedError, match="aggregated teacher"):
-        streamkl.attention_kl(*inputs, teacher_head_reduce="mean")
-    with pytest.raises(NotImplementedError, match="aggregated teachers"):
-        kl_fwd(*inputs, 0.125, 0.125, False, "forward", -1, -1, "mean")

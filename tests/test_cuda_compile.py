@@ -1,7 +1,7 @@
 """Compile-only check of the CUDA kernels, for machines without a GPU (CI).
 
-Builds one instantiation of each attention kernel family (forward, backward; Ampere and Hopper paths, the latter
-also for sm_80, where a default build compiles it without running it) and linear_kl's torch-free
+Builds one instantiation of each attention kernel family (forward, backward; Ampere path, Hopper path -- also for
+sm_80, where a default build compiles it without running it -- and aggregated teachers) and linear_kl's torch-free
 epilogue kernels with nvcc for sm_80 and sm_90a, so kernel breakage is caught where no GPU exists to run the CUDA
 tests. Skipped when nvcc or the CUTLASS headers are missing (the README's install command installs the headers).
 """
@@ -20,6 +20,7 @@ import build_config  # noqa: E402
 # Paths under csrc/cuda.
 INSTANTIATIONS = ["instantiations/fwd_bf16_hd64x128.cu", "instantiations/bwd_bf16_hd64x128.cu",
                   "instantiations/fwd90_bf16_hd64x128.cu", "instantiations/bwd90_bf16_hd64x128.cu",
+                  "instantiations/fwdagg_bf16_hd64x128.cu", "instantiations/bwdagg_bf16_hd64x128.cu",
                   "linear_kl_epilogue.cu"]
 ARCHS = ["80", "90"]
 

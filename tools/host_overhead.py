@@ -36,6 +36,45 @@ def kernel_ms(fn, iters):
     return total_us / 1e3 / iters
 
 
+def loaded_library(fragment):
+    """Path of a shared library already mapped into this process (torch loads the CUDA runtime and driver)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            if fragment in path:
+                return path
+    raise RuntimeError(f"no loaded library matching {fragment!r}")
+
+
+def driver_call_us(iters):
+    """Microseconds per call of the two driver steps behind one TMA descriptor as CUTLASS's wrapper makes them:
+    the entry-point lookup it repeats on every call, and cuTensorMapEncodeTiled itself."""
+    import ctypes
+    cudart = ctypes.CDLL(loaded_library("libcudart.so"))
+    libcuda = ctypes.CDLL(loaded_library("libcuda.so"))
+    pfn, status = ctypes.c_void_p(), ctypes.c_int()
+    lookup = lambda: cudart.cudaGetDriverEntryPointByVersion(b"cuTensorMapEncodeTiled", ctypes.byref(pfn), 12000,
+                                                             ctypes.c_ulonglong(0), ctypes.byref(status))
+    buf = torch.empty(1 << 20, device="cuda", dtype=torch.bfloat16)
+    desc = (ctypes.c_uint8 * 192)()
+    aligned = ctypes.c_void_p((ctypes.addressof(desc) + 63) // 64 * 64)
+    u64, u32 = ctypes.c_uint64 * 4, ctypes.c_uint32 * 4
+    dims, strides = u64(128, 1024, 8, 1), u64(256, 256 * 1024, 256 * 1024 * 8)
+    box, elem = u32(64, 64, 1, 1), u32(1, 1, 1, 1)
+    encode = lambda: libcuda.cuTensorMapEncodeTiled(aligned, 9, 4, ctypes.c_void_p(buf.data_ptr()), dims, strides,
+                                                    box, elem, 0, 3, 0, 0)
+    out = {}
+    for name, fn in (("entry-point lookup", lookup), ("cuTensorMapEncodeTiled", encode)):
+        rc = fn()
+        if rc != 0:
+            raise RuntimeError(f"{name} returned {rc}")
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        out[name] = (time.perf_counter() - start) * 1e6 / iters
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1024)
@@ -56,6 +95,8 @@ def main():
         streamkl.attention_kl(q_s, k_s, q_t, k_t).sum().backward()
         q_s.grad = k_s.grad = None
 
+    for name, us in driver_call_us(2000).items():
+        print(f"{name}: {us:.2f} us per call (ctypes)")
     print(f"N={a.n} D={a.d} H={a.heads} bf16, {a.iters} calls; ms per call")
     for path in ("ampere", "hopper"):
         os.environ["STREAMKL_CUDA_PATH"] = path

@@ -95,55 +95,17 @@ Gradients run_backward(AttentionKLParams& p, const CpuInputs& in, const Backward
   return {dq_s.to(dt), dk_s.to(dt), dq_t.to(dt), dk_t.to(dt)};
 }
 
-// Padded layout: the checks every padded op shares (tensors, mask, teacher heads) and its parameters.
-struct PaddedCall {
-  MaskOptions mask;
-  int64_t teacher_head_group;  // r: teacher heads averaged per student head (1: none)
-};
-
-PaddedCall check_padded_call(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
-                             double scale_s, double scale_t, bool causal, int64_t window_left, int64_t window_right,
-                             c10::string_view teacher_head_reduce) {
-  const int64_t r = parse_teacher_head_reduce(std::string(teacher_head_reduce), q_s, q_t);
-  check_attention_inputs(q_s, k_s, q_t, k_t, scale_s, scale_t, kPaddedLayout, r);
-  return PaddedCall{check_mask_options(causal, window_left, window_right), r};
-}
-
-AttentionKLParams make_padded_params(const CpuInputs& in, const PaddedCall& call, double scale_s, double scale_t,
-                                     Divergence divergence) {
-  AttentionKLParams p =
-      make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, call.mask, divergence);
-  p.teacher_head_group = static_cast<int>(call.teacher_head_group);
-  return p;
-}
-
-// teacher_lse (optional) goes with an aggregated teacher ("mean"), whose per-head LSEs it replaces.
-at::Tensor checked_teacher_lse(const c10::optional<at::Tensor>& teacher_lse, c10::string_view teacher_head_reduce,
-                               const CpuInputs& in) {
-  if (!teacher_lse.has_value()) return at::Tensor();
-  TORCH_CHECK_VALUE(teacher_head_reduce == "mean",
-                    "streamkl: teacher_lse is the per-head LSE of an aggregated teacher: pass it with "
-                    "teacher_head_reduce='mean'");
-  return prepare_teacher_lse(*teacher_lse, in.q_t, in.stats());
-}
-
-// Teacher gradients through the head mean need per-teacher-head row sums (another pass): not supported.
-void refuse_aggregated_teacher_grad(const PaddedCall& call, bool teacher_grad) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!(teacher_grad && call.teacher_head_group > 1),
-                              "streamkl: gradients to an aggregated teacher (teacher_head_reduce='mean') are not "
-                              "supported; detach q_t and k_t (the teacher is a fixed target)");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cpu(
     const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in,
     double scale_s, double scale_t, bool causal, c10::string_view divergence, int64_t window_left,
     int64_t window_right, c10::string_view teacher_head_reduce, const c10::optional<at::Tensor>& teacher_lse) {
   const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
-                                            window_right, teacher_head_reduce);
+                                            window_right, std::string(teacher_head_reduce));
   const Divergence div = parse_divergence(std::string(divergence));
   const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  AttentionKLParams p = make_padded_params(in, call, scale_s, scale_t, div);
-  const ForwardOutputs out = run_forward(p, in, checked_teacher_lse(teacher_lse, teacher_head_reduce, in));
+  AttentionKLParams p = make_padded_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, div);
+  const ForwardOutputs out =
+      run_forward(p, in, checked_teacher_lse(teacher_lse, std::string(teacher_head_reduce), in.q_t, in.stats()));
   return {out.kl, out.lse_s, out.lse_t};
 }
 
@@ -153,12 +115,12 @@ Gradients attention_kl_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& q_s_
                                bool causal, c10::string_view divergence, bool teacher_grad, int64_t window_left,
                                int64_t window_right, c10::string_view teacher_head_reduce) {
   const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
-                                            window_right, teacher_head_reduce);
+                                            window_right, std::string(teacher_head_reduce));
   const Divergence div = parse_divergence(std::string(divergence));
   refuse_aggregated_teacher_grad(call, teacher_grad);
   const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
   const BackwardRowInputs rows = prepare_backward_rows(in.q_s, in.q_t, grad_kl, kl, lse_s, lse_t, in.stats());
-  AttentionKLParams p = make_padded_params(in, call, scale_s, scale_t, div);
+  AttentionKLParams p = make_padded_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, div);
   return run_backward(p, in, rows, at::Tensor(), teacher_grad, kPaddedLayout);
 }
 
@@ -168,12 +130,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_jsd_fwd_cpu
     double scale_s, double scale_t, bool causal, double beta, int64_t window_left, int64_t window_right,
     c10::string_view teacher_head_reduce, const c10::optional<at::Tensor>& teacher_lse) {
   const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
-                                            window_right, teacher_head_reduce);
+                                            window_right, std::string(teacher_head_reduce));
   check_jsd_beta(beta);
   const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  AttentionKLParams p = make_padded_params(in, call, scale_s, scale_t, Divergence::kJsd);
+  AttentionKLParams p = make_padded_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, Divergence::kJsd);
   p.beta = beta;
-  const ForwardOutputs out = run_forward(p, in, checked_teacher_lse(teacher_lse, teacher_head_reduce, in));
+  const ForwardOutputs out =
+      run_forward(p, in, checked_teacher_lse(teacher_lse, std::string(teacher_head_reduce), in.q_t, in.stats()));
   return {out.kl, out.lse_s, out.lse_t, out.jsd_stats};
 }
 
@@ -183,12 +146,12 @@ Gradients attention_jsd_bwd_cpu(const at::Tensor& grad_jsd, const at::Tensor& q_
                                 double scale_s, double scale_t, bool causal, double beta, bool teacher_grad,
                                 int64_t window_left, int64_t window_right, c10::string_view teacher_head_reduce) {
   const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
-                                            window_right, teacher_head_reduce);
+                                            window_right, std::string(teacher_head_reduce));
   check_jsd_beta(beta);
   refuse_aggregated_teacher_grad(call, teacher_grad);
   const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
   const BackwardRowInputs rows = prepare_backward_rows(in.q_s, in.q_t, grad_jsd, jsd, lse_s, lse_t, in.stats());
-  AttentionKLParams p = make_padded_params(in, call, scale_s, scale_t, Divergence::kJsd);
+  AttentionKLParams p = make_padded_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, Divergence::kJsd);
   p.beta = beta;
   return run_backward(p, in, rows, jsd_stats, teacher_grad, kPaddedLayout);
 }

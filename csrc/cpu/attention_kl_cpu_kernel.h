@@ -138,8 +138,6 @@ struct TeacherTiles {
         single(SideSlice<T>::make(params.teacher, b_, h_, params.num_teacher_heads(), seq)) {}
 
   bool aggregated() const { return p.teacher_head_group > 1; }
-  // Whether fill() returns log-probabilities (a row's teacher LSE is then 0).
-  bool normalized_output(bool normalized) const { return normalized || aggregated(); }
 
   void fill(int row0, int rows, int key0, int cols, TileScratch<T>& scratch, bool normalized) const {
     T* out = scratch.teacher_scores.data();
@@ -276,11 +274,9 @@ void gradient_tiles(const AttentionKLParams& p, const SideSlice<T>& student, con
                     TileScratch<T>& scratch) {
   score_tile(student, row0, rows, key0, cols, scratch.key_t.data(), scratch.student_scores.data());
   teacher.fill(row0, rows, key0, cols, scratch, /*normalized=*/false);
-  const bool teacher_normalized = teacher.normalized_output(false);  // log pbar: its row LSE is 0
   const bool teacher_weights = teacher_is_weighting_side(p.divergence);
   const T* kl = static_cast<const T*>(p.kl);
   const T* lse_s = static_cast<const T*>(p.lse_student);
-  const T* lse_t = static_cast<const T*>(p.lse_teacher);
   const T* grad_kl = static_cast<const T*>(p.grad_kl);
   const T* jsd_stats = static_cast<const T*>(p.jsd_stats);
   for (int r = 0; r < rows; ++r) {
@@ -291,7 +287,7 @@ void gradient_tiles(const AttentionKLParams& p, const SideSlice<T>& student, con
     const int c_begin = columns.begin, c_end = columns.end;
     for (int c = 0; c < c_begin; ++c) s[c] = t[c] = T(0);  // masked keys get no gradient
     for (int c = c_end; c < cols; ++c) s[c] = t[c] = T(0);
-    const T row_lse_t = teacher_normalized ? T(0) : lse_t[idx];
+    const T row_lse_t = p.row_teacher_lse<T>(idx);  // 0 for log pbar
     if (p.divergence == Divergence::kJsd) {
       const JsdRowStats<T> stats = JsdRowStats<T>::load(jsd_stats + idx * JsdRowStats<T>::kCount);
       jsd_score_grads_row(s + c_begin, t + c_begin, c_end - c_begin, lse_s[idx], row_lse_t, static_cast<T>(p.beta),

@@ -12,6 +12,7 @@
 #include "../kernels/attention_params.h"
 #include "../kernels/online_kl.h"
 #include "device_common.cuh"
+#include "aggregated_teacher.cuh"
 #include "score_stream.cuh"
 
 namespace streamkl {
@@ -86,21 +87,20 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_jsd_sums_kernel(c
   typename Traits::TiledMma tiled_mma;
   Tensor coords = accumulator_coords<Traits::kBlockM, Traits::kBlockN>(tiled_mma, threadIdx.x);
   const float* lse_s = static_cast<const float*>(p.lse_student);
-  const float* lse_t = static_cast<const float*>(p.lse_teacher);
   CUTE_UNROLL
   for (int i = 0; i < Policy::kThreadRows; ++i) {
     const int row = row0 + get<0>(coords(i, 0));
     const bool valid = row < seq.seqlen_q;
     const int64_t idx = valid ? p.row_index(b, h, row) : 0;
     policy.lse_s2[i] = valid ? lse_s[idx] * kLog2e : 0.f;
-    policy.lse_t2[i] = valid ? lse_t[idx] * kLog2e : 0.f;
+    policy.lse_t2[i] = valid ? p.row_teacher_lse<float>(idx) * kLog2e : 0.f;
     policy.sums[i].init();
   }
 
   const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
   const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
   score_stream<Traits>(policy, smem, query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0),
-                       query_block_operands<Element>(p.teacher, p.num_heads, b, h, seq, row0), seq.seqlen_q - row0,
+                       teacher_query_block<Traits>(p, b, h, seq, row0), seq.seqlen_q - row0,
                        keys.begin, keys.end, seq.seqlen_k);
 
   float* jsd = static_cast<float*>(p.kl);

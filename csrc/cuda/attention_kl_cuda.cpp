@@ -58,14 +58,6 @@ void check_teacher_grad_grouping(bool teacher_grad, const at::Tensor& k_s, const
                               "); detach the teacher, or run this configuration on the CPU");
 }
 
-// Head-aggregated teachers (teacher_head_reduce="mean", teacher_lse) run on the CPU only until their CUDA
-// kernels exist: refuse them clearly.
-void refuse_aggregated_teacher(c10::string_view teacher_head_reduce, bool has_teacher_lse) {
-  TORCH_CHECK_NOT_IMPLEMENTED(teacher_head_reduce == "none" && !has_teacher_lse,
-                              "streamkl: head-aggregated teachers (teacher_head_reduce='", std::string(teacher_head_reduce),
-                              "', teacher_lse) are not implemented on CUDA yet; run them on the CPU for now");
-}
-
 // STREAMKL_FUSED_BACKWARD=1 selects the fused student-only backward (one kernel, dQ by fp32 atomics). It is
 // correct (tools/device_check.sh runs it) but measured slower than the default two-kernel backward on H100
 // (bench/RESULTS.md), so it is opt-in until its atomics and shared-memory round trip are cheaper.
@@ -91,20 +83,64 @@ bool hopper_path_enabled(const at::Tensor& t) {
   return at::cuda::getDeviceProperties(t.device().index())->major == 9;
 }
 
-// The registered kernel of `family` for the inputs' dtype and head dims (the last dim in both layouts), or null.
+// The registered kernel of `family` for the dtype and head dims (the last dim in both layouts) of q / q_t, or null.
+cuda::LaunchFn lookup_launcher(cuda::KernelFamily family, const at::Tensor& q, const at::Tensor& q_t) {
+  return cuda::find_kernel(
+      cuda::KernelKey{family, element_type(q), static_cast<int>(q.size(-1)), static_cast<int>(q_t.size(-1))});
+}
 cuda::LaunchFn lookup_launcher(cuda::KernelFamily family, const KernelInputs& in) {
-  return cuda::find_kernel(cuda::KernelKey{family, element_type(in.q_s), static_cast<int>(in.q_s.size(-1)),
-                                           static_cast<int>(in.q_t.size(-1))});
+  return lookup_launcher(family, in.q_s, in.q_t);
+}
+
+const char* family_name(cuda::KernelFamily family) {
+  switch (family) {
+    case cuda::KernelFamily::kForward: return "forward";
+    case cuda::KernelFamily::kBackward: return "backward";
+    case cuda::KernelFamily::kForwardSm90: return "Hopper-path forward";
+    case cuda::KernelFamily::kBackwardSm90: return "Hopper-path backward";
+    case cuda::KernelFamily::kForwardAggregated: return "aggregated-teacher forward";
+    case cuda::KernelFamily::kBackwardAggregated: return "aggregated-teacher backward";
+  }
+  return "unknown";
 }
 
 // The same, required: a clear error naming what this build has when it is missing.
-cuda::LaunchFn find_launcher(cuda::KernelFamily family, const KernelInputs& in) {
-  const int64_t dim_s = in.q_s.size(-1), dim_t = in.q_t.size(-1);
-  cuda::LaunchFn fn = lookup_launcher(family, in);
-  TORCH_CHECK_VALUE(fn != nullptr, "streamkl: no CUDA ", family == cuda::KernelFamily::kForward ? "forward" : "backward",
-                    " kernel for ", in.q_s.scalar_type(), " with head dims D_s=", dim_s, ", D_t=", dim_t,
-                    " in this build. Compiled: ", cuda::describe_kernels(family));
+cuda::LaunchFn find_launcher(cuda::KernelFamily family, const at::Tensor& q, const at::Tensor& q_t) {
+  cuda::LaunchFn fn = lookup_launcher(family, q, q_t);
+  TORCH_CHECK_VALUE(fn != nullptr, "streamkl: no CUDA ", family_name(family), " kernel for ", q.scalar_type(),
+                    " with head dims D_s=", q.size(-1), ", D_t=", q_t.size(-1), " in this build. Compiled: ",
+                    cuda::describe_kernels(family));
   return fn;
+}
+cuda::LaunchFn find_launcher(cuda::KernelFamily family, const KernelInputs& in) {
+  return find_launcher(family, in.q_s, in.q_t);
+}
+
+// The KL forward for the given inputs: the Hopper path where it takes them (KL over at least one key, compute
+// capability 9.x, head dims 64/128), else the Ampere path.
+cuda::LaunchFn kl_forward_launcher(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_t,
+                                   const at::Tensor& k_t, Divergence divergence) {
+  cuda::LaunchFn launch = nullptr;
+  if (divergence != Divergence::kJsd && k.numel() > 0 && k_t.numel() > 0 && hopper_path_enabled(q))
+    launch = lookup_launcher(cuda::KernelFamily::kForwardSm90, q, q_t);
+  return launch != nullptr ? launch : find_launcher(cuda::KernelFamily::kForward, q, q_t);
+}
+
+// Pass 1 of an aggregated teacher: every teacher head's LSE into lse_t ([B, H * r, N_q]), by the KL forward run with
+// the teacher on both sides (its student LSE is the head's LSE). That computes each score tile twice; a one-sided
+// LSE kernel would halve this pass.
+void run_teacher_head_lse(const AttentionKLParams& p, const KernelInputs& in, at::Tensor& lse_t) {
+  AttentionKLParams t = p;
+  t.student = p.teacher;
+  t.num_heads = p.num_teacher_heads();
+  t.teacher_head_group = 1;
+  t.divergence = Divergence::kForward;
+  at::Tensor unused = at::empty({2, lse_t.numel()}, lse_t.options());  // its divergence and second LSE
+  t.kl = unused[0].data_ptr();
+  t.lse_student = lse_t.data_ptr();
+  t.lse_teacher = unused[1].data_ptr();
+  t.jsd_stats = nullptr;
+  kl_forward_launcher(in.q_t, in.k_t, in.q_t, in.k_t, t.divergence)(t, c10::cuda::getCurrentCUDAStream());
 }
 
 using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -114,11 +150,13 @@ struct ForwardOutputs {
   at::Tensor jsd_stats;  // [rows..., JsdRowStats::kCount] for the JSD (zeros at beta = 0 / 1), [0] otherwise
 };
 
-// Both layouts' forward, every divergence: kl (the JSD for kJsd), lse_s, lse_t shaped like q_s without its head
-// dim ([B, H, N_q] or [total_q, H]) and jsd_stats, then the kernels unless there is no row. p: the layout's
-// parameters without the output pointers. The kernels get kernel_attention_params(p), which runs a JSD at
-// beta = 0 / 1 as the KL it equals (its statistics, unused then, stay zero), as on the CPU.
-ForwardOutputs run_forward(AttentionKLParams& p, const KernelInputs& in) {
+// Both layouts' forward, every divergence: kl (the JSD for kJsd), lse_s shaped like q_s without its head dim
+// ([B, H, N_q] or [total_q, H]), lse_t like q_t's (an aggregated teacher's per-head LSEs) and jsd_stats, then the
+// kernels unless there is no row. p: the layout's parameters without the output pointers. The kernels get
+// kernel_attention_params(p), which runs a JSD at beta = 0 / 1 as the KL it equals (its statistics, unused then,
+// stay zero), as on the CPU. teacher_lse: an aggregated teacher's per-head LSEs given by the caller (skips pass 1),
+// or undefined.
+ForwardOutputs run_forward(AttentionKLParams& p, const KernelInputs& in, const at::Tensor& teacher_lse = at::Tensor()) {
   const auto opts = in.q_s.options().dtype(at::kFloat);
   const at::IntArrayRef rows = in.q_s.sizes().slice(0, in.q_s.dim() - 1);
   const bool jsd = p.divergence == Divergence::kJsd;
@@ -127,16 +165,18 @@ ForwardOutputs run_forward(AttentionKLParams& p, const KernelInputs& in) {
     stats_shape.assign(rows.begin(), rows.end());
     stats_shape.push_back(JsdRowStats<float>::kCount);
   }
-  ForwardOutputs out{at::empty(rows, opts), at::empty(rows, opts), at::empty(rows, opts), at::zeros(stats_shape, opts)};
+  ForwardOutputs out{at::empty(rows, opts), at::empty(rows, opts),
+                     at::empty(in.q_t.sizes().slice(0, in.q_t.dim() - 1), opts), at::zeros(stats_shape, opts)};
   const AttentionKLParams kernel_params = kernel_attention_params(p);
-  cuda::LaunchFn launch = nullptr;
-  // The Hopper-path forward computes the KL divergences over at least one key; the JSD's two passes and key-less
-  // problems run on the Ampere path.
-  if (kernel_params.divergence != Divergence::kJsd && in.k_s.numel() > 0 && in.k_t.numel() > 0 &&
-      hopper_path_enabled(in.q_s))
-    launch = lookup_launcher(cuda::KernelFamily::kForwardSm90, in);
-  if (launch == nullptr) launch = find_launcher(cuda::KernelFamily::kForward, in);
+  const bool aggregated = p.teacher_head_group > 1;
+  // The Hopper-path forward computes the KL divergences over at least one key; the JSD's two passes, key-less
+  // problems and aggregated teachers run on Ampere-path kernels.
+  const cuda::LaunchFn launch =
+      aggregated ? find_launcher(cuda::KernelFamily::kForwardAggregated, in)
+                 : kl_forward_launcher(in.q_s, in.k_s, in.q_t, in.k_t, kernel_params.divergence);
+  if (teacher_lse.defined()) out.lse_t.copy_(teacher_lse);  // a copy: an op output must not alias an input
   if (out.kl.numel() == 0) return out;
+  if (aggregated && !teacher_lse.defined()) run_teacher_head_lse(kernel_params, in, out.lse_t);
   AttentionKLParams k = kernel_params;
   k.kl = out.kl.data_ptr();
   k.lse_student = out.lse_s.data_ptr();
@@ -150,9 +190,13 @@ ForwardOutputs run_forward(AttentionKLParams& p, const KernelInputs& in) {
 // forward's JSD statistics (read only for Divergence::kJsd).
 Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const BackwardRowInputs& rows,
                        const at::Tensor& jsd_stats, bool teacher_grad, const TensorLayout& layout) {
-  // The Hopper-path backward takes the KL divergences with student gradients only (not the opt-in fused backward).
+  // The Hopper-path backward takes the KL divergences with student gradients only (not the opt-in fused backward);
+  // aggregated teachers have their own (student gradients only, every divergence).
+  const bool aggregated = p.teacher_head_group > 1;
   cuda::LaunchFn launch = nullptr;
-  if (!teacher_grad && p.divergence != Divergence::kJsd && !fused_backward_enabled() && hopper_path_enabled(in.q_s))
+  if (aggregated)
+    launch = find_launcher(cuda::KernelFamily::kBackwardAggregated, in);
+  else if (!teacher_grad && p.divergence != Divergence::kJsd && !fused_backward_enabled() && hopper_path_enabled(in.q_s))
     launch = lookup_launcher(cuda::KernelFamily::kBackwardSm90, in);
   if (launch == nullptr) launch = find_launcher(cuda::KernelFamily::kBackward, in);
   // The dQ kernel writes every query row and the dK kernel every key row (zeros where nothing is seen; in
@@ -174,7 +218,7 @@ Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const Backw
   // into this zeroed fp32 workspace.
   at::Tensor dq_accum;
   const bool padded = layout.batch_dim >= 0;
-  if (padded && !teacher_grad && k.divergence != Divergence::kJsd && fused_backward_enabled() &&
+  if (padded && !teacher_grad && !aggregated && k.divergence != Divergence::kJsd && fused_backward_enabled() &&
       cuda::fused_backward_supports(static_cast<int>(in.q_s.size(-1)), static_cast<int>(in.q_t.size(-1)))) {
     dq_accum = at::zeros(in.q_s.sizes(), in.q_s.options().dtype(at::kFloat));
     k.dq_accum = dq_accum.data_ptr();
@@ -183,28 +227,19 @@ Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const Backw
   return {dq_s, dk_s, dq_t, dk_t};
 }
 
-// Padded-layout checks for the JSD ops (the KL ops' check_op_arguments parses a KL divergence name instead).
-OpOptions check_jsd_arguments(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
-                              const at::Tensor& k_t, double scale_s, double scale_t, bool causal, double beta,
-                              int64_t window_left, int64_t window_right) {
-  check_attention_inputs(q_s, k_s, q_t, k_t, scale_s, scale_t);
-  check_jsd_beta(beta);
-  return OpOptions{check_mask_options(causal, window_left, window_right), Divergence::kJsd};
-}
-
 // ---------------------------------------------------------------------------------------------------- padded
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cuda(const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in,
-                                 const at::Tensor& k_t_in, double scale_s, double scale_t, bool causal,
-                                 c10::string_view divergence, int64_t window_left, int64_t window_right,
-                                 c10::string_view teacher_head_reduce, const c10::optional<at::Tensor>& teacher_lse) {
-  refuse_aggregated_teacher(teacher_head_reduce, teacher_lse.has_value());
-  const OpOptions options = check_op_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal,
-                                                std::string(divergence), window_left, window_right);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cuda(
+    const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in,
+    double scale_s, double scale_t, bool causal, c10::string_view divergence, int64_t window_left,
+    int64_t window_right, c10::string_view teacher_head_reduce, const c10::optional<at::Tensor>& teacher_lse) {
+  const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
+                                            window_right, std::string(teacher_head_reduce));
+  const Divergence div = parse_divergence(std::string(divergence));
   const c10::cuda::CUDAGuard guard(q_s_in.device());
   const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  AttentionKLParams p =
-      make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, options.mask, options.divergence);
-  const ForwardOutputs out = run_forward(p, in);
+  AttentionKLParams p = make_padded_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, div);
+  const ForwardOutputs out =
+      run_forward(p, in, checked_teacher_lse(teacher_lse, std::string(teacher_head_reduce), in.q_t, at::kFloat));
   return {out.kl, out.lse_s, out.lse_t};
 }
 
@@ -213,15 +248,15 @@ Gradients attention_kl_bwd_cuda(const at::Tensor& grad_kl, const at::Tensor& q_s
                                 const at::Tensor& lse_s, const at::Tensor& lse_t, double scale_s, double scale_t,
                                 bool causal, c10::string_view divergence, bool teacher_grad, int64_t window_left,
                                 int64_t window_right, c10::string_view teacher_head_reduce) {
-  refuse_aggregated_teacher(teacher_head_reduce, false);
-  const OpOptions options = check_op_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal,
-                                                std::string(divergence), window_left, window_right);
+  const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
+                                            window_right, std::string(teacher_head_reduce));
+  const Divergence div = parse_divergence(std::string(divergence));
+  refuse_aggregated_teacher_grad(call, teacher_grad);
   check_teacher_grad_grouping(teacher_grad, k_s_in, k_t_in);
   const c10::cuda::CUDAGuard guard(q_s_in.device());
   const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, grad_kl, kl, lse_s, lse_t, at::kFloat);
-  AttentionKLParams p =
-      make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, options.mask, options.divergence);
+  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, in.q_t, grad_kl, kl, lse_s, lse_t, at::kFloat);
+  AttentionKLParams p = make_padded_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, div);
   return run_backward(p, in, rows, at::Tensor(), teacher_grad, kPaddedLayout);
 }
 
@@ -230,15 +265,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_jsd_fwd_cud
     const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in,
     double scale_s, double scale_t, bool causal, double beta, int64_t window_left, int64_t window_right,
     c10::string_view teacher_head_reduce, const c10::optional<at::Tensor>& teacher_lse) {
-  refuse_aggregated_teacher(teacher_head_reduce, teacher_lse.has_value());
-  const OpOptions options =
-      check_jsd_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, beta, window_left, window_right);
+  const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
+                                            window_right, std::string(teacher_head_reduce));
+  check_jsd_beta(beta);
   const c10::cuda::CUDAGuard guard(q_s_in.device());
   const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
   AttentionKLParams p =
-      make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, options.mask, options.divergence);
+      make_padded_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, Divergence::kJsd);
   p.beta = beta;
-  const ForwardOutputs out = run_forward(p, in);
+  const ForwardOutputs out =
+      run_forward(p, in, checked_teacher_lse(teacher_lse, std::string(teacher_head_reduce), in.q_t, at::kFloat));
   return {out.kl, out.lse_s, out.lse_t, out.jsd_stats};
 }
 
@@ -247,15 +283,16 @@ Gradients attention_jsd_bwd_cuda(const at::Tensor& grad_jsd, const at::Tensor& q
                                  const at::Tensor& lse_s, const at::Tensor& lse_t, const at::Tensor& jsd_stats,
                                  double scale_s, double scale_t, bool causal, double beta, bool teacher_grad,
                                  int64_t window_left, int64_t window_right, c10::string_view teacher_head_reduce) {
-  refuse_aggregated_teacher(teacher_head_reduce, false);
-  const OpOptions options =
-      check_jsd_arguments(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, beta, window_left, window_right);
+  const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
+                                            window_right, std::string(teacher_head_reduce));
+  check_jsd_beta(beta);
+  refuse_aggregated_teacher_grad(call, teacher_grad);
   check_teacher_grad_grouping(teacher_grad, k_s_in, k_t_in);
   const c10::cuda::CUDAGuard guard(q_s_in.device());
   const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, grad_jsd, jsd, lse_s, lse_t, at::kFloat);
+  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, in.q_t, grad_jsd, jsd, lse_s, lse_t, at::kFloat);
   AttentionKLParams p =
-      make_attention_params(in.q_s, in.k_s, in.q_t, in.k_t, scale_s, scale_t, options.mask, options.divergence);
+      make_padded_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, Divergence::kJsd);
   p.beta = beta;
   return run_backward(p, in, rows, jsd_stats, teacher_grad, kPaddedLayout);
 }

@@ -11,6 +11,7 @@
 #include "../kernels/attention_params.h"
 #include "../kernels/online_kl.h"
 #include "device_common.cuh"
+#include "aggregated_teacher.cuh"
 #include "score_stream.cuh"
 
 namespace streamkl {
@@ -157,7 +158,8 @@ __device__ __forceinline__ void write_forward_rows(ForwardPolicy<Traits, kTeache
       const int64_t idx = p.row_index(b, h, row);
       kl[idx] = st.divergence();
       lse_s[idx] = kTeacherWeights ? st.lse_o() : st.lse_w();
-      lse_t[idx] = kTeacherWeights ? st.lse_w() : st.lse_o();
+      // An aggregated teacher's lse_teacher holds its heads' LSEs (inputs of this pass), not this row's.
+      if (p.teacher_head_group == 1) lse_t[idx] = kTeacherWeights ? st.lse_w() : st.lse_o();
     }
   }
 }
@@ -179,7 +181,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(con
   auto policy = make_forward_policy<Traits, kTeacherWeights>(p, seq, row0, row_end);
   const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
   const auto student = query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0);
-  const auto teacher = query_block_operands<Element>(p.teacher, p.num_heads, b, h, seq, row0);
+  const auto teacher = teacher_query_block<Traits>(p, b, h, seq, row0);
   score_stream<Traits>(policy, smem, student, teacher, seq.seqlen_q - row0, keys.begin, keys.end, seq.seqlen_k);
   write_forward_rows(policy, p, b, h, row0, seq.seqlen_q);
 }

@@ -57,6 +57,12 @@ using BackwardTraits = std::conditional_t<(kTeacherGrad || kDimS > 128 || kDimT 
                                           KernelTraits<Element, kDimS, kDimT, 64, 32, 4, false, false, kRowStats>,
                                           KernelTraits<Element, kDimS, kDimT, 128, 32, 4, false, false, kRowStats>>;
 
+// Head-aggregated teacher (aggregated_teacher.cuh; forward and student backward, every divergence): the plain
+// kernels over the aggregated stream, on every GPU. 64 X rows per CTA (16 per warp), Y tiles of 32: each stage also
+// holds a teacher head's X block, and the running sum of the heads' probabilities is a third register tile.
+template <typename Element, int kDimS, int kDimT, int kRowStats = 4>
+using AggregatedTraits = KernelTraits<Element, kDimS, kDimT, 64, 32, 4, false, false, kRowStats, true>;
+
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // Grids are (blocks of p.seqlen_q or p.seqlen_k, heads, batch). In the varlen layout those lengths are the
@@ -79,13 +85,24 @@ void run_attention_jsd_sums(const AttentionKLParams& p, cudaStream_t stream) {
                    "attention_jsd sums kernel", p);
 }
 
-// One launcher per (dtype, D_s, D_t) for every divergence: the JSD is a runtime branch here, not an instantiation
-// family of its own (its kernels are compiled into the same files). Both passes use the forward's traits.
-template <typename Element, int kDimS, int kDimT>
-void run_attention_kl_fwd(const AttentionKLParams& p, cudaStream_t stream) {
-  using Traits = ForwardTraits<Element, kDimS, kDimT>;
+// Every divergence with one set of traits: the JSD is a runtime branch here, not an instantiation family of its own
+// (its kernels are compiled into the same files). Both passes use the same traits.
+template <typename Traits>
+void run_attention_kl_fwd_passes(const AttentionKLParams& p, cudaStream_t stream) {
   run_attention_kl_fwd_with<Traits>(p, stream);
   if (p.divergence == Divergence::kJsd) run_attention_jsd_sums<Traits>(p, stream);
+}
+
+template <typename Element, int kDimS, int kDimT>
+void run_attention_kl_fwd(const AttentionKLParams& p, cudaStream_t stream) {
+  run_attention_kl_fwd_passes<ForwardTraits<Element, kDimS, kDimT>>(p, stream);
+}
+
+// The divergence pass of an aggregated teacher; p.lse_teacher holds the teacher heads' LSEs (the op's pass 1).
+template <typename Element, int kDimS, int kDimT>
+void run_attention_kl_fwd_aggregated(const AttentionKLParams& p, cudaStream_t stream) {
+  if (p.teacher_head_group < 2) throw std::runtime_error("streamkl: the aggregated-teacher forward needs r >= 2");
+  run_attention_kl_fwd_passes<AggregatedTraits<Element, kDimS, kDimT>>(p, stream);
 }
 
 // Hopper path (sm_90a, head dims 64 and 128): the warp-specialized forward (attention_kl_fwd_sm90.cuh), 128 query
@@ -157,10 +174,8 @@ void run_attention_kl_bwd_sm90(const AttentionKLParams& p, cudaStream_t stream) 
 
 // The divergence picks the score-gradient rule (score_grad_rules.cuh). The JSD's rows carry 5 statistics, so its
 // traits stage 5 floats per query row in the dK kernel; the KL kernels keep their traits (4).
-template <typename Element, int kDimS, int kDimT, bool kTeacherGrad>
-void run_attention_kl_bwd_impl(const AttentionKLParams& p, cudaStream_t stream) {
-  using KlTraits = BackwardTraits<Element, kDimS, kDimT, kTeacherGrad>;
-  using JsdTraits = BackwardTraits<Element, kDimS, kDimT, kTeacherGrad, JsdScoreGrads::kRowStats>;
+template <typename KlTraits, typename JsdTraits, bool kTeacherGrad>
+void run_attention_kl_bwd_rules(const AttentionKLParams& p, cudaStream_t stream) {
   switch (p.divergence) {
     case Divergence::kForward:
       run_attention_kl_bwd_kernels<KlTraits, kTeacherGrad, KlScoreGrads<true>>(p, stream);
@@ -172,6 +187,23 @@ void run_attention_kl_bwd_impl(const AttentionKLParams& p, cudaStream_t stream) 
       run_attention_kl_bwd_kernels<JsdTraits, kTeacherGrad, JsdScoreGrads>(p, stream);
       break;
   }
+}
+
+template <typename Element, int kDimS, int kDimT, bool kTeacherGrad>
+void run_attention_kl_bwd_impl(const AttentionKLParams& p, cudaStream_t stream) {
+  run_attention_kl_bwd_rules<BackwardTraits<Element, kDimS, kDimT, kTeacherGrad>,
+                             BackwardTraits<Element, kDimS, kDimT, kTeacherGrad, JsdScoreGrads::kRowStats>,
+                             kTeacherGrad>(p, stream);
+}
+
+// Student gradients for an aggregated teacher (teacher gradients through the head mean are not supported: the op
+// refuses them); p.lse_teacher holds the teacher heads' LSEs.
+template <typename Element, int kDimS, int kDimT>
+void run_attention_kl_bwd_aggregated(const AttentionKLParams& p, cudaStream_t stream) {
+  if (p.teacher_grad || p.dq_accum != nullptr || p.teacher_head_group < 2)
+    throw std::runtime_error("streamkl: the aggregated-teacher backward takes student gradients only, r >= 2");
+  run_attention_kl_bwd_rules<AggregatedTraits<Element, kDimS, kDimT>,
+                             AggregatedTraits<Element, kDimS, kDimT, JsdScoreGrads::kRowStats>, false>(p, stream);
 }
 
 // Fused student-only backward (opt-in, STREAMKL_FUSED_BACKWARD=1): one kernel per key block computes the

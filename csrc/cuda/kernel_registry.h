@@ -11,8 +11,16 @@ namespace streamkl {
 namespace cuda {
 
 // kForwardSm90 / kBackwardSm90: the Hopper-path forward and backward (wgmma, TMA, sm_90a), chosen over kForward /
-// kBackward on compute capability 9.x for the configurations they take.
-enum class KernelFamily : int { kForward = 0, kBackward = 1, kForwardSm90 = 2, kBackwardSm90 = 3 };
+// kBackward on compute capability 9.x for the configurations they take. kForwardAggregated / kBackwardAggregated:
+// head-aggregated teachers (teacher_head_reduce="mean"), Ampere-path kernels on every GPU.
+enum class KernelFamily : int {
+  kForward = 0,
+  kBackward = 1,
+  kForwardSm90 = 2,
+  kBackwardSm90 = 3,
+  kForwardAggregated = 4,
+  kBackwardAggregated = 5
+};
 enum class ElementType : int { kFloat16 = 0, kBFloat16 = 1 };
 
 struct KernelKey {

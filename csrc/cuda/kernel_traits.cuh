@@ -45,7 +45,7 @@ struct SmemTile {
 };
 
 template <typename Element_, int kDimS_, int kDimT_, int kBlockM_, int kBlockN_, int kNWarps_, bool kXInRegisters_ = false,
-          bool kFusedDq_ = false, int kRowStats_ = 4>
+          bool kFusedDq_ = false, int kRowStats_ = 4, bool kAggregatedTeacher_ = false>
 struct KernelTraits {
   using Element = Element_;  // cutlass::bfloat16_t or cutlass::half_t
   static constexpr int kDimS = kDimS_, kDimT = kDimT_;
@@ -57,7 +57,11 @@ struct KernelTraits {
   // Backward dK kernel that also produces dQ (student only): the dS^T tile goes through shared memory and
   // dQ += dS K is added into an fp32 workspace with atomics, so the score tiles are computed once.
   static constexpr bool kFusedDq = kFusedDq_;
+  // Head-aggregated teacher (aggregated_teacher.cuh): each Y tile meets r teacher heads, each with its own X block,
+  // so the teacher's X block is streamed with its Y tile (one per stage) instead of loaded once.
+  static constexpr bool kAggregatedTeacher = kAggregatedTeacher_;
   static_assert(kBlockM % (16 * kNWarps) == 0, "each warp owns whole 16-row MMA slabs");
+  static_assert(!(kAggregatedTeacher && (kXInRegisters || kFusedDq)), "the aggregated stream reads X from shared memory");
 
   using MmaAtom = MMA_Atom<std::conditional_t<std::is_same<Element, cutlass::half_t>::value,
                                               SM80_16x8x16_F32F16F16F32_TN, SM80_16x8x16_F32BF16BF16F32_TN>>;
@@ -78,8 +82,12 @@ struct KernelTraits {
   using DsTile = SmemTile<Element, kBlockM, kBlockN, kNThreads>;
   static constexpr int kDsElements = kFusedDq ? DsTile::kElements : 0;
 
-  static constexpr int kSmemElements =
-      XTileS::kElements + XTileT::kElements + kStages * (YTileS::kElements + YTileT::kElements) + kDsElements;
+  // The teacher's X block: once per CTA, or one per stage when aggregated.
+  static constexpr int kXTileTResident = kAggregatedTeacher ? 0 : XTileT::kElements;
+  static constexpr int kXTileTPerStage = kAggregatedTeacher ? XTileT::kElements : 0;
+  static constexpr int kSmemElements = XTileS::kElements + kXTileTResident +
+                                       kStages * (YTileS::kElements + YTileT::kElements + kXTileTPerStage) +
+                                       kDsElements;
   static constexpr int kSmemBytes =
       kSmemElements * int(sizeof(Element)) + kStages * kBlockN * kRowStats * int(sizeof(float));
 };

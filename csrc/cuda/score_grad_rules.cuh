@@ -27,7 +27,7 @@ struct RowGradInputs {
 
   __device__ static RowGradInputs load(const AttentionKLParams& p, int64_t idx, bool teacher_weights) {
     const float lse_s = static_cast<const float*>(p.lse_student)[idx];
-    const float lse_t = static_cast<const float*>(p.lse_teacher)[idx];
+    const float lse_t = p.row_teacher_lse<float>(idx);
     RowGradInputs r;
     r.lse_w2 = (teacher_weights ? lse_t : lse_s) * kLog2e;
     r.lse_o2 = (teacher_weights ? lse_s : lse_t) * kLog2e;
@@ -95,7 +95,7 @@ struct JsdScoreGrads {
   }
   __device__ Row load(const AttentionKLParams& p, int64_t idx) const {
     Row r;
-    r.lse_t2 = static_cast<const float*>(p.lse_teacher)[idx] * kLog2e;
+    r.lse_t2 = p.row_teacher_lse<float>(idx) * kLog2e;
     r.lse_s2 = static_cast<const float*>(p.lse_student)[idx] * kLog2e;
     r.stats = JsdRowStats<float>::load(static_cast<const float*>(p.jsd_stats) + idx * JsdRowStats<float>::kCount);
     r.grad = static_cast<const float*>(p.grad_kl)[idx];

@@ -29,9 +29,10 @@ using namespace cute;
 template <typename Traits>
 struct SmemPlan {
   using Element = typename Traits::Element;
-  static constexpr int kStageElements = Traits::YTileS::kElements + Traits::YTileT::kElements;
+  static constexpr int kStageElements =
+      Traits::YTileS::kElements + Traits::YTileT::kElements + Traits::kXTileTPerStage;
   Element* x_s;
-  Element* x_t;
+  Element* x_t;  // the teacher's X block when it is resident (not Traits::kAggregatedTeacher)
   Element* y_base;
   float* stats_base;
   Element* ds;  // dS^T tile of the fused backward (Traits::kFusedDq)
@@ -39,13 +40,15 @@ struct SmemPlan {
   __device__ explicit SmemPlan(char* raw) {
     x_s = reinterpret_cast<Element*>(raw);
     x_t = x_s + Traits::XTileS::kElements;
-    y_base = x_t + Traits::XTileT::kElements;
+    y_base = x_t + Traits::kXTileTResident;
     stats_base = reinterpret_cast<float*>(y_base + Traits::kStages * kStageElements);
     ds = reinterpret_cast<Element*>(stats_base + Traits::kStages * Traits::kBlockN * Traits::kRowStats);
   }
 
   __device__ Element* y_s(int stage) const { return y_base + stage * kStageElements; }
   __device__ Element* y_t(int stage) const { return y_s(stage) + Traits::YTileS::kElements; }
+  // The teacher head's X block streamed with the stage's Y tile (Traits::kAggregatedTeacher only).
+  __device__ Element* x_t_staged(int stage) const { return y_t(stage) + Traits::YTileT::kElements; }
   __device__ float* stats(int stage) const { return stats_base + stage * Traits::kBlockN * Traits::kRowStats; }
 
   __device__ auto y_s_tile(int stage) const { return make_tensor(make_smem_ptr(y_s(stage)), typename Traits::YTileS::Layout{}); }

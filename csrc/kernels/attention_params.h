@@ -103,6 +103,12 @@ struct AttentionKLParams {
   // Index of row i of head h of sequence b in the per-row outputs: [B, H, N_q] padded, [total_q, H] varlen.
   SKL_HOST_DEVICE int64_t row_index(int b, int h, int i) const { return row_index_for_heads(b, h, i, num_heads); }
   SKL_HOST_DEVICE int num_teacher_heads() const { return num_heads * teacher_head_group; }
+  // The teacher LSE of per-row output idx as the divergence and gradient formulas take it: lse_teacher[idx], or 0
+  // for an aggregated teacher, whose tiles are already the normalized log pbar (lse_teacher then holds the heads').
+  template <typename T>
+  SKL_HOST_DEVICE T row_teacher_lse(int64_t idx) const {
+    return teacher_head_group > 1 ? T(0) : static_cast<const T*>(lse_teacher)[idx];
+  }
   // Row i of teacher head h_t of sequence b in lse_teacher (== row_index when the teacher is not aggregated).
   SKL_HOST_DEVICE int64_t teacher_row_index(int b, int h_t, int i) const {
     return row_index_for_heads(b, h_t, i, num_teacher_heads());

@@ -155,6 +155,37 @@ OpOptions check_op_arguments(const at::Tensor& q_s, const at::Tensor& k_s, const
   return OpOptions{check_mask_options(causal, window_left, window_right), parse_divergence(divergence)};
 }
 
+PaddedCall check_padded_call(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
+                             double scale_s, double scale_t, bool causal, int64_t window_left, int64_t window_right,
+                             const std::string& teacher_head_reduce) {
+  const int64_t r = parse_teacher_head_reduce(teacher_head_reduce, q_s, q_t);
+  check_attention_inputs(q_s, k_s, q_t, k_t, scale_s, scale_t, kPaddedLayout, r);
+  return PaddedCall{check_mask_options(causal, window_left, window_right), r};
+}
+
+at::Tensor checked_teacher_lse(const c10::optional<at::Tensor>& teacher_lse, const std::string& teacher_head_reduce,
+                               const at::Tensor& q_t, at::ScalarType stats) {
+  if (!teacher_lse.has_value()) return at::Tensor();
+  TORCH_CHECK_VALUE(teacher_head_reduce == "mean",
+                    "streamkl: teacher_lse is the per-head LSE of an aggregated teacher: pass it with "
+                    "teacher_head_reduce='mean'");
+  return prepare_teacher_lse(*teacher_lse, q_t, stats);
+}
+
+void refuse_aggregated_teacher_grad(const PaddedCall& call, bool teacher_grad) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!(teacher_grad && call.teacher_head_group > 1),
+                              "streamkl: gradients to an aggregated teacher (teacher_head_reduce='mean') are not "
+                              "supported; detach q_t and k_t (the teacher is a fixed target)");
+}
+
+AttentionKLParams make_padded_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                                     const at::Tensor& k_t, const PaddedCall& call, double scale_s, double scale_t,
+                                     Divergence divergence) {
+  AttentionKLParams p = make_attention_params(q_s, k_s, q_t, k_t, scale_s, scale_t, call.mask, divergence);
+  p.teacher_head_group = static_cast<int>(call.teacher_head_group);
+  return p;
+}
+
 AttentionKLParams make_layout_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
                                      const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
                                      Divergence divergence, const TensorLayout& layout) {

@@ -5,6 +5,7 @@
 #include <string>
 
 #include <ATen/ATen.h>
+#include <c10/util/Optional.h>
 
 #include "../kernels/attention_params.h"
 
@@ -75,10 +76,30 @@ OpOptions check_op_arguments(const at::Tensor& q_s, const at::Tensor& k_s, const
                              const at::Tensor& k_t, double scale_s, double scale_t, bool causal,
                              const std::string& divergence, int64_t window_left, int64_t window_right);
 
+// Padded-layout ops (attention_kl_* and attention_jsd_*, CPU and CUDA): the checks every padded op shares (tensors,
+// mask options, teacher heads) and what they settle.
+struct PaddedCall {
+  MaskOptions mask;
+  int64_t teacher_head_group;  // r: teacher heads averaged per student head (1: none)
+};
+PaddedCall check_padded_call(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
+                             double scale_s, double scale_t, bool causal, int64_t window_left, int64_t window_right,
+                             const std::string& teacher_head_reduce);
+// teacher_lse (optional) goes with an aggregated teacher ("mean"), whose per-head LSEs it replaces: checked
+// (prepare_teacher_lse) and returned in the statistics dtype, or an undefined tensor when not given.
+at::Tensor checked_teacher_lse(const c10::optional<at::Tensor>& teacher_lse, const std::string& teacher_head_reduce,
+                               const at::Tensor& q_t, at::ScalarType stats);
+// Teacher gradients through the head mean need per-teacher-head row sums (another pass): refused on every backend.
+void refuse_aggregated_teacher_grad(const PaddedCall& call, bool teacher_grad);
+
 // Fills sizes, strides, pointers and flags (not the output pointers) from already-validated padded inputs.
 AttentionKLParams make_attention_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
                                         const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
                                         Divergence divergence);
+// Same with the call's mask and teacher head group.
+AttentionKLParams make_padded_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                                     const at::Tensor& k_t, const PaddedCall& call, double scale_s, double scale_t,
+                                     Divergence divergence);
 // Same for either layout; the varlen fields (cu_seqlens, max lengths) are the caller's (see varlen_inputs.h).
 AttentionKLParams make_layout_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
                                      const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,

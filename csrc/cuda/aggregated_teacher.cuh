@@ -1,0 +1,176 @@
+// Head-aggregated teachers (teacher_head_reduce="mean") on the Ampere path. The teacher side of student head h is
+// the mean  pbar = (1/r) sum_j P_j  of the attention probabilities of teacher heads h*r .. h*r+r-1, whose LSEs pass 1
+// wrote to p.lse_teacher ([B, H * r, N_q], AttentionKLParams::teacher_row_index).
+//
+// The kernels (forward, JSD sums, dQ, dK) and their policies are the plain ones; only the stream differs. For each Y
+// tile the r teacher heads' score tiles come through the pipeline one after another, each with its own X block
+// (queries, or keys in the dK kernel) and Y tile, and are summed as probabilities,
+//     sum_p += exp2(score * scale_t2 - lse2_j),
+// in a register tile. The tile the policy then receives as the teacher's scores is  log2(sum_p / r) / scale_t2,  so
+// that the policy's usual  t * scale_t2 - lse_t2  is log2 pbar once the row's teacher LSE is 0
+// (AttentionKLParams::row_teacher_lse): pbar is already normalized. The student's Y tile travels with the last head
+// of its tile, which is when the student's product and the policy run.
+//
+// Summing probabilities in float32 floors pbar at 2^-126 (FLT_MIN): where every teacher head gives a key less than
+// ~1e-38, log pbar reads -87 instead of lower. Forward KL and the JSD weight such keys by pbar or bound them by the
+// student's own mass, so they do not move; the reverse KL's term p_s * (log p_s - log pbar) is then underestimated
+// (it is huge either way). The CPU kernels fold the heads in log space and have no floor.
+#pragma once
+
+#include <cfloat>
+
+#include "../kernels/attention_params.h"
+#include "score_stream.cuh"
+
+namespace streamkl {
+namespace cuda {
+
+// The r teacher heads behind student head h for a CTA whose X block starts at row x0 of sequence b: query rows
+// (forward, dQ) or keys (kKeysAsX: dK, where the heads' LSEs belong to the tile's columns).
+template <typename Element, bool kKeysAsX>
+struct AggregatedTeacher {
+  const AttentionKLParams* p;
+  AttentionKLParams::Sequence seq;
+  int b, h, x0;
+  float scale2;  // the teacher's softmax scale times log2(e)
+
+  __device__ int heads() const { return p->teacher_head_group; }
+
+  // Head j's X block (from x0) and Y rows.
+  __device__ StreamOperands<Element> operands(int j) const {
+    const int head = h * p->teacher_head_group + j;
+    if constexpr (kKeysAsX)
+      return key_block_operands<Element>(p->teacher, p->num_teacher_heads(), b, head, seq, x0);
+    else
+      return query_block_operands<Element>(p->teacher, p->num_teacher_heads(), b, head, seq, x0);
+  }
+
+  // Base-2 LSE of query row `row` (from the sequence's start) of head j; 0 past the sequence (never used there).
+  __device__ float lse2(int j, int row) const {
+    if (row >= seq.seqlen_q) return 0.f;
+    const float* lse = static_cast<const float*>(p->lse_teacher);
+    return lse[p->teacher_row_index(b, h * p->teacher_head_group + j, row)] * kLog2e;
+  }
+
+  // sum_p = (j == 0 ? 0 : sum_p) + exp2(scores * scale2 - lse2) over the tile (kRows x kCols), y0: its first Y row.
+  template <int kRows, int kCols, typename TiledMma, typename Acc>
+  __device__ __forceinline__ void add_probabilities(TiledMma tiled_mma, const Acc& scores, Acc& sum_p, int j,
+                                                    int y0) const {
+    Tensor s = make_tensor(scores.data(), acc_as_rows_cols(scores.layout()));
+    Tensor sp = make_tensor(sum_p.data(), acc_as_rows_cols(sum_p.layout()));
+    Tensor coords = accumulator_coords<kRows, kCols>(tiled_mma, threadIdx.x);
+    const auto add = [&](int i, int c, float lse) {
+      const float prob = exp2f(fmaf(s(i, c), scale2, -lse));
+      sp(i, c) = j == 0 ? prob : sp(i, c) + prob;
+    };
+    if constexpr (kKeysAsX) {
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(s); ++c) {
+        const float lse = lse2(j, y0 + get<1>(coords(0, c)));
+        CUTE_UNROLL
+        for (int i = 0; i < size<0>(s); ++i) add(i, c, lse);
+      }
+    } else {
+      CUTE_UNROLL
+      for (int i = 0; i < size<0>(s); ++i) {
+        const float lse = lse2(j, x0 + get<0>(coords(i, 0)));
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(s); ++c) add(i, c, lse);
+      }
+    }
+  }
+
+  // In place: the r heads' summed probabilities -> the teacher "scores" whose scaled value is log2 pbar.
+  template <typename Acc>
+  __device__ __forceinline__ void to_scores(Acc& sum_p) const {
+    const float inv_heads = 1.f / static_cast<float>(heads()), inv_scale2 = 1.f / scale2;
+    CUTE_UNROLL
+    for (int i = 0; i < size(sum_p); ++i) sum_p(i) = log2f(fmaxf(sum_p(i) * inv_heads, FLT_MIN)) * inv_scale2;
+  }
+};
+
+// The teacher's operands of a CTA owning query rows from row0 of (sequence b, student head h): the head's own X
+// block and Y rows, or its aggregated heads (Traits::kAggregatedTeacher).
+template <typename Traits>
+__device__ __forceinline__ auto teacher_query_block(const AttentionKLParams& p, int b, int h,
+                                                    const AttentionKLParams::Sequence& seq, int row0) {
+  using Element = typename Traits::Element;
+  if constexpr (Traits::kAggregatedTeacher)
+    return AggregatedTeacher<Element, false>{&p, seq, b, h, row0, static_cast<float>(p.teacher.scale) * kLog2e};
+  else
+    return query_block_operands<Element>(p.teacher, p.num_heads, b, h, seq, row0);
+}
+
+// The same for a CTA owning keys from key0, streaming the query rows of student head h.
+template <typename Traits>
+__device__ __forceinline__ auto teacher_key_block(const AttentionKLParams& p, int b, int h,
+                                                  const AttentionKLParams::Sequence& seq, int key0) {
+  using Element = typename Traits::Element;
+  if constexpr (Traits::kAggregatedTeacher)
+    return AggregatedTeacher<Element, true>{&p, seq, b, h, key0, static_cast<float>(p.teacher.scale) * kLog2e};
+  else
+    return key_block_operands<Element>(p.teacher, p.num_heads, b, h, seq, key0);
+}
+
+// score_stream for an aggregated teacher: the stream runs over (Y tile, teacher head) items, two stages of
+// [Y_s tile, Y_t tile, X_t block]; the student's Y tile is loaded with the tile's last head. Same contract with the
+// policy as score_stream (stage_stats once per Y tile, consume with the tile's stage).
+template <typename Traits, typename Policy, bool kKeysAsX>
+__device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Traits>& smem,
+                                             const StreamOperands<typename Traits::Element>& student,
+                                             const AggregatedTeacher<typename Traits::Element, kKeysAsX>& teacher,
+                                             int x_valid_rows, int y_begin, int y_end, int y_rows_total) {
+  static_assert(Traits::kAggregatedTeacher, "an aggregated teacher needs the traits' per-stage X blocks");
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  const int tid = threadIdx.x;
+  const int heads = teacher.heads();
+  issue_tile_load<typename Traits::XTileS>(student.x, student.x_stride, smem.x_s, x_valid_rows, tid);
+
+  const int n_tiles = y_end > y_begin ? (y_end - y_begin + kBlockN - 1) / kBlockN : 0;
+  const int n_items = n_tiles * heads;
+  auto load_item = [&](int item, int stage) {
+    const int tile = item / heads, j = item - tile * heads;
+    const int y0 = y_begin + tile * kBlockN;
+    const StreamOperands<typename Traits::Element> t = teacher.operands(j);
+    issue_tile_load<typename Traits::XTileT>(t.x, t.x_stride, smem.x_t_staged(stage), x_valid_rows, tid);
+    issue_tile_load<typename Traits::YTileT>(t.y + y0 * t.y_stride, t.y_stride, smem.y_t(stage), y_rows_total - y0,
+                                             tid);
+    if (j == heads - 1)
+      issue_tile_load<typename Traits::YTileS>(student.y + y0 * student.y_stride, student.y_stride, smem.y_s(stage),
+                                               y_rows_total - y0, tid);
+  };
+  if (n_items > 0) load_item(0, 0);
+  cp_async_fence();
+
+  typename Traits::TiledMma tiled_mma;
+  Tensor x_s = make_tensor(make_smem_ptr(smem.x_s), typename Traits::XTileS::Layout{});
+  Tensor sum_p = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  // One barrier per item, as in score_stream: passing it means every warp is done with the previous item's stage.
+  for (int item = 0; item < n_items; ++item) {
+    const int stage = item % Traits::kStages;
+    const int tile = item / heads, j = item - tile * heads;
+    const int y0 = y_begin + tile * kBlockN;
+    const bool last_head = j == heads - 1;
+    cp_async_wait<0>();
+    if (last_head) policy.stage_stats(y0, smem.stats(stage));
+    __syncthreads();
+    if (item + 1 < n_items) load_item(item + 1, (item + 1) % Traits::kStages);
+    cp_async_fence();
+
+    Tensor acc_t = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_t);
+    Tensor x_t = make_tensor(make_smem_ptr(smem.x_t_staged(stage)), typename Traits::XTileT::Layout{});
+    gemm_smem_smem(tiled_mma, acc_t, x_t, smem.y_t_tile(stage), tid);
+    teacher.template add_probabilities<kBlockM, kBlockN>(tiled_mma, acc_t, sum_p, j, y0);
+    if (!last_head) continue;
+    Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    gemm_smem_smem(tiled_mma, acc_s, x_s, smem.y_s_tile(stage), tid);
+    teacher.to_scores(sum_p);
+    policy.consume(tiled_mma, acc_s, sum_p, y0, stage);
+  }
+  cp_async_wait<0>();  // nothing may stay in flight when a CTA that streamed no tile exits
+}
+
+}  // namespace cuda
+}  // namespace streamkl
