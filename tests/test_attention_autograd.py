@@ -144,3 +144,26 @@ def test_deterministic_across_runs_and_thread_counts():
         torch.set_num_threads(threads)
     for a, b, c in zip(first, second, single):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("op", ["kl", "jsd", "varlen"])
+def test_statistics_outputs_carry_no_gradient(op):
+    """Only the divergence is differentiable: the LSE / statistics outputs of the ops refuse a backward (instead of
+    silently dropping its term), and a backward through the divergence alone still works."""
+    q_s, k_s, q_t, k_t = make_inputs(1, 2, 6, 7, 4, 4, seed=seed_of("stats-no-grad", op), dtype=torch.float64,
+                                     requires_grad=True)
+    if op == "kl":
+        out = torch.ops.streamkl.attention_kl_fwd(q_s, k_s, q_t, k_t, 0.5, 0.5, False, "forward")
+    elif op == "jsd":
+        out = torch.ops.streamkl.attention_jsd_fwd(q_s, k_s, q_t, k_t, 0.5, 0.5, False, 0.3)
+    else:
+        flat = [x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3]) for x in (q_s, k_s, q_t, k_t)]
+        cu_q = torch.tensor([0, 6], dtype=torch.int32)
+        cu_k = torch.tensor([0, 7], dtype=torch.int32)
+        out = torch.ops.streamkl.attention_kl_varlen_fwd(*flat, cu_q, cu_k, 6, 7, 0.5, 0.5, False, "forward")
+    assert out[0].requires_grad
+    assert not any(t.requires_grad for t in out[1:])
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        out[1].sum().backward()
+    grads = torch.autograd.grad(out[0].sum(), (q_s, k_s))
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

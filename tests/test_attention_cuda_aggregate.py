@@ -89,7 +89,8 @@ def test_cuda_aggregate_dsa_shape():
 
 def test_cuda_aggregate_given_teacher_lse_matches():
     """A caller-given teacher LSE (here the CUDA op's own pass 1, as a FlashAttention forward would give it) skips
-    pass 1 and gives the same result; a shifted one changes it (so it is really read)."""
+    pass 1 and gives the same result; shifting one head's LSE changes it (so it is really read; a shift of every head
+    alike would cancel in the renormalized mean)."""
     seed = seed_of("cuda-aggregate-lse")
     inputs = aggregate_inputs(1, 2, 4, 2, 4, 200, 200, 64, 128, seed=seed)
     kl, lse_s, lse_t = torch.ops.streamkl.attention_kl_fwd(*[x.detach() for x in inputs], 0.125, 128 ** -0.5, True,
@@ -100,7 +101,9 @@ def test_cuda_aggregate_given_teacher_lse_matches():
     ref = streamkl.attention_kl_reference(*[x.detach().double() for x in inputs], causal=True,
                                           teacher_head_reduce="mean")
     assert_rel_close(given, ref, FWD_TOL)
-    shifted = streamkl.attention_kl(*inputs, causal=True, teacher_head_reduce="mean", teacher_lse=lse_t + 0.5)
+    shifted_lse = lse_t.clone()
+    shifted_lse[:, 0] += 2.0
+    shifted = streamkl.attention_kl(*inputs, causal=True, teacher_head_reduce="mean", teacher_lse=shifted_lse)
     assert (shifted - kl).abs().max() > 0.1
 
 
