@@ -112,9 +112,10 @@ __device__ __forceinline__ auto teacher_key_block(const AttentionKLParams& p, in
     return key_block_operands<Element>(p.teacher, p.num_heads, b, h, seq, key0);
 }
 
-// score_stream for an aggregated teacher: the stream runs over (Y tile, teacher head) items, two stages of
-// [Y_s tile, Y_t tile, X_t block]; the student's Y tile is loaded with the tile's last head. Same contract with the
-// policy as score_stream (stage_stats once per Y tile, consume with the tile's stage).
+// score_stream for an aggregated teacher: the stream runs over (Y tile, teacher head) items through Traits::kStages
+// stages of [Y_s tile, Y_t tile, X_t block], kStages - 1 items in flight (one cp.async group per item); the student's
+// Y tile is loaded with the tile's last head. Same contract with the policy as score_stream (stage_stats once per Y
+// tile, consume with the tile's stage).
 template <typename Traits, typename Policy, bool kKeysAsX>
 __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Traits>& smem,
                                              const StreamOperands<typename Traits::Element>& student,
@@ -139,22 +140,29 @@ __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Trai
       issue_tile_load<typename Traits::YTileS>(student.y + y0 * student.y_stride, student.y_stride, smem.y_s(stage),
                                                y_rows_total - y0, tid);
   };
-  if (n_items > 0) load_item(0, 0);
-  cp_async_fence();
+  // Prologue: items 0 .. kStages - 2, one commit group each (empty groups past the end keep the count uniform); the
+  // student's X block joins item 0's group.
+  CUTE_UNROLL
+  for (int s = 0; s < Traits::kStages - 1; ++s) {
+    if (s < n_items) load_item(s, s);
+    cp_async_fence();
+  }
 
   typename Traits::TiledMma tiled_mma;
   Tensor x_s = make_tensor(make_smem_ptr(smem.x_s), typename Traits::XTileS::Layout{});
   Tensor sum_p = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-  // One barrier per item, as in score_stream: passing it means every warp is done with the previous item's stage.
+  // One barrier per item, as in score_stream: passing it means every warp is done with the previous item's stage,
+  // which the load issued after it (item + kStages - 1) reuses.
   for (int item = 0; item < n_items; ++item) {
     const int stage = item % Traits::kStages;
     const int tile = item / heads, j = item - tile * heads;
     const int y0 = y_begin + tile * kBlockN;
     const bool last_head = j == heads - 1;
-    cp_async_wait<0>();
+    cp_async_wait<Traits::kStages - 2>();  // groups 0 .. item have landed
     if (last_head) policy.stage_stats(y0, smem.stats(stage));
     __syncthreads();
-    if (item + 1 < n_items) load_item(item + 1, (item + 1) % Traits::kStages);
+    const int next = item + Traits::kStages - 1;
+    if (next < n_items) load_item(next, next % Traits::kStages);
     cp_async_fence();
 
     Tensor acc_t = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
