@@ -16,13 +16,16 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def check(B, H, Nq, Nk, Ds, Dt, causal, div, dtype, teacher_grad, gen):
-    """div: "forward", "reverse" or "jsd:<beta>" (the generalized JSD)."""
+def check(B, H, Nq, Nk, Ds, Dt, causal, div, dtype, teacher_grad, gen, r=1):
+    """div: "forward", "reverse" or "jsd:<beta>" (the generalized JSD); r > 1: a head-aggregated teacher with r query
+    heads per student head (teacher_head_reduce="mean", no teacher gradients)."""
     dev = "cuda"
     name, _, beta = div.partition(":")
     options = dict(divergence=name, beta=float(beta)) if beta else dict(divergence=name)
+    if r > 1:
+        options["teacher_head_reduce"] = "mean"
     mk = lambda *s: (torch.randn(*s, device=dev, generator=gen) * 1.5).to(dtype)
-    q_s, k_s, q_t, k_t = mk(B, H, Nq, Ds), mk(B, H, Nk, Ds), mk(B, H, Nq, Dt), mk(B, H, Nk, Dt)
+    q_s, k_s, q_t, k_t = mk(B, H, Nq, Ds), mk(B, H, Nk, Ds), mk(B, H * r, Nq, Dt), mk(B, H, Nk, Dt)
     for t in (q_s, k_s):
         t.requires_grad_(True)
     if teacher_grad:
@@ -40,7 +43,7 @@ def check(B, H, Nq, Nk, Ds, Dt, causal, div, dtype, teacher_grad, gen):
     nan = any(torch.isnan(x).any().item() for x in (out, *grads))
     ok = not nan and errs[0] < 1e-2 and all(e < 3e-2 for e in errs[1:])
     print(f"{'ok ' if ok else 'BAD'} B={B} H={H} Nq={Nq} Nk={Nk} Ds={Ds} Dt={Dt} causal={causal} {div:8s} "
-          f"{str(dtype)[6:]:8s} tgrad={teacher_grad} errs={' '.join(f'{e:.2e}' for e in errs)} nan={nan}")
+          f"{str(dtype)[6:]:8s} tgrad={teacher_grad} r={r} errs={' '.join(f'{e:.2e}' for e in errs)} nan={nan}")
     return ok
 
 
@@ -62,6 +65,8 @@ def main():
         (1, 2, 257, 300, 128, 128, False, "jsd:0.5", torch.bfloat16, True),
         (2, 2, 300, 200, 128, 64, True, "jsd:0.1", torch.bfloat16, False),
         (1, 2, 1000, 1000, 64, 128, True, "jsd:0.9", torch.bfloat16, True),
+        (1, 2, 257, 300, 64, 128, True, "forward", torch.bfloat16, False, 4),
+        (1, 1, 300, 200, 128, 128, False, "jsd:0.4", torch.bfloat16, False, 8),
     ]
     extra = [(1, 2, 333, 444, 64, 64, True, "reverse", torch.float16, True),
              (1, 2, 300, 300, 32, 32, True, "forward", torch.bfloat16, True),
@@ -72,7 +77,8 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--small":  # one tiny case each way, for compute-sanitizer
         cases, extra = [(1, 2, 100, 130, 64, 128, True, "forward", torch.bfloat16, True),
                         (1, 2, 130, 100, 128, 64, True, "reverse", torch.bfloat16, False),
-                        (1, 2, 100, 130, 64, 128, True, "jsd:0.3", torch.bfloat16, True)], []
+                        (1, 2, 100, 130, 64, 128, True, "jsd:0.3", torch.bfloat16, True),
+                        (1, 1, 100, 130, 64, 128, True, "reverse", torch.bfloat16, False, 3)], []
     for c in cases + extra:
         try:
             ok &= check(*c, gen)

@@ -52,30 +52,37 @@ struct AggregatedTeacher {
     return lse[p->teacher_row_index(b, h * p->teacher_head_group + j, row)] * kLog2e;
   }
 
-  // sum_p = (j == 0 ? 0 : sum_p) + exp2(scores * scale2 - lse2) over the tile (kRows x kCols), y0: its first Y row.
-  template <int kRows, int kCols, typename TiledMma, typename Acc>
-  __device__ __forceinline__ void add_probabilities(TiledMma tiled_mma, const Acc& scores, Acc& sum_p, int j,
-                                                    int y0) const {
+  // How many LSEs a thread needs per item of a (kRows x kCols) tile: one per row it holds (X rows are queries), or
+  // one per column (kKeysAsX: the tile's columns are the queries).
+  template <int kRows, int kCols, typename TiledMma>
+  static constexpr int lse_count() {
+    using RowsCols = decltype(acc_as_rows_cols(
+        partition_fragment_C(TiledMma{}, Shape<Int<kRows>, Int<kCols>>{}).layout()));
+    return kKeysAsX ? int(size<1>(RowsCols{})) : int(size<0>(RowsCols{}));
+  }
+
+  // The base-2 LSEs of head j that this thread's part of the item (head j, Y tile from y0) needs. The stream loads
+  // them one item ahead, so that their global-memory latency hides behind the item before.
+  template <int kRows, int kCols, int kCount, typename TiledMma>
+  __device__ __forceinline__ void load_lse(TiledMma tiled_mma, int j, int y0, float (&lse)[kCount]) const {
+    Tensor coords = accumulator_coords<kRows, kCols>(tiled_mma, threadIdx.x);
+    CUTE_UNROLL
+    for (int k = 0; k < kCount; ++k)
+      lse[k] = kKeysAsX ? lse2(j, y0 + get<1>(coords(0, k))) : lse2(j, x0 + get<0>(coords(k, 0)));
+  }
+
+  // sum_p = (j == 0 ? 0 : sum_p) + exp2(scores * scale2 - lse) over the tile, lse from load_lse.
+  template <int kCount, typename Acc>
+  __device__ __forceinline__ void add_probabilities(const Acc& scores, Acc& sum_p, int j,
+                                                    const float (&lse)[kCount]) const {
     Tensor s = make_tensor(scores.data(), acc_as_rows_cols(scores.layout()));
     Tensor sp = make_tensor(sum_p.data(), acc_as_rows_cols(sum_p.layout()));
-    Tensor coords = accumulator_coords<kRows, kCols>(tiled_mma, threadIdx.x);
-    const auto add = [&](int i, int c, float lse) {
-      const float prob = exp2f(fmaf(s(i, c), scale2, -lse));
-      sp(i, c) = j == 0 ? prob : sp(i, c) + prob;
-    };
-    if constexpr (kKeysAsX) {
+    CUTE_UNROLL
+    for (int i = 0; i < size<0>(s); ++i) {
       CUTE_UNROLL
       for (int c = 0; c < size<1>(s); ++c) {
-        const float lse = lse2(j, y0 + get<1>(coords(0, c)));
-        CUTE_UNROLL
-        for (int i = 0; i < size<0>(s); ++i) add(i, c, lse);
-      }
-    } else {
-      CUTE_UNROLL
-      for (int i = 0; i < size<0>(s); ++i) {
-        const float lse = lse2(j, x0 + get<0>(coords(i, 0)));
-        CUTE_UNROLL
-        for (int c = 0; c < size<1>(s); ++c) add(i, c, lse);
+        const float prob = exp2f(fmaf(s(i, c), scale2, -lse[kKeysAsX ? c : i]));
+        sp(i, c) = j == 0 ? prob : sp(i, c) + prob;
       }
     }
   }
@@ -149,6 +156,10 @@ __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Trai
   }
 
   typename Traits::TiledMma tiled_mma;
+  using Teacher = AggregatedTeacher<typename Traits::Element, kKeysAsX>;
+  constexpr int kLse = Teacher::template lse_count<kBlockM, kBlockN, typename Traits::TiledMma>();
+  float lse_next[kLse];
+  if (n_items > 0) teacher.template load_lse<kBlockM, kBlockN>(tiled_mma, 0, y_begin, lse_next);
   Tensor x_s = make_tensor(make_smem_ptr(smem.x_s), typename Traits::XTileS::Layout{});
   Tensor sum_p = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
   // One barrier per item, as in score_stream: passing it means every warp is done with the previous item's stage,
@@ -158,6 +169,14 @@ __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Trai
     const int tile = item / heads, j = item - tile * heads;
     const int y0 = y_begin + tile * kBlockN;
     const bool last_head = j == heads - 1;
+    float lse[kLse];
+    CUTE_UNROLL
+    for (int k = 0; k < kLse; ++k) lse[k] = lse_next[k];
+    if (item + 1 < n_items) {
+      const int next_tile = (item + 1) / heads;
+      teacher.template load_lse<kBlockM, kBlockN>(tiled_mma, item + 1 - next_tile * heads,
+                                                  y_begin + next_tile * kBlockN, lse_next);
+    }
     cp_async_wait<Traits::kStages - 2>();  // groups 0 .. item have landed
     if (last_head) policy.stage_stats(y0, smem.stats(stage));
     __syncthreads();
@@ -169,7 +188,7 @@ __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Trai
     clear(acc_t);
     Tensor x_t = make_tensor(make_smem_ptr(smem.x_t_staged(stage)), typename Traits::XTileT::Layout{});
     gemm_smem_smem(tiled_mma, acc_t, x_t, smem.y_t_tile(stage), tid);
-    teacher.template add_probabilities<kBlockM, kBlockN>(tiled_mma, acc_t, sum_p, j, y0);
+    teacher.add_probabilities(acc_t, sum_p, j, lse);
     if (!last_head) continue;
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
