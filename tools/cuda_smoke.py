@@ -81,7 +81,7 @@ def main():
                         (1, 1, 100, 130, 64, 128, True, "reverse", torch.bfloat16, False, 3)], []
     for c in cases + extra:
         try:
-            ok &= check(*c, gen)
+            ok &= check(*c[:10], gen, *c[10:])  # c[10:]: the aggregated teacher's r, when given
         except Exception as e:  # report every case, then fail
             ok = False
             print("ERR", c, repr(e)[:300])

@@ -1,6 +1,8 @@
 """Per-kernel GPU time of one attention-KL forward + backward (torch.profiler), for tuning on the device.
 
-Usage: python tools/kernel_times.py [--n 8192] [--d 128] [--heads 16] [--causal]
+Usage: python tools/kernel_times.py [--n 8192] [--d 128] [--heads 16] [--causal] [--aggregate R --d-s 64]
+(--aggregate R: a head-aggregated teacher with R query heads per student head, D_s = --d-s, e.g. DSA's
+--heads 1 --aggregate 64 --d-s 64 --causal)
 Prints the profiler's table of CUDA kernels (total and average time per call).
 """
 
@@ -18,11 +20,17 @@ def main():
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--aggregate", type=int, default=1)
+    ap.add_argument("--d-s", type=int, default=None)
     a = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
-    mk = lambda: torch.randn(1, a.heads, a.n, a.d, device="cuda", dtype=torch.bfloat16, generator=g)
-    q_s, k_s, q_t, k_t = mk().requires_grad_(), mk().requires_grad_(), mk(), mk()
-    step = lambda: streamkl.attention_kl(q_s, k_s, q_t, k_t, causal=a.causal).sum().backward()
+    mk = lambda heads, d: torch.randn(1, heads, a.n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    d_s = a.d_s or a.d
+    q_s, k_s = mk(a.heads, d_s).requires_grad_(), mk(a.heads, d_s).requires_grad_()
+    q_t, k_t = mk(a.heads * a.aggregate, a.d), mk(a.heads * a.aggregate, a.d)
+    reduce = "mean" if a.aggregate > 1 else "none"
+    step = lambda: streamkl.attention_kl(q_s, k_s, q_t, k_t, causal=a.causal,
+                                         teacher_head_reduce=reduce).sum().backward()
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -30,7 +38,7 @@ def main():
         for _ in range(a.iters):
             step()
         torch.cuda.synchronize()
-    print(f"N={a.n} D={a.d} H={a.heads} causal={a.causal}: {a.iters} fwd+bwd steps")
+    print(f"N={a.n} D={a.d} D_s={d_s} H={a.heads} r={a.aggregate} causal={a.causal}: {a.iters} fwd+bwd steps")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6, max_name_column_width=90))
 
 
