@@ -8,6 +8,9 @@ CUDA suite (test_attention_cuda*.py) runs on whichever path the environment sele
 runs it under both.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -189,3 +192,23 @@ def test_student_backward_paths_varlen(monkeypatch, path, causal):
     out.backward(grad_out)
     _, ref_grads = varlen_reference_grads(tensors, layout, grad_out, causal=causal)
     assert_grads_close([x.grad for x in tensors], ref_grads, GRAD_TOL)
+
+
+_FIRST_BACKWARD = """
+import torch, streamkl
+g = torch.Generator(device="cuda").manual_seed(7)
+q_s, k_s, q_t, k_t = (torch.randn(1, 2, 128, 64, device="cuda", generator=g).bfloat16() for _ in range(4))
+q_s.requires_grad_(True); k_s.requires_grad_(True)
+out = streamkl.attention_kl(q_s, k_s, q_t, k_t)
+dq, dk = torch.autograd.grad(out, (q_s, k_s), torch.rand_like(out))
+torch.cuda.synchronize()
+assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
+print("ok")
+"""
+
+
+def test_first_backward_of_a_fresh_process():
+    """The first backward of a process runs on autograd's device thread, where no CUDA context may be current yet; the
+    Hopper path's descriptor encoding needs one (it crashed there before the fix in tma_loads_sm90.cuh)."""
+    r = subprocess.run([sys.executable, "-c", _FIRST_BACKWARD], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout[-2000:], r.stderr[-2000:])

@@ -9,6 +9,9 @@
 // to the next sequence and are masked by the kernel like any key outside the row's range.
 #pragma once
 
+#include <stdexcept>
+#include <string>
+
 #include <cute/tensor.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 
@@ -68,9 +71,24 @@ TmaLoad<Element, SmemLayout> make_tma_load(const TmaOperand& op) {
 // Host side. The params' tensors start on 16-byte boundaries with every row, head and batch stride a multiple of
 // 16 bytes (the op's kernel_ready), which is what the copy engine requires. keys_as_x: X is a block of keys and Y
 // the streamed query rows (the dK kernel); otherwise X is a block of queries and Y the keys.
+// CUTLASS encodes a descriptor through the driver entry point it looks up with cudaGetDriverEntryPointByVersion,
+// which fails on a thread with no current CUDA context. The backward runs on autograd's device thread, where torch
+// may not have made one current yet (it sets the device without a runtime call when the device is already the
+// current one): a first backward on the Hopper path crashed there in a fresh process. cudaFree(nullptr) makes the
+// device's primary context current on this thread, once per thread.
+inline void make_context_current_on_this_thread() {
+  thread_local bool done = false;
+  if (done) return;
+  const cudaError_t err = cudaFree(nullptr);
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("streamkl: cannot make a CUDA context current: ") + cudaGetErrorString(err));
+  done = true;
+}
+
 template <typename Traits>
 StreamTmaLoads<Traits> make_stream_tma_loads(const AttentionKLParams& p, bool keys_as_x = false) {
   using Element = typename Traits::Element;
+  make_context_current_on_this_thread();
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int batch = varlen ? 1 : p.batch;
   auto queries = [&](const AttentionSide& s) {
