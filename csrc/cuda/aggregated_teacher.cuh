@@ -96,27 +96,19 @@ struct AggregatedTeacher {
   }
 };
 
-// The teacher's operands of a CTA owning query rows from row0 of (sequence b, student head h): the head's own X
-// block and Y rows, or its aggregated heads (Traits::kAggregatedTeacher).
-template <typename Traits>
-__device__ __forceinline__ auto teacher_query_block(const AttentionKLParams& p, int b, int h,
-                                                    const AttentionKLParams::Sequence& seq, int row0) {
+// The teacher's operands of a CTA owning X rows from x0 of (sequence b, student head h): query rows streaming keys,
+// or keys streaming query rows (kKeysAsX: the dK kernel). The head's own X block and Y rows, or its aggregated heads
+// (Traits::kAggregatedTeacher).
+template <typename Traits, bool kKeysAsX>
+__device__ __forceinline__ auto teacher_block(const AttentionKLParams& p, int b, int h,
+                                              const AttentionKLParams::Sequence& seq, int x0) {
   using Element = typename Traits::Element;
   if constexpr (Traits::kAggregatedTeacher)
-    return AggregatedTeacher<Element, false>{&p, seq, b, h, row0, static_cast<float>(p.teacher.scale) * kLog2e};
+    return AggregatedTeacher<Element, kKeysAsX>{&p, seq, b, h, x0, static_cast<float>(p.teacher.scale) * kLog2e};
+  else if constexpr (kKeysAsX)
+    return key_block_operands<Element>(p.teacher, p.num_heads, b, h, seq, x0);
   else
-    return query_block_operands<Element>(p.teacher, p.num_heads, b, h, seq, row0);
-}
-
-// The same for a CTA owning keys from key0, streaming the query rows of student head h.
-template <typename Traits>
-__device__ __forceinline__ auto teacher_key_block(const AttentionKLParams& p, int b, int h,
-                                                  const AttentionKLParams::Sequence& seq, int key0) {
-  using Element = typename Traits::Element;
-  if constexpr (Traits::kAggregatedTeacher)
-    return AggregatedTeacher<Element, true>{&p, seq, b, h, key0, static_cast<float>(p.teacher.scale) * kLog2e};
-  else
-    return key_block_operands<Element>(p.teacher, p.num_heads, b, h, seq, key0);
+    return query_block_operands<Element>(p.teacher, p.num_heads, b, h, seq, x0);
 }
 
 // score_stream for an aggregated teacher: the stream runs over (Y tile, teacher head) items through Traits::kStages

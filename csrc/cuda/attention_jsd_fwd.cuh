@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_jsd_sums_kernel(c
   const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
   const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
   score_stream<Traits>(policy, smem, query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0),
-                       teacher_query_block<Traits>(p, b, h, seq, row0), seq.seqlen_q - row0,
+                       teacher_block<Traits, false>(p, b, h, seq, row0), seq.seqlen_q - row0,
                        keys.begin, keys.end, seq.seqlen_k);
 
   float* jsd = static_cast<float*>(p.kl);

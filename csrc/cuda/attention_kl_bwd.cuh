@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dq_kernel(
   const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
   const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
   score_stream<Traits>(policy, smem, query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0),
-                       teacher_query_block<Traits>(p, b, h, seq, row0), seq.seqlen_q - row0,
+                       teacher_block<Traits, false>(p, b, h, seq, row0), seq.seqlen_q - row0,
                        keys.begin, keys.end, seq.seqlen_k);
   // The sequence is looked up again rather than kept live across the main loop (register pressure).
   const AttentionKLParams::Sequence out_seq = p.sequence(b);
@@ -340,7 +340,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dk_kernel(
     policy.h = h;
     if (g > 0) __syncthreads();  // the previous head's last tile is read; X may be overwritten
     score_stream<Traits>(policy, smem, key_block_operands<Element>(p.student, p.num_heads, b, h, seq, key0),
-                         teacher_key_block<Traits>(p, b, h, seq, key0), seq.seqlen_k - key0,
+                         teacher_block<Traits, true>(p, b, h, seq, key0), seq.seqlen_k - key0,
                          rows.begin, rows.end, seq.seqlen_q);
   }
   const AttentionKLParams::Sequence out_seq = p.sequence(b);  // as in the dQ kernel

@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(con
   auto policy = make_forward_policy<Traits, kTeacherWeights>(p, seq, row0, row_end);
   const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
   const auto student = query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0);
-  const auto teacher = teacher_query_block<Traits>(p, b, h, seq, row0);
+  const auto teacher = teacher_block<Traits, false>(p, b, h, seq, row0);
   score_stream<Traits>(policy, smem, student, teacher, seq.seqlen_q - row0, keys.begin, keys.end, seq.seqlen_k);
   write_forward_rows(policy, p, b, h, row0, seq.seqlen_q);
 }
