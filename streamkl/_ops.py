@@ -109,8 +109,8 @@ def _attention_kl_bwd_fake(grad_kl, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, scale_
 def _mark_statistics(ctx, output):
     """Only the divergence (output 0) carries gradients: the LSEs and JSD statistics are the backward's inputs, not
     differentiable results (a loss built on them gets an error, not a silently dropped term). Undefined output
-    gradients stay None instead of being materialized as zero tensors (two allocations and fills per call, the
-    largest share of the small-N host time measured on H100)."""
+    gradients stay None instead of being materialized as zero tensors (two allocations and fills per backward that
+    the backward never reads; removing them did not measurably change the small-N wall time on H100)."""
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
 

@@ -1,10 +1,11 @@
 """Host time per attention-KL call against the GPU time of its kernels, for both CUDA paths, at small N (where a
 call can be bound by the host: launch arguments, TMA descriptor encoding, allocations).
 
-Usage (on the GPU machine): python tools/host_overhead.py [--n 1024] [--d 128] [--iters 200]
+Usage (on the GPU machine): python tools/host_overhead.py [--n 1024] [--d 128] [--iters 200] [--profile]
 Prints, per path and for the forward and forward+backward: the host time per call (wall clock of `iters` calls
 issued back to back, divided by iters, after a synchronize), and the summed GPU time of the streamkl kernels per call
-(torch.profiler). Host time well above GPU time means the call is host-bound.
+(torch.profiler). Host time well above GPU time means the call is host-bound. --profile adds, per path, the
+profiler's CPU view of the forward+backward (where the host time goes).
 """
 
 import argparse
@@ -81,6 +82,7 @@ def main():
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
     mk = lambda: torch.randn(1, a.heads, a.n, a.d, device="cuda", dtype=torch.bfloat16)
     q_s, k_s, q_t, k_t = mk(), mk(), mk(), mk()
@@ -103,6 +105,13 @@ def main():
         for name, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
             print(f"{path:7s} {name:8s} host {host_ms(fn, a.iters):.4f}  kernels {kernel_ms(fn, a.iters):.4f}",
                   flush=True)
+        if a.profile:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(a.iters):
+                    forward_backward()
+                torch.cuda.synchronize()
+            print(f"==== {path}: CPU time of {a.iters} fwd+bwd calls")
+            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -148,13 +148,6 @@ MaskOptions check_mask_options(bool causal, int64_t window_left, int64_t window_
   return MaskOptions{causal, window_left, window_right};
 }
 
-OpOptions check_op_arguments(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
-                             const at::Tensor& k_t, double scale_s, double scale_t, bool causal,
-                             const std::string& divergence, int64_t window_left, int64_t window_right) {
-  check_attention_inputs(q_s, k_s, q_t, k_t, scale_s, scale_t);
-  return OpOptions{check_mask_options(causal, window_left, window_right), parse_divergence(divergence)};
-}
-
 PaddedCall check_padded_call(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
                              double scale_s, double scale_t, bool causal, int64_t window_left, int64_t window_right,
                              const std::string& teacher_head_reduce) {

@@ -66,15 +66,11 @@ struct MaskOptions {
 // Throws a ValueError for window sides below -1.
 MaskOptions check_mask_options(bool causal, int64_t window_left, int64_t window_right);
 
-// Everything both ops check before touching data, shared by the CPU and CUDA implementations: the tensors
-// (check_attention_inputs), the mask options and the divergence name.
+// A varlen op's mask options and divergence (varlen_inputs.h).
 struct OpOptions {
   MaskOptions mask;
   Divergence divergence;
 };
-OpOptions check_op_arguments(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
-                             const at::Tensor& k_t, double scale_s, double scale_t, bool causal,
-                             const std::string& divergence, int64_t window_left, int64_t window_right);
 
 // Padded-layout ops (attention_kl_* and attention_jsd_*, CPU and CUDA): the checks every padded op shares (tensors,
 // mask options, teacher heads) and what they settle.
