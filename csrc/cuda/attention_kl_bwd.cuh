@@ -18,6 +18,7 @@
 #include "score_grad_rules.cuh"
 #include "aggregated_teacher.cuh"
 #include "score_stream.cuh"
+#include "stream_splits.cuh"
 
 namespace streamkl {
 namespace cuda {
@@ -42,15 +43,21 @@ __device__ __forceinline__ void accumulate_grad_products(TiledMma tiled_mma, Acc
 
 // Write a gradient accumulator [kRows, kDim] (times the side's scale) to rows [row0, row0 + valid_rows) of dK
 // (keys = true) or dQ of head h, batch b. row0 counts from the tensor's row 0 of batch entry b: the sequence's
-// start row (varlen) plus the block's first row in it.
+// start row (varlen) plus the block's first row in it. split_accum (split streams, student side only): add into this
+// fp32 array with dK's / dQ's offsets instead (stream_splits.cuh).
 template <int kRows, int kDim, typename Element, typename TiledMma, typename Acc>
 __device__ __forceinline__ void store_grad_rows(TiledMma tiled_mma, const AttentionSide& side, const Acc& acc, bool keys,
-                                                int b, int h, int64_t row0, int valid_rows) {
+                                                int b, int h, int64_t row0, int valid_rows,
+                                                float* split_accum = nullptr) {
   const int64_t row_stride = keys ? side.dk_row_stride : side.dq_row_stride;
-  Element* out = static_cast<Element*>(keys ? side.dk : side.dq) +
-                 b * (keys ? side.dk_batch_stride : side.dq_batch_stride) +
-                 h * (keys ? side.dk_head_stride : side.dq_head_stride) + row0 * row_stride;
-  store_rows<kRows, kDim>(tiled_mma, acc, static_cast<float>(side.scale), out, row_stride, valid_rows, threadIdx.x);
+  const int64_t offset = b * (keys ? side.dk_batch_stride : side.dq_batch_stride) +
+                         h * (keys ? side.dk_head_stride : side.dq_head_stride) + row0 * row_stride;
+  const float scale = static_cast<float>(side.scale);
+  if (split_accum != nullptr)
+    add_rows<kRows, kDim>(tiled_mma, acc, scale, split_accum + offset, row_stride, valid_rows, threadIdx.x);
+  else
+    store_rows<kRows, kDim>(tiled_mma, acc, scale, static_cast<Element*>(keys ? side.dk : side.dq) + offset,
+                            row_stride, valid_rows, threadIdx.x);
 }
 
 // Score gradients of a (query rows x keys) tile of the dQ kernels, in place: the recomputed raw scores in acc_s /
@@ -139,16 +146,19 @@ struct GradAccumulators {
   // Write the accumulated gradients (times each side's scale) to rows [row0, row0 + valid_rows) of dK
   // (keys = true) or dQ of head h, batch b; the teacher's only with kTeacherGrad. row0 counts from the
   // tensor's row 0 of batch entry b: the sequence's start row (varlen) plus the block's first row in it.
+  // Split streams add the student's partial gradients into the launcher's fp32 workspace (the launcher never splits
+  // with teacher gradients).
   __device__ void store(const AttentionKLParams& p, bool keys, int b, int h, int64_t row0, int valid_rows) const {
-    store_side<Traits::kDimS>(p.student, s, keys, b, h, row0, valid_rows);
-    if constexpr (kTeacherGrad) store_side<Traits::kDimT>(p.teacher, t, keys, b, h, row0, valid_rows);
+    float* split_accum = p.stream_splits > 1 ? static_cast<float*>(keys ? p.split_dk_accum : p.split_dq_accum) : nullptr;
+    store_side<Traits::kDimS>(p.student, s, keys, b, h, row0, valid_rows, split_accum);
+    if constexpr (kTeacherGrad) store_side<Traits::kDimT>(p.teacher, t, keys, b, h, row0, valid_rows, nullptr);
   }
 
   template <int kDim, typename Acc>
   __device__ void store_side(const AttentionSide& side, const Acc& acc, bool keys, int b, int h, int64_t row0,
-                             int valid_rows) const {
+                             int valid_rows, float* split_accum) const {
     store_grad_rows<Traits::kBlockM, kDim, typename Traits::Element>(tiled_mma, side, acc, keys, b, h, row0,
-                                                                      valid_rows);
+                                                                      valid_rows, split_accum);
   }
 };
 
@@ -201,7 +211,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dq_kernel(
   using Element = typename Traits::Element;
   extern __shared__ __align__(128) char smem_raw[];
   const SmemPlan<Traits> smem(smem_raw);
-  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const BlockAndSplit cta = block_and_split(p);
+  const int m_block = unsplit_blocks(p) - 1 - cta.block;
   const int h = blockIdx.y, b = blockIdx.z;
   const int row0 = m_block * Traits::kBlockM;
   // The grid is sized by the longest sequence (varlen). A block past this sequence's rows has an empty key
@@ -216,7 +227,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dq_kernel(
                                                           policy.grads.tiled_mma, policy.rows);
 
   const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
-  const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
+  const KeyRange keys = split_part<Traits::kBlockN>(p, policy.mask.keys_for_rows(row0, row_end), cta.split);
   score_stream<Traits>(policy, smem, query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0),
                        teacher_block<Traits, false>(p, b, h, seq, row0), seq.seqlen_q - row0,
                        keys.begin, keys.end, seq.seqlen_k);
@@ -316,7 +327,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dk_kernel(
   using Element = typename Traits::Element;
   extern __shared__ __align__(128) char smem_raw[];
   const SmemPlan<Traits> smem(smem_raw);
-  const int n_block = blockIdx.x;
+  const BlockAndSplit cta = block_and_split(p);
+  const int n_block = cta.block;
   const int kv_head = blockIdx.y, b = blockIdx.z;
   const int key0 = n_block * Traits::kBlockM;
   const int group = p.num_heads / p.student.num_kv_heads;
@@ -334,7 +346,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dk_kernel(
 
   // X = keys, Y = queries of each head of the group.
   const int key_end = min_of(key0 + Traits::kBlockM, seq.seqlen_k);
-  const KeyRange rows = policy.mask.rows_for_keys(key0, key_end);
+  const KeyRange rows = split_part<Traits::kBlockN>(p, policy.mask.rows_for_keys(key0, key_end), cta.split);
   for (int g = 0; g < group; ++g) {
     const int h = kv_head * group + g;
     policy.h = h;

@@ -17,6 +17,7 @@
 #include "../ops/attention_inputs.h"
 #include "../ops/varlen_inputs.h"
 #include "kernel_registry.h"
+#include "launch_workspace.h"
 
 namespace streamkl {
 namespace {
@@ -167,7 +168,8 @@ ForwardOutputs run_forward(AttentionKLParams& p, const KernelInputs& in, const a
   }
   ForwardOutputs out{at::empty(rows, opts), at::empty(rows, opts),
                      at::empty(in.q_t.sizes().slice(0, in.q_t.dim() - 1), opts), at::zeros(stats_shape, opts)};
-  const AttentionKLParams kernel_params = kernel_attention_params(p);
+  LaunchWorkspace workspace(in.q_s);
+  const AttentionKLParams kernel_params = with_launch_workspace(kernel_attention_params(p), workspace);
   const bool aggregated = p.teacher_head_group > 1;
   // The Hopper-path forward computes the KL divergences over at least one key; the JSD's two passes, key-less
   // problems and aggregated teachers run on Ampere-path kernels.
@@ -213,7 +215,8 @@ Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const Backw
   if (empty_problem) return {dq_s, dk_s, dq_t, dk_t};
   set_backward_params(p, rows, dq_s, dk_s, dq_t, dk_t, teacher_grad, layout);
   if (jsd) p.jsd_stats = const_cast<void*>(stats.data_ptr());
-  AttentionKLParams k = kernel_attention_params(p);
+  LaunchWorkspace workspace(in.q_s);
+  AttentionKLParams k = with_launch_workspace(kernel_attention_params(p), workspace);
   // The fused backward (opt-in; padded layout and KL only, see run_attention_kl_bwd_fused) adds the student's dQ
   // into this zeroed fp32 workspace.
   at::Tensor dq_accum;

@@ -13,6 +13,7 @@
 #include "device_common.cuh"
 #include "aggregated_teacher.cuh"
 #include "score_stream.cuh"
+#include "stream_splits.cuh"
 
 namespace streamkl {
 namespace cuda {
@@ -139,16 +140,24 @@ __device__ __forceinline__ ForwardPolicy<Traits, kTeacherWeights> make_forward_p
   return policy;
 }
 
-// Merge each row's partial states across its MMA quad and write the row's divergence and both log-sum-exps.
-// Called by the MMA threads (thread indices 0 .. kNWarps * 32 - 1) of both forward kernels.
+// Per-row output idx from a row's whole state: the divergence and both log-sum-exps.
+template <bool kTeacherWeights, typename State>
+__device__ __forceinline__ void store_forward_row(const AttentionKLParams& p, int64_t idx, const State& st) {
+  static_cast<float*>(p.kl)[idx] = st.divergence();
+  static_cast<float*>(p.lse_student)[idx] = kTeacherWeights ? st.lse_o() : st.lse_w();
+  // An aggregated teacher's lse_teacher holds its heads' LSEs (inputs of this pass), not this row's.
+  if (p.teacher_head_group == 1) static_cast<float*>(p.lse_teacher)[idx] = kTeacherWeights ? st.lse_w() : st.lse_o();
+}
+
+// Merge each row's partial states across its MMA quad and write the row's divergence and both log-sum-exps, or
+// (split streams) the CTA's partial state of the row. Called by the MMA threads (thread indices
+// 0 .. kNWarps * 32 - 1) of both forward kernels.
 template <typename Traits, bool kTeacherWeights>
 __device__ __forceinline__ void write_forward_rows(ForwardPolicy<Traits, kTeacherWeights>& policy,
-                                                   const AttentionKLParams& p, int b, int h, int row0, int seqlen_q) {
+                                                   const AttentionKLParams& p, int b, int h, int row0, int seqlen_q,
+                                                   int split = 0) {
   typename Traits::TiledMma tiled_mma;
   Tensor coords = accumulator_coords<Traits::kBlockM, Traits::kBlockN>(tiled_mma, threadIdx.x);
-  float* kl = static_cast<float*>(p.kl);
-  float* lse_s = static_cast<float*>(p.lse_student);
-  float* lse_t = static_cast<float*>(p.lse_teacher);
   CUTE_UNROLL
   for (int i = 0; i < ForwardPolicy<Traits, kTeacherWeights>::kThreadRows; ++i) {
     auto& st = policy.state[i];
@@ -156,12 +165,26 @@ __device__ __forceinline__ void write_forward_rows(ForwardPolicy<Traits, kTeache
     const int row = row0 + get<0>(coords(i, 0));
     if (threadIdx.x % 4 == 0 && row < seqlen_q) {
       const int64_t idx = p.row_index(b, h, row);
-      kl[idx] = st.divergence();
-      lse_s[idx] = kTeacherWeights ? st.lse_o() : st.lse_w();
-      // An aggregated teacher's lse_teacher holds its heads' LSEs (inputs of this pass), not this row's.
-      if (p.teacher_head_group == 1) lse_t[idx] = kTeacherWeights ? st.lse_w() : st.lse_o();
+      if (p.stream_splits > 1)
+        store_split_state(p, split, idx, st);
+      else
+        store_forward_row<kTeacherWeights>(p, idx, st);
     }
   }
+}
+
+// Split streams: merge the p.stream_splits partial states of each row (disjoint key runs) and write its outputs.
+// Grid (row blocks of kCombineRows, heads, batch).
+constexpr int kCombineRows = 128;
+template <bool kTeacherWeights>
+__global__ void __launch_bounds__(kCombineRows) combine_split_rows_kernel(const AttentionKLParams p) {
+  using State = OnlineKLState<float, Base2<float>>;
+  const int row = blockIdx.x * kCombineRows + threadIdx.x, h = blockIdx.y, b = blockIdx.z;
+  if (row >= p.sequence(b).seqlen_q) return;
+  const int64_t idx = p.row_index(b, h, row);
+  State st = load_split_state<State>(p, 0, idx);
+  for (int s = 1; s < p.stream_splits; ++s) st.merge(load_split_state<State>(p, s, idx));
+  store_forward_row<kTeacherWeights>(p, idx, st);
 }
 
 template <typename Traits, bool kTeacherWeights>
@@ -170,7 +193,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(con
   extern __shared__ __align__(128) char smem_raw[];
   const SmemPlan<Traits> smem(smem_raw);
   // Longest causal rows first: the last row blocks see the most keys.
-  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const BlockAndSplit cta = block_and_split(p);
+  const int m_block = unsplit_blocks(p) - 1 - cta.block;
   const int h = blockIdx.y, b = blockIdx.z;
   const int row0 = m_block * Traits::kBlockM;
   // The grid is sized by the longest sequence (varlen). A block past this sequence's rows has an empty key
@@ -179,11 +203,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(con
   const AttentionKLParams::Sequence seq = p.sequence(b);
   const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
   auto policy = make_forward_policy<Traits, kTeacherWeights>(p, seq, row0, row_end);
-  const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
+  const KeyRange keys = split_part<Traits::kBlockN>(p, policy.mask.keys_for_rows(row0, row_end), cta.split);
   const auto student = query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0);
   const auto teacher = teacher_block<Traits, false>(p, b, h, seq, row0);
   score_stream<Traits>(policy, smem, student, teacher, seq.seqlen_q - row0, keys.begin, keys.end, seq.seqlen_k);
-  write_forward_rows(policy, p, b, h, row0, seq.seqlen_q);
+  write_forward_rows(policy, p, b, h, row0, seq.seqlen_q, cta.split);
 }
 
 }  // namespace cuda

@@ -26,17 +26,71 @@ inline void check_launch(const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("streamkl: ") + what + " failed: " + cudaGetErrorString(err));
 }
 
+template <typename Kernel>
+inline void reserve_smem(Kernel kernel, int smem_bytes, const char* what) {
+  if (smem_bytes <= 48 * 1024) return;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("streamkl: ") + what + ": cannot reserve " + std::to_string(smem_bytes) +
+                             " bytes of shared memory: " + cudaGetErrorString(err));
+}
+
 template <typename Kernel, typename... Args>
 inline void launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t stream,
                              const char* what, const Args&... args) {
-  if (smem_bytes > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-    if (err != cudaSuccess)
-      throw std::runtime_error(std::string("streamkl: ") + what + ": cannot reserve " + std::to_string(smem_bytes) +
-                               " bytes of shared memory: " + cudaGetErrorString(err));
-  }
+  reserve_smem(kernel, smem_bytes, what);
   kernel<<<grid, threads, smem_bytes, stream>>>(args...);
   check_launch(what);
+}
+
+inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Split streams (stream_splits.cuh): how many CTAs share each X block's Y tiles. `blocks`: CTAs of the unsplit grid;
+// `max_tiles`: Y tiles of the longest stream. Splits when the unsplit grid cannot fill every SM's resident CTA slots
+// (the kernel's occupancy), aiming at twice as many CTAs (causal masks leave about half of the split CTAs empty),
+// with at least kMinSplitTiles tiles per split. p.requested_splits overrides the choice (tests); without a workspace
+// allocator nothing splits.
+constexpr int kMinSplitTiles = 4;
+template <typename Kernel>
+AttentionKLParams with_stream_split(const AttentionKLParams& p, Kernel kernel, int threads, int smem_bytes,
+                                    int64_t blocks, int max_tiles, const char* what) {
+  AttentionKLParams q = p;
+  q.stream_splits = 1;
+  int splits = p.requested_splits;
+  if (!p.workspace || splits == 1 || max_tiles < 2) return q;
+  if (splits == 0) {
+    int device = 0, sms = 0, per_sm = 0;
+    reserve_smem(kernel, smem_bytes, what);
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes) != cudaSuccess)
+      check_launch(what);  // reports the error
+    const int64_t slots = static_cast<int64_t>(sms) * std::max(per_sm, 1);
+    if (blocks >= slots) return q;
+    splits = static_cast<int>(std::min<int64_t>((2 * slots + blocks - 1) / blocks, max_tiles / kMinSplitTiles));
+  }
+  splits = std::min(splits, max_tiles);
+  if (splits < 2) return q;
+  q.split_tiles = ceil_div(max_tiles, splits);
+  q.stream_splits = ceil_div(max_tiles, q.split_tiles);  // no split left without a tile
+  return q;
+}
+
+// Elements of the student's dQ (keys = false) or dK, contiguous in both layouts (varlen: batch 1 over total rows).
+inline int64_t student_grad_elements(const AttentionKLParams& p, bool keys) {
+  const int64_t batch = p.cu_seqlens_q != nullptr ? 1 : p.batch;
+  return keys ? batch * p.student.k_rows * p.student.num_kv_heads * p.student.head_dim
+              : batch * p.student.q_rows * p.num_heads * p.student.head_dim;
+}
+
+// The student gradient a split dQ / dK kernel summed into `accum` (scaled), converted into the output.
+template <typename Element>
+void convert_split_grad(const AttentionKLParams& p, bool keys, const float* accum, cudaStream_t stream) {
+  const int64_t n = student_grad_elements(p, keys);
+  const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 65535));
+  scale_convert_kernel<Element><<<blocks, 256, 0, stream>>>(
+      accum, static_cast<Element*>(keys ? p.student.dk : p.student.dq), n, 1.f);
+  check_launch("attention_kl split-stream gradient epilogue");
 }
 
 // Forward: 128 query rows per CTA, 32 per warp (each key fragment feeds two MMA row slabs), key tiles of
@@ -63,18 +117,31 @@ using BackwardTraits = std::conditional_t<(kTeacherGrad || kDimS > 128 || kDimT 
 template <typename Element, int kDimS, int kDimT, int kRowStats = 4>
 using AggregatedTraits = KernelTraits<Element, kDimS, kDimT, 64, 32, 4, false, false, kRowStats, true>;
 
-inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
-
 // Grids are (blocks of p.seqlen_q or p.seqlen_k, heads, batch). In the varlen layout those lengths are the
 // longest sequence's; the kernels return at once from blocks past their own sequence's end.
 
 // The KL forward kernel; for Divergence::kJsd it is pass 1 (its kl output, the reverse KL, is overwritten by pass 2).
+// The KL divergences split long streams of few blocks (stream_splits.cuh) and merge the rows' partial states after;
+// the JSD's pass 1 does not (pass 2 needs its LSEs, and its backward its statistics, unsplit).
 template <typename Traits>
 void run_attention_kl_fwd_with(const AttentionKLParams& p, cudaStream_t stream) {
-  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
-  const auto kernel = teacher_is_weighting_side(p.divergence) ? attention_kl_fwd_kernel<Traits, true>
-                                                              : attention_kl_fwd_kernel<Traits, false>;
-  launch_with_smem(kernel, grid, Traits::kNThreads, Traits::kSmemBytes, stream, "attention_kl forward kernel", p);
+  const bool teacher_weights = teacher_is_weighting_side(p.divergence);
+  const auto kernel = teacher_weights ? attention_kl_fwd_kernel<Traits, true> : attention_kl_fwd_kernel<Traits, false>;
+  const char* what = "attention_kl forward kernel";
+  const int blocks = ceil_div(p.seqlen_q, Traits::kBlockM);
+  AttentionKLParams q = p;
+  if (p.divergence != Divergence::kJsd)
+    q = with_stream_split(p, kernel, Traits::kNThreads, Traits::kSmemBytes,
+                          static_cast<int64_t>(blocks) * p.num_heads * p.batch, ceil_div(p.seqlen_k, Traits::kBlockN),
+                          what);
+  if (q.stream_splits > 1)
+    q.split_states = q.workspace(q.stream_splits * split_state_rows(q) * kSplitStateFloats * int64_t(sizeof(float)));
+  launch_with_smem(kernel, dim3(blocks * q.stream_splits, p.num_heads, p.batch), Traits::kNThreads,
+                   Traits::kSmemBytes, stream, what, q);
+  if (q.stream_splits == 1) return;
+  const auto combine = teacher_weights ? combine_split_rows_kernel<true> : combine_split_rows_kernel<false>;
+  combine<<<dim3(ceil_div(p.seqlen_q, kCombineRows), p.num_heads, p.batch), kCombineRows, 0, stream>>>(q);
+  check_launch("attention_kl split-stream combine kernel");
 }
 
 // Pass 2 of the JSD: the mixture's row sums over the same score tiles, given pass 1's LSEs (attention_jsd_fwd.cuh).
@@ -121,19 +188,40 @@ void run_attention_kl_fwd_sm90(const AttentionKLParams& p, cudaStream_t stream) 
                    p, tma);
 }
 
+// One gradient kernel of the two-kernel backward: dQ (keys = false; X = query blocks, Y = key tiles) or dK (X = key
+// blocks of each key head, Y = query tiles). Student gradients split long streams of few blocks (stream_splits.cuh):
+// the CTAs add into a zeroed fp32 workspace, converted into dq / dk after.
+template <typename Traits, bool kTeacherGrad, typename ScoreGrads>
+void run_attention_kl_grad_kernel(const AttentionKLParams& p, bool keys, cudaStream_t stream) {
+  const auto kernel = keys ? attention_kl_bwd_dk_kernel<Traits, kTeacherGrad, ScoreGrads>
+                           : attention_kl_bwd_dq_kernel<Traits, kTeacherGrad, ScoreGrads>;
+  const char* what = keys ? "attention_kl backward dK kernel" : "attention_kl backward dQ kernel";
+  const int blocks = ceil_div(keys ? p.seqlen_k : p.seqlen_q, Traits::kBlockM);
+  const int heads = keys ? p.student.num_kv_heads : p.num_heads;
+  AttentionKLParams q = p;
+  if (!kTeacherGrad)
+    q = with_stream_split(p, kernel, Traits::kNThreads, Traits::kSmemBytes,
+                          static_cast<int64_t>(blocks) * heads * p.batch,
+                          ceil_div(keys ? p.seqlen_q : p.seqlen_k, Traits::kBlockN), what);
+  float* accum = nullptr;
+  if (q.stream_splits > 1) {
+    accum = static_cast<float*>(q.workspace(student_grad_elements(q, keys) * int64_t(sizeof(float))));
+    (keys ? q.split_dk_accum : q.split_dq_accum) = accum;
+  }
+  launch_with_smem(kernel, dim3(blocks * q.stream_splits, heads, p.batch), Traits::kNThreads, Traits::kSmemBytes,
+                   stream, what, q);
+  if (accum != nullptr) convert_split_grad<typename Traits::Element>(q, keys, accum, stream);
+}
+
 template <typename Traits, bool kTeacherGrad, typename ScoreGrads>
 void run_attention_kl_bwd_dk(const AttentionKLParams& p, cudaStream_t stream) {
-  const dim3 dk_grid(ceil_div(p.seqlen_k, Traits::kBlockM), p.student.num_kv_heads, p.batch);
-  launch_with_smem(attention_kl_bwd_dk_kernel<Traits, kTeacherGrad, ScoreGrads>, dk_grid, Traits::kNThreads,
-                   Traits::kSmemBytes, stream, "attention_kl backward dK kernel", p);
+  run_attention_kl_grad_kernel<Traits, kTeacherGrad, ScoreGrads>(p, /*keys=*/true, stream);
 }
 
 template <typename Traits, bool kTeacherGrad, typename ScoreGrads>
 void run_attention_kl_bwd_kernels(const AttentionKLParams& p, cudaStream_t stream) {
-  const dim3 dq_grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
-  launch_with_smem(attention_kl_bwd_dq_kernel<Traits, kTeacherGrad, ScoreGrads>, dq_grid, Traits::kNThreads,
-                   Traits::kSmemBytes, stream, "attention_kl backward dQ kernel", p);
-  run_attention_kl_bwd_dk<Traits, kTeacherGrad, ScoreGrads>(p, stream);
+  run_attention_kl_grad_kernel<Traits, kTeacherGrad, ScoreGrads>(p, /*keys=*/false, stream);
+  run_attention_kl_grad_kernel<Traits, kTeacherGrad, ScoreGrads>(p, /*keys=*/true, stream);
 }
 
 // Hopper-path backward (sm_90a, head dims 64 and 128; KL divergences, student gradients only): the warp-specialized

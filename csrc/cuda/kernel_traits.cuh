@@ -72,9 +72,9 @@ struct KernelTraits {
   using XTileT = SmemTile<Element, kBlockM, kDimT, kNThreads>;
   using YTileS = SmemTile<Element, kBlockN, kDimS, kNThreads>;
   using YTileT = SmemTile<Element, kBlockN, kDimT, kNThreads>;
-  // Two stages (one tile in flight while the other is read); the aggregated stream's items are r times smaller in
-  // work per byte loaded, so it keeps three in flight.
-  static constexpr int kStages = kAggregatedTeacher_ ? 4 : 2;
+  // Two stages (one tile in flight while the other is read). The aggregated stream measured the same with four
+  // (bench/RESULTS.md, session 6), and two leave room for more CTAs per SM, which split streams fill.
+  static constexpr int kStages = 2;
 
   // Per-Y-row statistics staged in shared memory by kernels that need them (dK kernel): 4 floats per row for
   // the KL divergences, 5 for the JSD (score_grad_rules.cuh).

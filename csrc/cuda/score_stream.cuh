@@ -175,11 +175,11 @@ __device__ __forceinline__ auto accumulator_coords(TiledMma tiled_mma, int tid) 
   return make_tensor(c.data(), acc_as_rows_cols(c.layout()));
 }
 
-// Write an fp32 accumulator [kRows, kCols] (times `scale`) as Element rows to global memory; rows at or
-// past valid_rows are skipped. Column pairs are adjacent in the MMA layout and are stored as one word.
-template <int kRows, int kCols, typename Element, typename TiledMma, typename Acc>
-__device__ __forceinline__ void store_rows(TiledMma tiled_mma, const Acc& acc, float scale, Element* out,
-                                           int64_t row_stride, int valid_rows, int tid) {
+// Visit an fp32 accumulator [kRows, kCols] as (row, col, value at col, value at col + 1) for each of this thread's
+// column pairs (adjacent in the MMA layout), rows at or past valid_rows skipped.
+template <int kRows, int kCols, typename TiledMma, typename Acc, typename Visit>
+__device__ __forceinline__ void for_each_row_pair(TiledMma tiled_mma, const Acc& acc, int valid_rows, int tid,
+                                                  Visit&& visit) {
   Tensor rc = make_tensor(acc.data(), acc_as_rows_cols(acc.layout()));
   Tensor coords = accumulator_coords<kRows, kCols>(tiled_mma, tid);
   CUTE_UNROLL
@@ -187,12 +187,30 @@ __device__ __forceinline__ void store_rows(TiledMma tiled_mma, const Acc& acc, f
     const int row = get<0>(coords(i, 0));
     if (row >= valid_rows) continue;
     CUTE_UNROLL
-    for (int j = 0; j < size<1>(rc); j += 2) {
-      const int col = get<1>(coords(i, j));
-      Element pair[2] = {static_cast<Element>(rc(i, j) * scale), static_cast<Element>(rc(i, j + 1) * scale)};
-      *reinterpret_cast<uint32_t*>(out + row * row_stride + col) = *reinterpret_cast<const uint32_t*>(pair);
-    }
+    for (int j = 0; j < size<1>(rc); j += 2) visit(row, get<1>(coords(i, j)), rc(i, j), rc(i, j + 1));
   }
+}
+
+// Write an fp32 accumulator [kRows, kCols] (times `scale`) as Element rows to global memory; rows at or
+// past valid_rows are skipped. Column pairs are stored as one word.
+template <int kRows, int kCols, typename Element, typename TiledMma, typename Acc>
+__device__ __forceinline__ void store_rows(TiledMma tiled_mma, const Acc& acc, float scale, Element* out,
+                                           int64_t row_stride, int valid_rows, int tid) {
+  for_each_row_pair<kRows, kCols>(tiled_mma, acc, valid_rows, tid, [&](int row, int col, float v0, float v1) {
+    Element pair[2] = {static_cast<Element>(v0 * scale), static_cast<Element>(v1 * scale)};
+    *reinterpret_cast<uint32_t*>(out + row * row_stride + col) = *reinterpret_cast<const uint32_t*>(pair);
+  });
+}
+
+// Add an fp32 accumulator (times `scale`) into fp32 rows with atomics: CTAs of one block's split stream
+// (stream_splits.cuh) sum their partial gradients.
+template <int kRows, int kCols, typename TiledMma, typename Acc>
+__device__ __forceinline__ void add_rows(TiledMma tiled_mma, const Acc& acc, float scale, float* out,
+                                         int64_t row_stride, int valid_rows, int tid) {
+  for_each_row_pair<kRows, kCols>(tiled_mma, acc, valid_rows, tid, [&](int row, int col, float v0, float v1) {
+    atomicAdd(out + row * row_stride + col, v0 * scale);
+    atomicAdd(out + row * row_stride + col + 1, v1 * scale);
+  });
 }
 
 }  // namespace cuda

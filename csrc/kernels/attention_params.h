@@ -88,6 +88,30 @@ struct AttentionKLParams {
   // with atomics (see cuda/attention_kl_bwd.cuh); null where unused.
   void* dq_accum = nullptr;
 
+  // Split streams (Ampere-path CUDA kernels of the KL divergences). The launchers set these on their own copy of
+  // the parameters, never the ops: the CTAs of one X block (query rows, or keys in the dK kernel) divide its Y tiles
+  // into runs of split_tiles tiles, stream_splits CTAs per block, so that problems with few blocks (one student
+  // head, a short batch) still fill the GPU (cuda/stream_splits.cuh). The forward then writes partial row states
+  // (split_states: fp32 [stream_splits, B * H * N_q, kSplitStateFloats], rows by row_index) that a combine kernel
+  // merges; the dQ / dK kernels add their partial gradients into zeroed fp32 arrays with the offsets of dq / dk
+  // (split_dq_accum / split_dk_accum) that an epilogue converts. 1 = each block's stream in one CTA.
+  int stream_splits = 1;
+  int split_tiles = 0;
+  void* split_states = nullptr;
+  void* split_dq_accum = nullptr;
+  void* split_dk_accum = nullptr;
+  // What the caller asks of the split: 0 = the launcher decides (from the grid and the GPU), n >= 1 = at most n
+  // CTAs per block (1 = none; tests force both ways).
+  int requested_splits = 0;
+  // Zeroed device memory for a launcher's workspace (the split streams'), which the caller owns until it has
+  // queued the kernels on its stream; no allocator = no split.
+  struct Workspace {
+    void* (*zeros)(void* context, int64_t bytes) = nullptr;
+    void* context = nullptr;
+    void* operator()(int64_t bytes) const { return zeros(context, bytes); }
+    explicit operator bool() const { return zeros != nullptr; }
+  } workspace;
+
   // Where sequence b lives: its first query / key row (0 in the padded layout, whose batch strides do the
   // work) and its lengths.
   struct Sequence {
