@@ -1,8 +1,8 @@
-"""Loads the native extension and registers fake (meta) kernels and autograd for ``torch.ops.streamkl``.
+"""Loads the native extension and registers fake (meta) kernels for ``torch.ops.streamkl``.
 
-The op schemas live in C++ (``csrc/ops/schema.cpp``); this module adds what makes them first-class in
-PyTorch: shape propagation for ``torch.compile`` / meta tensors, and a backward that calls another
-registered op so the whole graph stays traceable.
+The op schemas live in C++ (``csrc/ops/schema.cpp``), and so does the attention ops' autograd
+(``csrc/ops/attention_autograd.cpp``: a backward that calls the registered backward op, so the whole graph stays
+traceable); this module adds the shape propagation that ``torch.compile`` and meta tensors need.
 """
 
 import torch
@@ -43,14 +43,16 @@ def _check_row_tensors(rows_shape, named, *, where):
                              f"dim), got {tuple(t.shape)}")
 
 
-def _refuse_cuda_teacher_grad_grouping(teacher_grad, q_s, k_s, k_t):
+def refuse_cuda_teacher_grad_grouping(q_s, k_s, q_t, k_t, *, where):
     """Teacher gradients on CUDA need both sides to group their query heads alike (key heads: dim 1 in both
-    layouts). The CUDA ops refuse this too. Raising here as well keeps autograd users runnable on the GPU test
-    machine, whose torch 2.11 environment crashes on any C++ error message that formats a number
-    (tools/repro_c10_str.py reproduces it with a minimal extension: not StreamKL's code)."""
+    layouts); the CUDA backward ops refuse it too, but only once the backward runs. The public functions raise at
+    the forward instead, which keeps them runnable on the GPU test machine, whose torch 2.11 environment crashes on
+    any C++ error message that formats a number (tools/repro_c10_str.py reproduces it with a minimal extension: not
+    StreamKL's code)."""
+    teacher_grad = torch.is_grad_enabled() and (q_t.requires_grad or k_t.requires_grad)
     if teacher_grad and q_s.is_cuda and k_s.shape[1] != k_t.shape[1]:
         raise NotImplementedError(
-            f"streamkl: teacher gradients on CUDA need the same number of key heads on both sides (student "
+            f"{where}: teacher gradients on CUDA need the same number of key heads on both sides (student "
             f"{k_s.shape[1]}, teacher {k_t.shape[1]}); detach the teacher, or run this configuration on the CPU")
 
 
@@ -106,42 +108,6 @@ def _attention_kl_bwd_fake(grad_kl, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, scale_
     return _gradients_like(q_s, k_s, q_t, k_t, teacher_grad)
 
 
-def _mark_statistics(ctx, output):
-    """Only the divergence (output 0) carries gradients: the LSEs and JSD statistics are the backward's inputs, not
-    differentiable results (a loss built on them gets an error, not a silently dropped term). Undefined output
-    gradients stay None instead of being materialized as zero tensors (two allocations and fills per backward that
-    the backward never reads; removing them did not measurably change the small-N wall time on H100)."""
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
-
-
-def _attention_kl_setup_context(ctx, inputs, output):
-    q_s, k_s, q_t, k_t, scale_s, scale_t, causal, divergence, *tail = inputs
-    _mark_statistics(ctx, output)
-    window_left, window_right, teacher_head_reduce, _teacher_lse = _padded_tail(tail)
-    ctx.save_for_backward(q_s, k_s, q_t, k_t, *output)
-    ctx.options = (scale_s, scale_t, causal, divergence)
-    ctx.tail = (window_left, window_right, teacher_head_reduce)
-    ctx.num_options = len(inputs) - 4
-
-
-def _attention_kl_backward(ctx, grad_kl, _grad_lse_s, _grad_lse_t):
-    if grad_kl is None:  # the divergence was not used: no gradient
-        return (None,) * (4 + ctx.num_options)
-    q_s, k_s, q_t, k_t, kl, lse_s, lse_t = ctx.saved_tensors
-    teacher_grad = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
-    _refuse_cuda_teacher_grad_grouping(teacher_grad, q_s, k_s, k_t)
-    dq_s, dk_s, dq_t, dk_t = ops.attention_kl_bwd(grad_kl, q_s, k_s, q_t, k_t, kl, lse_s, lse_t, *ctx.options,
-                                                  teacher_grad, *ctx.tail)
-    if not teacher_grad:
-        dq_t = dk_t = None
-    return (dq_s, dk_s, dq_t, dk_t) + (None,) * ctx.num_options
-
-
-torch.library.register_autograd("streamkl::attention_kl_fwd", _attention_kl_backward,
-                                setup_context=_attention_kl_setup_context)
-
-
 # Generalized JSD: same inputs plus beta; the 4th output holds the per-row statistics the backward needs.
 def _check_jsd_op(q_s, k_s, q_t, k_t, scale_s, scale_t, beta, window, teacher_head_reduce, *, where):
     _check_padded_op(q_s, k_s, q_t, k_t, scale_s, scale_t, "jsd", window, teacher_head_reduce, where=where,
@@ -169,24 +135,6 @@ def _attention_jsd_bwd_fake(grad_jsd, q_s, k_s, q_t, k_t, jsd, lse_s, lse_t, jsd
     _check_backward_rows(q_s, q_t, (("grad_jsd", grad_jsd), ("jsd", jsd), ("lse_s", lse_s)), lse_t, where=where)
     _check_row_tensors((*q_s.shape[:3], JSD_NUM_STATS), (("jsd_stats", jsd_stats),), where=where)
     return _gradients_like(q_s, k_s, q_t, k_t, teacher_grad)
-
-
-def _attention_jsd_backward(ctx, grad_jsd, *_unused_grads):
-    if grad_jsd is None:
-        return (None,) * (4 + ctx.num_options)
-    q_s, k_s, q_t, k_t, jsd, lse_s, lse_t, jsd_stats = ctx.saved_tensors
-    teacher_grad = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
-    _refuse_cuda_teacher_grad_grouping(teacher_grad, q_s, k_s, k_t)
-    dq_s, dk_s, dq_t, dk_t = ops.attention_jsd_bwd(grad_jsd, q_s, k_s, q_t, k_t, jsd, lse_s, lse_t, jsd_stats,
-                                                   *ctx.options, teacher_grad, *ctx.tail)
-    if not teacher_grad:
-        dq_t = dk_t = None
-    return (dq_s, dk_s, dq_t, dk_t) + (None,) * ctx.num_options
-
-
-# The JSD forward's inputs have the KL forward's layout (beta where divergence is), so one setup serves both.
-torch.library.register_autograd("streamkl::attention_jsd_fwd", _attention_jsd_backward,
-                                setup_context=_attention_kl_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------- varlen
@@ -223,34 +171,3 @@ def _attention_kl_varlen_bwd_fake(grad_kl, q_s, k_s, q_t, k_t, cu_seqlens_q, cu_
     if divergence == "jsd":
         _check_row_tensors((*q_s.shape[:2], JSD_NUM_STATS), (("jsd_stats", jsd_stats),), where=where)
     return _gradients_like(q_s, k_s, q_t, k_t, teacher_grad)
-
-
-_VARLEN_LAYOUT_ARGS = 4  # cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
-
-
-def _attention_kl_varlen_setup_context(ctx, inputs, output):
-    q_s, k_s, q_t, k_t, cu_q, cu_k, max_q, max_k, *options = inputs
-    kl, lse_s, lse_t, jsd_stats = output
-    _mark_statistics(ctx, output)
-    ctx.save_for_backward(q_s, k_s, q_t, k_t, cu_q, cu_k, kl, lse_s, lse_t, jsd_stats)
-    ctx.max_seqlens = (max_q, max_k)
-    ctx.options = options  # scale_s, scale_t, causal, divergence[, window_left, window_right, beta]
-
-
-def _attention_kl_varlen_backward(ctx, grad_kl, _grad_lse_s, _grad_lse_t, _grad_jsd_stats):
-    if grad_kl is None:
-        return (None,) * (4 + _VARLEN_LAYOUT_ARGS + len(ctx.options))
-    q_s, k_s, q_t, k_t, cu_q, cu_k, kl, lse_s, lse_t, jsd_stats = ctx.saved_tensors
-    scale_s, scale_t, causal, divergence, *tail = ctx.options
-    teacher_grad = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
-    _refuse_cuda_teacher_grad_grouping(teacher_grad, q_s, k_s, k_t)
-    dq_s, dk_s, dq_t, dk_t = ops.attention_kl_varlen_bwd(grad_kl, q_s, k_s, q_t, k_t, cu_q, cu_k, *ctx.max_seqlens,
-                                                         kl, lse_s, lse_t, jsd_stats, scale_s, scale_t, causal,
-                                                         divergence, teacher_grad, *tail)
-    if not teacher_grad:
-        dq_t = dk_t = None
-    return (dq_s, dk_s, dq_t, dk_t) + (None,) * (_VARLEN_LAYOUT_ARGS + len(ctx.options))
-
-
-torch.library.register_autograd("streamkl::attention_kl_varlen_fwd", _attention_kl_varlen_backward,
-                                setup_context=_attention_kl_varlen_setup_context)

@@ -74,6 +74,7 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
         if torch.is_grad_enabled() and (q_t.requires_grad or k_t.requires_grad):
             raise NotImplementedError(f"{where}: gradients to an aggregated teacher (teacher_head_reduce='mean') are "
                                       f"not supported; pass q_t.detach(), k_t.detach() (the teacher is a fixed target)")
+    _ops.refuse_cuda_teacher_grad_grouping(q_s, k_s, q_t, k_t, where=where)
     tail = (int(window_size[0]), int(window_size[1]), teacher_head_reduce, teacher_lse)
     if divergence == "jsd":
         jsd, _, _, _ = _ops.ops.attention_jsd_fwd(q_s, k_s, q_t, k_t, scale_s, scale_t, bool(causal), float(beta),

@@ -47,6 +47,7 @@ def attention_kl_varlen(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
     check_options(scale_s, scale_t, divergence, reduction, where=where)
     check_window(window_size, where=where)
     check_beta(beta, where=where)
+    _ops.refuse_cuda_teacher_grad_grouping(q_s, k_s, q_t, k_t, where=where)
     kl, _, _, _ = _ops.ops.attention_kl_varlen_fwd(q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                    max_seqlen_k, scale_s, scale_t, bool(causal), divergence,
                                                    int(window_size[0]), int(window_size[1]), float(beta))
