@@ -1,5 +1,5 @@
 """Both CUDA paths on one GPU: the Ampere path (mma.sync, every GPU; forced with STREAMKL_CUDA_PATH=ampere) and the
-Hopper path (warp-specialized wgmma + TMA kernels, the default on compute capability 9.x for the KL divergences at
+Hopper path (warp-specialized wgmma + TMA kernels, the default on compute capability 9.x for every divergence at
 head dims 64 and 128: the forward, and the backward with student gradients; also named with STREAMKL_CUDA_PATH=hopper).
 
 Each path is checked against the float64 reference on fresh random inputs, and the dispatch is checked by
@@ -89,7 +89,7 @@ SHAPES = [
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("divergence", ["forward", "reverse"])
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_paths_match_reference(monkeypatch, path, shape, causal, divergence, dtype):
@@ -115,9 +115,47 @@ def test_forward_paths_windows_and_gqa(monkeypatch, path, window):
     assert_rel_close(out, ref, FWD_TOL)
 
 
+@pytest.mark.parametrize("path", DISPATCH_PATHS)
+def test_jsd_dispatch(monkeypatch, path):
+    """The JSD's two forward passes and its backward run on the Hopper path there (pass 2: the JSD-sums kernel)."""
+    _select(monkeypatch, path)
+    q_s, k_s, q_t, k_t = make_inputs(1, 2, 300, 300, 128, 128, seed=seed_of("jsd-dispatch", path),
+                                     dtype=torch.bfloat16, device="cuda")
+    q_s.requires_grad_(True)
+    k_s.requires_grad_(True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        streamkl.attention_kl(q_s, k_s, q_t, k_t, divergence="jsd", beta=0.3).sum().backward()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "streamkl" in e.name]
+    hopper = path != "ampere" and _is_hopper()
+    for kernel in ("attention_kl_fwd_sm90_kernel", "attention_jsd_sums_sm90_kernel",
+                   "attention_kl_bwd_dq_sm90_kernel", "attention_kl_bwd_dk_sm90_kernel"):
+        assert any(kernel in n for n in names) == hopper, (kernel, names)
+    assert any("attention_jsd_sums_kernel" in n for n in names) != hopper, names
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kv", [(2, 2), (2, 4)], ids=["kv2-2", "kv2-4"])
+@pytest.mark.parametrize("window", [(64, 0), (100, 37)], ids=str)
+def test_jsd_paths_windows_and_gqa(monkeypatch, path, kv, window):
+    """The JSD (beta 0.3) forward and student backward with windows and GQA, on both paths."""
+    _select(monkeypatch, path)
+    seed = seed_of("jsd-paths-gqa", kv, window)
+    inputs = gqa_inputs(2, 8, *kv, 333, 333, 128, 64, seed=seed, dtype=torch.bfloat16, device="cuda",
+                        teacher_requires_grad=False)
+    kwargs = dict(window_size=window, divergence="jsd", beta=0.3)
+    out = streamkl.attention_kl(*inputs, **kwargs)
+    grad_out = upstream_grad(tuple(out.shape), seed, device="cuda")
+    out.backward(grad_out)
+    ref, ref_grads = reference_grads(inputs, grad_out, **kwargs)
+    assert_rel_close(out, ref, FWD_TOL)
+    assert_grads_close([x.grad for x in inputs], ref_grads, GRAD_TOL)
+
+
 # ------------------------------------------------------------------------------------------------- backward
-# The Hopper-path backward (warp-specialized dQ kernel + the Ampere-path dK kernel) takes the KL divergences with
-# student gradients only, at head dims 64/128; teacher gradients, the JSD and other head dims run the Ampere path.
+# The Hopper-path backward (warp-specialized dQ and dK kernels; the Ampere-path dK kernel when the teacher groups its
+# key heads differently) takes student gradients only, every divergence, at head dims 64/128; teacher gradients and
+# other head dims run the Ampere path.
 
 def _backward_kernel_names(fn):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -146,7 +184,7 @@ def test_backward_dispatch_picks_the_expected_path(monkeypatch, path, teacher_gr
 
 
 @pytest.mark.parametrize("path", ("ampere", "hopper"))
-@pytest.mark.parametrize("divergence", ["forward", "reverse"])
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", [s for s in SHAPES if s.values[0][3] > 1])
 def test_student_backward_paths_match_reference(monkeypatch, path, shape, causal, divergence):
@@ -180,17 +218,20 @@ def test_student_backward_paths_windows_and_gqa(monkeypatch, path, kv, window):
 
 
 @pytest.mark.parametrize("path", ("ampere", "hopper"))
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_student_backward_paths_varlen(monkeypatch, path, causal):
+def test_student_backward_paths_varlen(monkeypatch, path, causal, divergence):
     _select(monkeypatch, path)
-    seed = seed_of("bwd-paths-varlen", causal)
+    seed = seed_of("bwd-paths-varlen", causal, divergence)
     lengths = [(37, 70), (0, 9), (200, 131), (1, 250), (300, 97)]
     tensors, layout = varlen_inputs(lengths, 4, 2, 2, 64, 128, seed=seed, dtype=torch.bfloat16, device="cuda",
                                     teacher_requires_grad=False)
-    out = streamkl.attention_kl_varlen(*tensors, *layout, causal=causal)
+    kwargs = dict(causal=causal, divergence=divergence, beta=0.6)
+    out = streamkl.attention_kl_varlen(*tensors, *layout, **kwargs)
     grad_out = upstream_grad(tuple(out.shape), seed, device="cuda")
     out.backward(grad_out)
-    _, ref_grads = varlen_reference_grads(tensors, layout, grad_out, causal=causal)
+    ref, ref_grads = varlen_reference_grads(tensors, layout, grad_out, **kwargs)
+    assert_rel_close(out, ref, FWD_TOL)
     assert_grads_close([x.grad for x in tensors], ref_grads, GRAD_TOL)
 
 

@@ -1,4 +1,5 @@
-// Pass 2 of the generalized JSD forward (Ampere path). Pass 1 is the KL forward kernel (attention_kl_fwd.cuh),
+// Pass 2 of the generalized JSD forward (Ampere path; the Hopper path's kernel, attention_kl_fwd_sm90.cuh, shares
+// the policy and the row writer). Pass 1 is the KL forward kernel (attention_kl_fwd.cuh),
 // run for its log-sum-exps lse_s / lse_t; with both normalizers known, this kernel streams the same score tiles
 // (score_stream.cuh) and accumulates, per row, the two KL terms against the mixture (JsdRowSums, jsd_add_key in
 // online_kl.h, mixture in log-sum-exp form). It writes jsd_stats (JsdRowStats) and overwrites kl with the row's
@@ -66,18 +67,13 @@ __device__ __forceinline__ void add_quad_sums(JsdRowSums<float>& sums) {
   }
 }
 
+// The policy of the CTA owning query rows from row0 of (sequence seq, head h, batch entry b): pass 1's LSEs of its
+// rows loaded, sums zero. Used by the MMA threads of both paths' pass-2 kernels.
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kNThreads) attention_jsd_sums_kernel(const AttentionKLParams p) {
-  using Element = typename Traits::Element;
+__device__ __forceinline__ JsdSumsPolicy<Traits> make_jsd_sums_policy(const AttentionKLParams& p,
+                                                                      const AttentionKLParams::Sequence& seq, int b,
+                                                                      int h, int row0) {
   using Policy = JsdSumsPolicy<Traits>;
-  extern __shared__ __align__(128) char smem_raw[];
-  const SmemPlan<Traits> smem(smem_raw);
-  const int m_block = gridDim.x - 1 - blockIdx.x;  // longest causal rows first, as in the KL forward
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int row0 = m_block * Traits::kBlockM;
-  // Blocks past this sequence's rows (varlen) stream nothing and store nothing (see attention_kl_fwd_kernel).
-  const AttentionKLParams::Sequence seq = p.sequence(b);
-
   Policy policy;
   policy.mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
   policy.row0 = row0;
@@ -96,20 +92,22 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_jsd_sums_kernel(c
     policy.lse_t2[i] = valid ? p.row_teacher_lse<float>(idx) * kLog2e : 0.f;
     policy.sums[i].init();
   }
+  return policy;
+}
 
-  const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
-  const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
-  score_stream<Traits>(policy, smem, query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0),
-                       teacher_block<Traits, false>(p, b, h, seq, row0), seq.seqlen_q - row0,
-                       keys.begin, keys.end, seq.seqlen_k);
-
+// Add each row's sums across its MMA quad and write its statistics and JSD.
+template <typename Traits>
+__device__ __forceinline__ void write_jsd_rows(JsdSumsPolicy<Traits>& policy, const AttentionKLParams& p, int b, int h,
+                                               int row0, int seqlen_q) {
+  typename Traits::TiledMma tiled_mma;
+  Tensor coords = accumulator_coords<Traits::kBlockM, Traits::kBlockN>(tiled_mma, threadIdx.x);
   float* jsd = static_cast<float*>(p.kl);
   float* stats = static_cast<float*>(p.jsd_stats);
   CUTE_UNROLL
-  for (int i = 0; i < Policy::kThreadRows; ++i) {
+  for (int i = 0; i < JsdSumsPolicy<Traits>::kThreadRows; ++i) {
     add_quad_sums(policy.sums[i]);
     const int row = row0 + get<0>(coords(i, 0));
-    if (threadIdx.x % 4 == 0 && row < seq.seqlen_q) {
+    if (threadIdx.x % 4 == 0 && row < seqlen_q) {
       const int64_t idx = p.row_index(b, h, row);
       // A row with no allowed key has zero sums: statistics 0, JSD 0.
       const JsdRowStats<float> row_stats = JsdRowStats<float>::finalize<Base2<float>>(policy.sums[i]);
@@ -117,6 +115,25 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_jsd_sums_kernel(c
       jsd[idx] = row_stats.divergence(policy.weights);
     }
   }
+}
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads) attention_jsd_sums_kernel(const AttentionKLParams p) {
+  using Element = typename Traits::Element;
+  extern __shared__ __align__(128) char smem_raw[];
+  const SmemPlan<Traits> smem(smem_raw);
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // longest causal rows first, as in the KL forward
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int row0 = m_block * Traits::kBlockM;
+  // Blocks past this sequence's rows (varlen) stream nothing and store nothing (see attention_kl_fwd_kernel).
+  const AttentionKLParams::Sequence seq = p.sequence(b);
+  auto policy = make_jsd_sums_policy<Traits>(p, seq, b, h, row0);
+  const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
+  const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
+  score_stream<Traits>(policy, smem, query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0),
+                       teacher_block<Traits, false>(p, b, h, seq, row0), seq.seqlen_q - row0,
+                       keys.begin, keys.end, seq.seqlen_k);
+  write_jsd_rows(policy, p, b, h, row0, seq.seqlen_q);
 }
 
 }  // namespace cuda

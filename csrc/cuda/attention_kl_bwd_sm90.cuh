@@ -97,32 +97,28 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     attention_kl_bwd_dq_sm90_kernel(const AttentionKLParams p, const __grid_constant__ StreamTmaLoads<Traits> tma) {
   extern __shared__ __align__(1024) char smem_sm90[];
   const StreamSmemSm90<Traits> smem(smem_sm90);
-  const QueryBlockSm90 blk = QueryBlockSm90::of_this_cta<Traits>(p);
-  run_warp_specialized<Traits>(
-      smem, 0,
-      [&] { run_stream_producer(p, tma, smem, blk.seq, blk.b, blk.h, blk.row0, blk.keys.begin, blk.n_tiles); },
-      [&] {
-        DqStateSm90<Traits, ScoreGrads> st;
-        st.full_keys = blk.mask.keys_visible_to_all(blk.row0, blk.row_end);
-        st.scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
-        st.scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
-        st.score_grads.init(p);
-        load_query_row_inputs<Traits::kBlockM, Traits::kBlockN>(st.score_grads, p, blk.seq.seqlen_q, blk.b, blk.h,
-                                                                blk.row0, typename Traits::TiledMma{}, st.rows);
-        typename Traits::GradMmaS grad_mma;
-        Tensor acc_dq = partition_fragment_C(grad_mma, Shape<Int<Traits::kBlockM>, Int<Traits::kDimS>>{});
-        clear(acc_dq);
-        auto score_grads = [&](auto score_mma, auto& acc_s, auto& acc_t, int tile, int) {
-          const int y0 = blk.keys.begin + tile * Traits::kBlockN;
-          query_tile_score_grads<Traits::kBlockM, Traits::kBlockN>(
-              st.score_grads, st.rows, blk.mask, st.full_keys.covers(y0, y0 + Traits::kBlockN),
-              blk.row0, y0, st.scale_s2, st.scale_t2, score_mma, acc_s, acc_t);
-        };
-        if (blk.n_tiles > 0) consume_grad_tiles<Traits>(smem, acc_dq, blk.n_tiles, score_grads);
-        store_grad_rows<Traits::kBlockM, Traits::kDimS, typename Traits::Element>(
-            grad_mma, p.student, acc_dq, /*keys=*/false, blk.b, blk.h, blk.seq.q_start + blk.row0,
-            blk.seq.seqlen_q - blk.row0);
-      });
+  run_query_block_sm90<Traits>(p, tma, smem, [&](const QueryBlockSm90& blk) {
+    DqStateSm90<Traits, ScoreGrads> st;
+    st.full_keys = blk.mask.keys_visible_to_all(blk.row0, blk.row_end);
+    st.scale_s2 = static_cast<float>(p.student.scale) * kLog2e;
+    st.scale_t2 = static_cast<float>(p.teacher.scale) * kLog2e;
+    st.score_grads.init(p);
+    load_query_row_inputs<Traits::kBlockM, Traits::kBlockN>(st.score_grads, p, blk.seq.seqlen_q, blk.b, blk.h,
+                                                            blk.row0, typename Traits::TiledMma{}, st.rows);
+    typename Traits::GradMmaS grad_mma;
+    Tensor acc_dq = partition_fragment_C(grad_mma, Shape<Int<Traits::kBlockM>, Int<Traits::kDimS>>{});
+    clear(acc_dq);
+    auto score_grads = [&](auto score_mma, auto& acc_s, auto& acc_t, int tile, int) {
+      const int y0 = blk.keys.begin + tile * Traits::kBlockN;
+      query_tile_score_grads<Traits::kBlockM, Traits::kBlockN>(
+          st.score_grads, st.rows, blk.mask, st.full_keys.covers(y0, y0 + Traits::kBlockN),
+          blk.row0, y0, st.scale_s2, st.scale_t2, score_mma, acc_s, acc_t);
+    };
+    if (blk.n_tiles > 0) consume_grad_tiles<Traits>(smem, acc_dq, blk.n_tiles, score_grads);
+    store_grad_rows<Traits::kBlockM, Traits::kDimS, typename Traits::Element>(
+        grad_mma, p.student, acc_dq, /*keys=*/false, blk.b, blk.h, blk.seq.q_start + blk.row0,
+        blk.seq.seqlen_q - blk.row0);
+  });
 }
 
 // A CTA owns kBlockM keys of one student key head and streams the query tiles of every query head that reads it,

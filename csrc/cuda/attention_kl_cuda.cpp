@@ -70,8 +70,8 @@ bool fused_backward_enabled() {
   return enabled;
 }
 
-// Which forward runs on compute capability 9.x: the Hopper path (wgmma, sm_90a) by default, for the KL
-// divergences at the head dims it is instantiated for (64, 128); elsewhere, and for the JSD, the Ampere path.
+// Which kernels run on compute capability 9.x: the Hopper path (wgmma, sm_90a) by default, for every divergence at
+// the head dims it is instantiated for (64, 128); elsewhere the Ampere path.
 // STREAMKL_CUDA_PATH=ampere forces the Ampere path (read at every call, so tests and benchmarks run both paths on
 // one GPU). On H100 the two measured within 3% at N=8192, D=128 non-causal, the Hopper path 8% faster causal and 3%
 // at D=64 (bench/RESULTS.md, session 4).
@@ -117,12 +117,12 @@ cuda::LaunchFn find_launcher(cuda::KernelFamily family, const KernelInputs& in) 
   return find_launcher(family, in.q_s, in.q_t);
 }
 
-// The KL forward for the given inputs: the Hopper path where it takes them (KL over at least one key, compute
-// capability 9.x, head dims 64/128), else the Ampere path.
-cuda::LaunchFn kl_forward_launcher(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_t,
-                                   const at::Tensor& k_t, Divergence divergence) {
+// The forward for the given inputs (every divergence): the Hopper path where it takes them (at least one key,
+// compute capability 9.x, head dims 64/128), else the Ampere path.
+cuda::LaunchFn forward_launcher(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_t,
+                                const at::Tensor& k_t) {
   cuda::LaunchFn launch = nullptr;
-  if (divergence != Divergence::kJsd && k.numel() > 0 && k_t.numel() > 0 && hopper_path_enabled(q))
+  if (k.numel() > 0 && k_t.numel() > 0 && hopper_path_enabled(q))
     launch = lookup_launcher(cuda::KernelFamily::kForwardSm90, q, q_t);
   return launch != nullptr ? launch : find_launcher(cuda::KernelFamily::kForward, q, q_t);
 }
@@ -141,7 +141,7 @@ void run_teacher_head_lse(const AttentionKLParams& p, const KernelInputs& in, at
   t.lse_student = lse_t.data_ptr();
   t.lse_teacher = unused[1].data_ptr();
   t.jsd_stats = nullptr;
-  kl_forward_launcher(in.q_t, in.k_t, in.q_t, in.k_t, t.divergence)(t, c10::cuda::getCurrentCUDAStream());
+  forward_launcher(in.q_t, in.k_t, in.q_t, in.k_t)(t, c10::cuda::getCurrentCUDAStream());
 }
 
 using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -171,11 +171,10 @@ ForwardOutputs run_forward(AttentionKLParams& p, const KernelInputs& in, const a
   LaunchWorkspace workspace(in.q_s);
   const AttentionKLParams kernel_params = with_launch_workspace(kernel_attention_params(p), workspace);
   const bool aggregated = p.teacher_head_group > 1;
-  // The Hopper-path forward computes the KL divergences over at least one key; the JSD's two passes, key-less
-  // problems and aggregated teachers run on Ampere-path kernels.
-  const cuda::LaunchFn launch =
-      aggregated ? find_launcher(cuda::KernelFamily::kForwardAggregated, in)
-                 : kl_forward_launcher(in.q_s, in.k_s, in.q_t, in.k_t, kernel_params.divergence);
+  // The Hopper-path forward takes every divergence over at least one key; key-less problems and aggregated teachers
+  // run on Ampere-path kernels.
+  const cuda::LaunchFn launch = aggregated ? find_launcher(cuda::KernelFamily::kForwardAggregated, in)
+                                           : forward_launcher(in.q_s, in.k_s, in.q_t, in.k_t);
   if (teacher_lse.defined()) out.lse_t.copy_(teacher_lse);  // a copy: an op output must not alias an input
   if (out.kl.numel() == 0) return out;
   if (aggregated && !teacher_lse.defined()) run_teacher_head_lse(kernel_params, in, out.lse_t);
@@ -192,13 +191,13 @@ ForwardOutputs run_forward(AttentionKLParams& p, const KernelInputs& in, const a
 // forward's JSD statistics (read only for Divergence::kJsd).
 Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const BackwardRowInputs& rows,
                        const at::Tensor& jsd_stats, bool teacher_grad, const TensorLayout& layout) {
-  // The Hopper-path backward takes the KL divergences with student gradients only (not the opt-in fused backward);
+  // The Hopper-path backward takes student gradients only, every divergence (not the opt-in fused backward);
   // aggregated teachers have their own (student gradients only, every divergence).
   const bool aggregated = p.teacher_head_group > 1;
   cuda::LaunchFn launch = nullptr;
   if (aggregated)
     launch = find_launcher(cuda::KernelFamily::kBackwardAggregated, in);
-  else if (!teacher_grad && p.divergence != Divergence::kJsd && !fused_backward_enabled() && hopper_path_enabled(in.q_s))
+  else if (!teacher_grad && !fused_backward_enabled() && hopper_path_enabled(in.q_s))
     launch = lookup_launcher(cuda::KernelFamily::kBackwardSm90, in);
   if (launch == nullptr) launch = find_launcher(cuda::KernelFamily::kBackward, in);
   // The dQ kernel writes every query row and the dK kernel every key row (zeros where nothing is seen; in

@@ -18,6 +18,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 
+#include "attention_jsd_fwd.cuh"
 #include "attention_kl_fwd.cuh"
 #include "kernel_traits_sm90.cuh"
 #include "tma_stream_sm90.cuh"
@@ -90,15 +91,26 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   // Tiles start at multiples of 1024 bytes (the 128-byte swizzle's period) from here.
   extern __shared__ __align__(1024) char smem_sm90[];
   const StreamSmemSm90<Traits> smem(smem_sm90);
-  const QueryBlockSm90 blk = QueryBlockSm90::of_this_cta<Traits>(p);
-  run_warp_specialized<Traits>(
-      smem, 0,
-      [&] { run_stream_producer(p, tma, smem, blk.seq, blk.b, blk.h, blk.row0, blk.keys.begin, blk.n_tiles); },
-      [&] {
-        auto policy = make_forward_policy<Traits, kTeacherWeights>(p, blk.seq, blk.row0, blk.row_end);
-        if (blk.n_tiles > 0) consume_forward_tiles<Traits>(policy, smem, blk.keys.begin, blk.n_tiles);
-        write_forward_rows(policy, p, blk.b, blk.h, blk.row0, blk.seq.seqlen_q);
-      });
+  run_query_block_sm90<Traits>(p, tma, smem, [&](const QueryBlockSm90& blk) {
+    auto policy = make_forward_policy<Traits, kTeacherWeights>(p, blk.seq, blk.row0, blk.row_end);
+    if (blk.n_tiles > 0) consume_forward_tiles<Traits>(policy, smem, blk.keys.begin, blk.n_tiles);
+    write_forward_rows(policy, p, blk.b, blk.h, blk.row0, blk.seq.seqlen_q);
+  });
+}
+
+// Pass 2 of the generalized JSD on the Hopper path: the mixture's row sums (JsdSumsPolicy and its row writer,
+// attention_jsd_fwd.cuh) over the same warp-specialized stream and MMA loop; pass 1 is the KL forward kernel above,
+// run for both LSEs.
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+    attention_jsd_sums_sm90_kernel(const AttentionKLParams p, const __grid_constant__ StreamTmaLoads<Traits> tma) {
+  extern __shared__ __align__(1024) char smem_sm90[];
+  const StreamSmemSm90<Traits> smem(smem_sm90);
+  run_query_block_sm90<Traits>(p, tma, smem, [&](const QueryBlockSm90& blk) {
+    auto policy = make_jsd_sums_policy<Traits>(p, blk.seq, blk.b, blk.h, blk.row0);
+    if (blk.n_tiles > 0) consume_forward_tiles<Traits>(policy, smem, blk.keys.begin, blk.n_tiles);
+    write_jsd_rows(policy, p, blk.b, blk.h, blk.row0, blk.seq.seqlen_q);
+  });
 }
 
 }  // namespace cuda

@@ -173,12 +173,13 @@ void run_attention_kl_fwd_aggregated(const AttentionKLParams& p, cudaStream_t st
 }
 
 // Hopper path (sm_90a, head dims 64 and 128): the warp-specialized forward (attention_kl_fwd_sm90.cuh), 128 query
-// rows in two MMA warpgroups against key tiles of 64 that a producer warpgroup moves with TMA. KL only, and at least
-// one key (a tensor map has no zero extent): the op runs the JSD and key-less problems on the Ampere-path launcher.
+// rows in two MMA warpgroups against key tiles of 64 that a producer warpgroup moves with TMA; for the JSD that is
+// pass 1 (the LSEs), and pass 2 the JSD-sums kernel over the same stream and tensor maps. At least one key (a tensor
+// map has no zero extent): the op runs key-less problems on the Ampere-path launcher.
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_fwd_sm90(const AttentionKLParams& p, cudaStream_t stream) {
-  if (p.divergence == Divergence::kJsd || p.student.k_rows == 0 || p.teacher.k_rows == 0)
-    throw std::runtime_error("streamkl: the Hopper-path forward computes the KL divergences over at least one key");
+  if (p.student.k_rows == 0 || p.teacher.k_rows == 0)
+    throw std::runtime_error("streamkl: the Hopper-path forward needs at least one key");
   using Traits = KernelTraitsSm90<Element, kDimS, kDimT>;
   const StreamTmaLoads<Traits> tma = make_stream_tma_loads<Traits>(p);
   const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
@@ -186,6 +187,9 @@ void run_attention_kl_fwd_sm90(const AttentionKLParams& p, cudaStream_t stream) 
                                                               : attention_kl_fwd_sm90_kernel<Traits, false>;
   launch_with_smem(kernel, grid, Traits::kNThreads, Traits::kSmemBytes, stream, "attention_kl Hopper forward kernel",
                    p, tma);
+  if (p.divergence == Divergence::kJsd)
+    launch_with_smem(attention_jsd_sums_sm90_kernel<Traits>, grid, Traits::kNThreads, Traits::kSmemBytes, stream,
+                     "attention_jsd Hopper sums kernel", p, tma);
 }
 
 // One gradient kernel of the two-kernel backward: dQ (keys = false; X = query blocks, Y = key tiles) or dK (X = key
@@ -224,14 +228,13 @@ void run_attention_kl_bwd_kernels(const AttentionKLParams& p, cudaStream_t strea
   run_attention_kl_grad_kernel<Traits, kTeacherGrad, ScoreGrads>(p, /*keys=*/true, stream);
 }
 
-// Hopper-path backward (sm_90a, head dims 64 and 128; KL divergences, student gradients only): the warp-specialized
-// dQ and dK kernels (attention_kl_bwd_sm90.cuh). The op asks for this family only for the
-// configurations it takes; the others (teacher gradients, the JSD, the fused backward, no keys) run
+// Hopper-path backward (sm_90a, head dims 64 and 128; every divergence, student gradients only): the warp-specialized
+// dQ and dK kernels (attention_kl_bwd_sm90.cuh) with the divergence's score-gradient rule. The op asks for this family
+// only for the configurations it takes; the others (teacher gradients, the fused backward, no keys) run
 // run_attention_kl_bwd.
-template <typename Element, int kDimS, int kDimT, bool kTeacherWeights>
+template <typename Element, int kDimS, int kDimT, typename Rule>
 void run_attention_kl_bwd_sm90_kernels(const AttentionKLParams& p, cudaStream_t stream) {
   using Traits = KernelTraitsSm90<Element, kDimS, kDimT>;
-  using Rule = KlScoreGrads<kTeacherWeights>;
   const StreamTmaLoads<Traits> tma = make_stream_tma_loads<Traits>(p);
   const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
   launch_with_smem(attention_kl_bwd_dq_sm90_kernel<Traits, Rule>, grid, Traits::kNThreads, Traits::kSmemBytes, stream,
@@ -239,10 +242,10 @@ void run_attention_kl_bwd_sm90_kernels(const AttentionKLParams& p, cudaStream_t 
   // The Hopper dK kernel keeps one teacher key block per CTA, so it needs the teacher to group its query heads
   // like the student; otherwise the Ampere-path dK kernel (which reloads the teacher's block per query head).
   if (p.teacher.num_kv_heads != p.student.num_kv_heads) {
-    run_attention_kl_bwd_dk<BackwardTraits<Element, kDimS, kDimT, false>, false, Rule>(p, stream);
+    run_attention_kl_bwd_dk<BackwardTraits<Element, kDimS, kDimT, false, Rule::kRowStats>, false, Rule>(p, stream);
     return;
   }
-  using DkTraits = KernelTraitsSm90<Element, kDimS, kDimT, 64, 4, 4, /*kProducerRegisters=*/40>;
+  using DkTraits = KernelTraitsSm90<Element, kDimS, kDimT, 64, 4, 4, /*kProducerRegisters=*/40, Rule::kRowStats>;
   const StreamTmaLoads<DkTraits> dk_tma = make_stream_tma_loads<DkTraits>(p, /*keys_as_x=*/true);
   const dim3 dk_grid(ceil_div(p.seqlen_k, DkTraits::kBlockM), p.student.num_kv_heads, p.batch);
   launch_with_smem(attention_kl_bwd_dk_sm90_kernel<DkTraits, Rule>, dk_grid, DkTraits::kNThreads,
@@ -251,13 +254,19 @@ void run_attention_kl_bwd_sm90_kernels(const AttentionKLParams& p, cudaStream_t 
 
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_bwd_sm90(const AttentionKLParams& p, cudaStream_t stream) {
-  if (p.teacher_grad || p.divergence == Divergence::kJsd || p.dq_accum != nullptr || p.student.k_rows == 0 ||
-      p.teacher.k_rows == 0)
-    throw std::runtime_error("streamkl: the Hopper-path backward takes the KL divergences with student gradients only");
-  if (teacher_is_weighting_side(p.divergence))
-    run_attention_kl_bwd_sm90_kernels<Element, kDimS, kDimT, true>(p, stream);
-  else
-    run_attention_kl_bwd_sm90_kernels<Element, kDimS, kDimT, false>(p, stream);
+  if (p.teacher_grad || p.dq_accum != nullptr || p.student.k_rows == 0 || p.teacher.k_rows == 0)
+    throw std::runtime_error("streamkl: the Hopper-path backward takes student gradients only, over at least one key");
+  switch (p.divergence) {
+    case Divergence::kForward:
+      run_attention_kl_bwd_sm90_kernels<Element, kDimS, kDimT, KlScoreGrads<true>>(p, stream);
+      break;
+    case Divergence::kReverse:
+      run_attention_kl_bwd_sm90_kernels<Element, kDimS, kDimT, KlScoreGrads<false>>(p, stream);
+      break;
+    case Divergence::kJsd:
+      run_attention_kl_bwd_sm90_kernels<Element, kDimS, kDimT, JsdScoreGrads>(p, stream);
+      break;
+  }
 }
 
 // The divergence picks the score-gradient rule (score_grad_rules.cuh). The JSD's rows carry 5 statistics, so its

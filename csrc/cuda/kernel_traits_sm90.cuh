@@ -32,9 +32,10 @@ struct GmmaSmemTile {
 // kBlockN: Y rows per tile (64: the forward's MMA warpgroups hold the accumulators of two tiles at once);
 // kGroup: Y tiles per unrolled group of the forward's MMA loop (attention_kl_fwd_sm90.cuh; one tile per group runs
 // its products without overlap, and 8 measured 20x slower at D=128 than 4); kProducerRegisters: registers the
-// producer warpgroup keeps after setmaxnreg (the dK kernel's producer also loads per-row statistics and keeps 40).
+// producer warpgroup keeps after setmaxnreg (the dK kernel's producer also loads per-row statistics and keeps 40);
+// kRowStats: see below.
 template <typename Element_, int kDimS_, int kDimT_, int kBlockN_ = 64, int kStages_ = 4, int kGroup_ = 4,
-          int kProducerRegisters_ = 24>
+          int kProducerRegisters_ = 24, int kRowStats_ = 4>
 struct KernelTraitsSm90 {
   using Element = Element_;
   static constexpr int kDimS = kDimS_, kDimT = kDimT_;
@@ -62,7 +63,9 @@ struct KernelTraitsSm90 {
   using XTileT = GmmaSmemTile<Element, kBlockM, kDimT>;
   using YTileS = GmmaSmemTile<Element, kBlockN, kDimS>;
   using YTileT = GmmaSmemTile<Element, kBlockN, kDimT>;
-  static constexpr int kRowStats = 4;  // floats per staged Y row: the KL rules' (score_grad_rules.cuh)
+  // Floats per staged Y row of the dK kernel: the score-gradient rule's (score_grad_rules.cuh; 4 for the KL, 5 for
+  // the JSD).
+  static constexpr int kRowStats = kRowStats_;
 
   static constexpr int kXBytes = (XTileS::kElements + XTileT::kElements) * int(sizeof(Element));
   static constexpr int kStageBytes = (YTileS::kElements + YTileT::kElements) * int(sizeof(Element));

@@ -204,5 +204,17 @@ __device__ __forceinline__ void run_warp_specialized(const StreamSmemSm90<Traits
   }
 }
 
+// The warp-specialized CTA of a query-block kernel (forward, dQ): the producer warpgroup streams the block's key
+// tiles, the MMA warpgroups run mma(blk).
+template <typename Traits, typename MmaRole>
+__device__ __forceinline__ void run_query_block_sm90(const AttentionKLParams& p, const StreamTmaLoads<Traits>& tma,
+                                                     const StreamSmemSm90<Traits>& smem, MmaRole&& mma) {
+  const QueryBlockSm90 blk = QueryBlockSm90::of_this_cta<Traits>(p);
+  run_warp_specialized<Traits>(
+      smem, 0,
+      [&] { run_stream_producer(p, tma, smem, blk.seq, blk.b, blk.h, blk.row0, blk.keys.begin, blk.n_tiles); },
+      [&] { mma(blk); });
+}
+
 }  // namespace cuda
 }  // namespace streamkl
