@@ -43,18 +43,18 @@ __device__ __forceinline__ void accumulate_grad_products(TiledMma tiled_mma, Acc
 
 // Write a gradient accumulator [kRows, kDim] (times the side's scale) to rows [row0, row0 + valid_rows) of dK
 // (keys = true) or dQ of head h, batch b. row0 counts from the tensor's row 0 of batch entry b: the sequence's
-// start row (varlen) plus the block's first row in it. split_accum (split streams, student side only): add into this
-// fp32 array with dK's / dQ's offsets instead (stream_splits.cuh).
+// start row (varlen) plus the block's first row in it. split_slice (split streams, student side only): write to this
+// fp32 slice with dK's / dQ's offsets instead (stream_splits.cuh).
 template <int kRows, int kDim, typename Element, typename TiledMma, typename Acc>
 __device__ __forceinline__ void store_grad_rows(TiledMma tiled_mma, const AttentionSide& side, const Acc& acc, bool keys,
                                                 int b, int h, int64_t row0, int valid_rows,
-                                                float* split_accum = nullptr) {
+                                                float* split_slice = nullptr) {
   const int64_t row_stride = keys ? side.dk_row_stride : side.dq_row_stride;
   const int64_t offset = b * (keys ? side.dk_batch_stride : side.dq_batch_stride) +
                          h * (keys ? side.dk_head_stride : side.dq_head_stride) + row0 * row_stride;
   const float scale = static_cast<float>(side.scale);
-  if (split_accum != nullptr)
-    add_rows<kRows, kDim>(tiled_mma, acc, scale, split_accum + offset, row_stride, valid_rows, threadIdx.x);
+  if (split_slice != nullptr)
+    store_rows_f32<kRows, kDim>(tiled_mma, acc, scale, split_slice + offset, row_stride, valid_rows, threadIdx.x);
   else
     store_rows<kRows, kDim>(tiled_mma, acc, scale, static_cast<Element*>(keys ? side.dk : side.dq) + offset,
                             row_stride, valid_rows, threadIdx.x);
@@ -146,19 +146,19 @@ struct GradAccumulators {
   // Write the accumulated gradients (times each side's scale) to rows [row0, row0 + valid_rows) of dK
   // (keys = true) or dQ of head h, batch b; the teacher's only with kTeacherGrad. row0 counts from the
   // tensor's row 0 of batch entry b: the sequence's start row (varlen) plus the block's first row in it.
-  // Split streams add the student's partial gradients into the launcher's fp32 workspace (the launcher never splits
-  // with teacher gradients).
+  // Split streams write the student's partial gradients to the CTA's fp32 slice of the launcher's workspace (the
+  // launcher never splits with teacher gradients).
   __device__ void store(const AttentionKLParams& p, bool keys, int b, int h, int64_t row0, int valid_rows) const {
-    float* split_accum = p.stream_splits > 1 ? static_cast<float*>(keys ? p.split_dk_accum : p.split_dq_accum) : nullptr;
-    store_side<Traits::kDimS>(p.student, s, keys, b, h, row0, valid_rows, split_accum);
+    float* split_slice = p.stream_splits > 1 ? split_grad_slice(p, keys) : nullptr;
+    store_side<Traits::kDimS>(p.student, s, keys, b, h, row0, valid_rows, split_slice);
     if constexpr (kTeacherGrad) store_side<Traits::kDimT>(p.teacher, t, keys, b, h, row0, valid_rows, nullptr);
   }
 
   template <int kDim, typename Acc>
   __device__ void store_side(const AttentionSide& side, const Acc& acc, bool keys, int b, int h, int64_t row0,
-                             int valid_rows, float* split_accum) const {
+                             int valid_rows, float* split_slice) const {
     store_grad_rows<Traits::kBlockM, kDim, typename Traits::Element>(tiled_mma, side, acc, keys, b, h, row0,
-                                                                      valid_rows, split_accum);
+                                                                      valid_rows, split_slice);
   }
 };
 

@@ -76,20 +76,13 @@ AttentionKLParams with_stream_split(const AttentionKLParams& p, Kernel kernel, i
   return q;
 }
 
-// Elements of the student's dQ (keys = false) or dK, contiguous in both layouts (varlen: batch 1 over total rows).
-inline int64_t student_grad_elements(const AttentionKLParams& p, bool keys) {
-  const int64_t batch = p.cu_seqlens_q != nullptr ? 1 : p.batch;
-  return keys ? batch * p.student.k_rows * p.student.num_kv_heads * p.student.head_dim
-              : batch * p.student.q_rows * p.num_heads * p.student.head_dim;
-}
-
-// The student gradient a split dQ / dK kernel summed into `accum` (scaled), converted into the output.
+// The student gradient whose split partials (scaled) a dQ / dK kernel wrote, summed into the output.
 template <typename Element>
-void convert_split_grad(const AttentionKLParams& p, bool keys, const float* accum, cudaStream_t stream) {
+void sum_split_grad(const AttentionKLParams& p, bool keys, const float* partials, cudaStream_t stream) {
   const int64_t n = student_grad_elements(p, keys);
   const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 65535));
-  scale_convert_kernel<Element><<<blocks, 256, 0, stream>>>(
-      accum, static_cast<Element*>(keys ? p.student.dk : p.student.dq), n, 1.f);
+  sum_split_partials_kernel<Element><<<blocks, 256, 0, stream>>>(
+      partials, static_cast<Element*>(keys ? p.student.dk : p.student.dq), n, p.stream_splits);
   check_launch("attention_kl split-stream gradient epilogue");
 }
 
@@ -194,7 +187,7 @@ void run_attention_kl_fwd_sm90(const AttentionKLParams& p, cudaStream_t stream) 
 
 // One gradient kernel of the two-kernel backward: dQ (keys = false; X = query blocks, Y = key tiles) or dK (X = key
 // blocks of each key head, Y = query tiles). Student gradients split long streams of few blocks (stream_splits.cuh):
-// the CTAs add into a zeroed fp32 workspace, converted into dq / dk after.
+// each split writes an fp32 slice of a workspace, summed into dq / dk after.
 template <typename Traits, bool kTeacherGrad, typename ScoreGrads>
 void run_attention_kl_grad_kernel(const AttentionKLParams& p, bool keys, cudaStream_t stream) {
   const auto kernel = keys ? attention_kl_bwd_dk_kernel<Traits, kTeacherGrad, ScoreGrads>
@@ -207,14 +200,17 @@ void run_attention_kl_grad_kernel(const AttentionKLParams& p, bool keys, cudaStr
     q = with_stream_split(p, kernel, Traits::kNThreads, Traits::kSmemBytes,
                           static_cast<int64_t>(blocks) * heads * p.batch,
                           ceil_div(keys ? p.seqlen_q : p.seqlen_k, Traits::kBlockN), what);
-  float* accum = nullptr;
+  float* partials = nullptr;
   if (q.stream_splits > 1) {
-    accum = static_cast<float*>(q.workspace(student_grad_elements(q, keys) * int64_t(sizeof(float))));
-    (keys ? q.split_dk_accum : q.split_dq_accum) = accum;
+    // Every split writes every row of its blocks (zeros where its part of the stream is empty); the workspace comes
+    // zeroed all the same, so an element no CTA wrote could only add 0.
+    partials = static_cast<float*>(
+        q.workspace(q.stream_splits * student_grad_elements(q, keys) * int64_t(sizeof(float))));
+    (keys ? q.split_dk_partials : q.split_dq_partials) = partials;
   }
   launch_with_smem(kernel, dim3(blocks * q.stream_splits, heads, p.batch), Traits::kNThreads, Traits::kSmemBytes,
                    stream, what, q);
-  if (accum != nullptr) convert_split_grad<typename Traits::Element>(q, keys, accum, stream);
+  if (partials != nullptr) sum_split_grad<typename Traits::Element>(q, keys, partials, stream);
 }
 
 template <typename Traits, bool kTeacherGrad, typename ScoreGrads>

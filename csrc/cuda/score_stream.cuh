@@ -202,14 +202,12 @@ __device__ __forceinline__ void store_rows(TiledMma tiled_mma, const Acc& acc, f
   });
 }
 
-// Add an fp32 accumulator (times `scale`) into fp32 rows with atomics: CTAs of one block's split stream
-// (stream_splits.cuh) sum their partial gradients.
+// The same as fp32 rows (a split stream's partial gradients, stream_splits.cuh); column pairs as one float2.
 template <int kRows, int kCols, typename TiledMma, typename Acc>
-__device__ __forceinline__ void add_rows(TiledMma tiled_mma, const Acc& acc, float scale, float* out,
-                                         int64_t row_stride, int valid_rows, int tid) {
+__device__ __forceinline__ void store_rows_f32(TiledMma tiled_mma, const Acc& acc, float scale, float* out,
+                                               int64_t row_stride, int valid_rows, int tid) {
   for_each_row_pair<kRows, kCols>(tiled_mma, acc, valid_rows, tid, [&](int row, int col, float v0, float v1) {
-    atomicAdd(out + row * row_stride + col, v0 * scale);
-    atomicAdd(out + row * row_stride + col + 1, v1 * scale);
+    *reinterpret_cast<float2*>(out + row * row_stride + col) = make_float2(v0 * scale, v1 * scale);
   });
 }
 

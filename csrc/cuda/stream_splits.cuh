@@ -5,8 +5,8 @@
 // every Y tile that block sees. With one student head, as in DSA's indexer (teacher heads aggregated onto it), a
 // 4096-row problem is 64 CTAs on a 132-SM GPU, each streaming its tiles through 64 teacher heads: half the SMs idle,
 // one CTA per busy SM (bench/RESULTS.md, sessions 6-7). Splitting each block's tiles over several CTAs fills the GPU;
-// the partial results are merged after (the forward's online states) or summed as they land (the gradients, by fp32
-// atomics into a workspace).
+// the partial results are merged after, in a fixed order (the forward's online states; the gradients, written by each
+// split to its own fp32 slice): no atomics, so results are deterministic.
 #pragma once
 
 #include "../kernels/attention_mask.h"
@@ -45,6 +45,30 @@ __device__ __forceinline__ KeyRange split_part(const AttentionKLParams& p, const
   if (p.stream_splits == 1) return y;
   const int begin = y.begin + split * p.split_tiles * kBlockN;
   return KeyRange{begin, min_of(y.end, begin + p.split_tiles * kBlockN)};
+}
+
+// Elements of the student's dQ (keys = false) or dK, contiguous in both layouts (varlen: batch 1 over total rows).
+__host__ __device__ inline int64_t student_grad_elements(const AttentionKLParams& p, bool keys) {
+  const int64_t batch = p.cu_seqlens_q != nullptr ? 1 : p.batch;
+  return keys ? batch * p.student.k_rows * p.student.num_kv_heads * p.student.head_dim
+              : batch * p.student.q_rows * p.num_heads * p.student.head_dim;
+}
+
+// This CTA's slice of the split dQ / dK partials (AttentionKLParams::split_dq_partials), indexed like dq / dk.
+__device__ __forceinline__ float* split_grad_slice(const AttentionKLParams& p, bool keys) {
+  float* base = static_cast<float*>(keys ? p.split_dk_partials : p.split_dq_partials);
+  return base + block_and_split(p).split * student_grad_elements(p, keys);
+}
+
+// out = the sum of the `splits` partial slices of n elements each, in split order, converted.
+template <typename Element>
+__global__ void sum_split_partials_kernel(const float* __restrict__ partials, Element* __restrict__ out, int64_t n,
+                                          int splits) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float sum = partials[i];
+    for (int s = 1; s < splits; ++s) sum += partials[s * n + i];
+    out[i] = static_cast<Element>(sum);
+  }
 }
 
 // A split forward CTA's partial state of per-row output idx (merged across its quad), and the combine kernel's read.

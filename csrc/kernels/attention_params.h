@@ -93,13 +93,14 @@ struct AttentionKLParams {
   // into runs of split_tiles tiles, stream_splits CTAs per block, so that problems with few blocks (one student
   // head, a short batch) still fill the GPU (cuda/stream_splits.cuh). The forward then writes partial row states
   // (split_states: fp32 [stream_splits, B * H * N_q, kSplitStateFloats], rows by row_index) that a combine kernel
-  // merges; the dQ / dK kernels add their partial gradients into zeroed fp32 arrays with the offsets of dq / dk
-  // (split_dq_accum / split_dk_accum) that an epilogue converts. 1 = each block's stream in one CTA.
+  // merges; the dQ / dK kernels write their partial gradients to fp32 slices with the offsets of dq / dk
+  // (split_dq_partials / split_dk_partials: [stream_splits, elements of dq / dk]) that an epilogue sums in split
+  // order, so that results stay deterministic. 1 = each block's stream in one CTA.
   int stream_splits = 1;
   int split_tiles = 0;
   void* split_states = nullptr;
-  void* split_dq_accum = nullptr;
-  void* split_dk_accum = nullptr;
+  void* split_dq_partials = nullptr;
+  void* split_dk_partials = nullptr;
   // What the caller asks of the split: 0 = the launcher decides (from the grid and the GPU), n >= 1 = at most n
   // CTAs per block (1 = none; tests force both ways).
   int requested_splits = 0;

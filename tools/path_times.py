@@ -1,0 +1,46 @@
+"""Median forward and forward+backward time of each divergence on both CUDA paths, in one process.
+
+Usage (on the GPU machine): python tools/path_times.py [--n 8192] [--d 128] [--heads 16] [--causal]
+Prints one line per (divergence, path): ms forward / forward+backward (grads w.r.t. the student's q, k; the teacher
+detached), triton.testing.do_bench medians. STREAMKL_CUDA_PATH is set per line (the ops read it at every call).
+"""
+
+import argparse
+import os
+
+import torch
+from triton.testing import do_bench
+
+import streamkl
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--causal", action="store_true")
+    a = ap.parse_args()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q_s, k_s, q_t, k_t = (torch.randn(1, a.heads, a.n, a.d, device="cuda", dtype=torch.bfloat16, generator=g)
+                          for _ in range(4))
+    q_s.requires_grad_(True)
+    k_s.requires_grad_(True)
+    print(f"B=1 H={a.heads} N={a.n} D={a.d} causal={a.causal} bf16 ({torch.cuda.get_device_name()})")
+    for divergence in ("forward", "reverse", "jsd"):
+        for path in ("ampere", "hopper"):
+            os.environ["STREAMKL_CUDA_PATH"] = path
+            kwargs = dict(divergence=divergence, causal=a.causal)
+
+            def fwd():
+                with torch.no_grad():
+                    streamkl.attention_kl(q_s, k_s, q_t, k_t, **kwargs)
+
+            def fwd_bwd():
+                torch.autograd.grad(streamkl.attention_kl(q_s, k_s, q_t, k_t, **kwargs).sum(), (q_s, k_s))
+
+            print(f"{divergence:8s} {path:7s} {do_bench(fwd):8.3f} / {do_bench(fwd_bwd):8.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
