@@ -167,3 +167,34 @@ def test_statistics_outputs_carry_no_gradient(op):
         out[1].sum().backward()
     grads = torch.autograd.grad(out[0].sum(), (q_s, k_s))
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])
+def test_broadcast_upstream_gradient_read_in_place(reduction, divergence):
+    """The gradient of kl.sum() / kl.mean() reaches the backward op as one value expanded over the rows (all strides
+    0), which the kernels read in place: same gradients as the same values passed contiguous."""
+    inputs = make_inputs(2, 3, 37, 45, 16, 24, seed=seed_of("broadcast-grad", reduction, divergence),
+                         dtype=torch.float64, requires_grad=True)
+    kl = streamkl.attention_kl(*inputs, causal=True, divergence=divergence)
+    reduced = kl.sum() if reduction == "sum" else kl.mean()
+    via_reduction = torch.autograd.grad(reduced, inputs, retain_graph=True)
+    value = 1.0 if reduction == "sum" else 1.0 / kl.numel()
+    contiguous = torch.full_like(kl, value)
+    assert contiguous.is_contiguous()
+    via_contiguous = torch.autograd.grad(kl, inputs, contiguous)
+    for a, b in zip(via_reduction, via_contiguous):
+        assert torch.equal(a, b)
+
+
+def test_backward_op_takes_an_expanded_gradient():
+    """attention_kl_bwd called directly with grad_kl = one value expanded over the rows: the same gradients as with
+    that value materialized."""
+    inputs = make_inputs(1, 2, 33, 40, 16, 8, seed=seed_of("expanded-grad-op"), dtype=torch.float64)
+    options = (0.25, 0.2, True, "reverse")
+    kl, lse_s, lse_t = torch.ops.streamkl.attention_kl_fwd(*inputs, *options)
+    expanded = torch.tensor(0.37, dtype=torch.float64).expand_as(kl)
+    grads = [torch.ops.streamkl.attention_kl_bwd(g, *inputs, kl, lse_s, lse_t, *options, True)
+             for g in (expanded, expanded.contiguous())]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

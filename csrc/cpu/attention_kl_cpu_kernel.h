@@ -291,12 +291,13 @@ void gradient_tiles(const AttentionKLParams& p, const SideSlice<T>& student, con
     if (p.divergence == Divergence::kJsd) {
       const JsdRowStats<T> stats = JsdRowStats<T>::load(jsd_stats + idx * JsdRowStats<T>::kCount);
       jsd_score_grads_row(s + c_begin, t + c_begin, c_end - c_begin, lse_s[idx], row_lse_t, static_cast<T>(p.beta),
-                          stats, grad_kl[idx]);
+                          stats, grad_kl[idx * p.grad_kl_stride]);
       continue;
     }
     const T lse_w = teacher_weights ? row_lse_t : lse_s[idx];
     const T lse_o = teacher_weights ? lse_s[idx] : row_lse_t;
-    score_grads_row(s + c_begin, t + c_begin, c_end - c_begin, teacher_weights, lse_w, lse_o, kl[idx], grad_kl[idx]);
+    score_grads_row(s + c_begin, t + c_begin, c_end - c_begin, teacher_weights, lse_w, lse_o, kl[idx],
+                    grad_kl[idx * p.grad_kl_stride]);
   }
 }
 

@@ -32,7 +32,7 @@ struct RowGradInputs {
     r.lse_w2 = (teacher_weights ? lse_t : lse_s) * kLog2e;
     r.lse_o2 = (teacher_weights ? lse_s : lse_t) * kLog2e;
     r.kl = static_cast<const float*>(p.kl)[idx];
-    r.grad = static_cast<const float*>(p.grad_kl)[idx];
+    r.grad = static_cast<const float*>(p.grad_kl)[idx * p.grad_kl_stride];
     return r;
   }
   // Rows past the end (or rows with no allowed key) must produce dS = 0; grad = 0 and finite LSEs do that
@@ -98,7 +98,7 @@ struct JsdScoreGrads {
     r.lse_t2 = p.row_teacher_lse<float>(idx) * kLog2e;
     r.lse_s2 = static_cast<const float*>(p.lse_student)[idx] * kLog2e;
     r.stats = JsdRowStats<float>::load(static_cast<const float*>(p.jsd_stats) + idx * JsdRowStats<float>::kCount);
-    r.grad = static_cast<const float*>(p.grad_kl)[idx];
+    r.grad = static_cast<const float*>(p.grad_kl)[idx * p.grad_kl_stride];
     return r;
   }
   // As for the KL: finite inputs and grad = 0 give dS = 0.

@@ -83,6 +83,9 @@ struct AttentionKLParams {
 
   // Backward only.
   const void* grad_kl = nullptr;
+  // Element step between rows of grad_kl: 1 (contiguous, like kl), or 0 when one value is broadcast to every row (the
+  // gradient of kl.sum() or kl.mean(), an expanded scalar), read in place instead of copied out first.
+  int64_t grad_kl_stride = 1;
   bool teacher_grad = false;  // also produce teacher.dq / teacher.dk
   // fp32 workspace [B, H, N_q, D_s], zeroed, for CUDA backward kernels that accumulate the student's dQ
   // with atomics (see cuda/attention_kl_bwd.cuh); null where unused.

@@ -225,8 +225,12 @@ BackwardRowInputs prepare_backward_rows(const at::Tensor& q_s, const at::Tensor&
                     " (q_s's shape without its head dim)");
   TORCH_CHECK_VALUE(lse_t.sizes() == teacher_rows, "streamkl: the backward expects lse_t of shape ", teacher_rows,
                     " (q_t's shape without its head dim), got ", lse_t.sizes());
-  return BackwardRowInputs{grad_kl.to(stats).contiguous(), kl.to(stats).contiguous(), lse_s.to(stats).contiguous(),
-                           lse_t.to(stats).contiguous()};
+  // The gradient of a sum or mean is one value expanded over the rows: no copy (a kernel launch and an allocation
+  // per backward, measurable at small N).
+  bool broadcast = grad_kl.numel() > 1 && grad_kl.scalar_type() == stats;
+  for (int64_t d = 0; d < grad_kl.dim(); ++d) broadcast = broadcast && grad_kl.stride(d) == 0;
+  return BackwardRowInputs{broadcast ? grad_kl : grad_kl.to(stats).contiguous(), kl.to(stats).contiguous(),
+                           lse_s.to(stats).contiguous(), lse_t.to(stats).contiguous(), broadcast};
 }
 
 at::Tensor prepare_jsd_stats(const at::Tensor& q_s, const at::Tensor& jsd_stats, at::ScalarType stats) {
@@ -243,6 +247,7 @@ void set_backward_params(AttentionKLParams& p, const BackwardRowInputs& rows, at
   p.lse_student = const_cast<void*>(rows.lse_s.data_ptr());
   p.lse_teacher = const_cast<void*>(rows.lse_t.data_ptr());
   p.grad_kl = rows.grad_kl.data_ptr();
+  p.grad_kl_stride = rows.grad_kl_broadcast ? 0 : 1;
   p.teacher_grad = teacher_grad;
   set_side_gradients(p.student, dq_s, dk_s, layout);
   if (teacher_grad) set_side_gradients(p.teacher, dq_t, dk_t, layout);

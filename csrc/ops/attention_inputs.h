@@ -102,9 +102,11 @@ AttentionKLParams make_layout_params(const at::Tensor& q_s, const at::Tensor& k_
                                      Divergence divergence, const TensorLayout& layout);
 
 // The backward's per-row inputs, shape-checked against q_s's leading dims ([B, H, N_q] padded, [total_q, H]
-// varlen) and made contiguous in the statistics dtype. Keep the struct alive until the kernels have run.
+// varlen) and made contiguous in the statistics dtype; a grad_kl that broadcasts one value to every row (all strides
+// 0) is kept as it is (grad_kl_broadcast). Keep the struct alive until the kernels have run.
 struct BackwardRowInputs {
   at::Tensor grad_kl, kl, lse_s, lse_t;
+  bool grad_kl_broadcast = false;
 };
 BackwardRowInputs prepare_backward_rows(const at::Tensor& q_s, const at::Tensor& grad_kl, const at::Tensor& kl,
                                         const at::Tensor& lse_s, const at::Tensor& lse_t, at::ScalarType stats);
