@@ -46,14 +46,19 @@ inline void launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem_byt
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // Split streams (stream_splits.cuh): how many CTAs share each X block's Y tiles. `blocks`: CTAs of the unsplit grid;
-// `max_tiles`: Y tiles of the longest stream. Splits when the unsplit grid cannot fill every SM's resident CTA slots
-// (the kernel's occupancy), aiming at twice as many CTAs (causal masks leave about half of the split CTAs empty),
-// with at least kMinSplitTiles tiles per split. p.requested_splits overrides the choice (tests); without a workspace
+// `max_tiles`: Y tiles of the longest stream; `bytes_per_split`: the workspace one split needs (partial row states or
+// gradient slices). Splits when the unsplit grid cannot fill every SM's resident CTA slots (the kernel's occupancy),
+// into about kSplitCtasPerSlot CTAs per slot: causal masks leave about half of the split CTAs empty and the rest
+// uneven, so finer splits balance better (DSA shape on H100, aggregated dK kernel: 9 splits 3.2 ms, 16 2.8 ms,
+// 32 2.1 ms; bench/RESULTS.md, session 7). At least kMinSplitTiles tiles per split, and at most
+// kMaxSplitWorkspaceBytes of workspace. p.requested_splits overrides the choice (tests); without a workspace
 // allocator nothing splits.
 constexpr int kMinSplitTiles = 4;
+constexpr int kSplitCtasPerSlot = 8;
+constexpr int64_t kMaxSplitWorkspaceBytes = int64_t(64) << 20;
 template <typename Kernel>
 AttentionKLParams with_stream_split(const AttentionKLParams& p, Kernel kernel, int threads, int smem_bytes,
-                                    int64_t blocks, int max_tiles, const char* what) {
+                                    int64_t blocks, int max_tiles, int64_t bytes_per_split, const char* what) {
   AttentionKLParams q = p;
   q.stream_splits = 1;
   int splits = p.requested_splits;
@@ -67,7 +72,9 @@ AttentionKLParams with_stream_split(const AttentionKLParams& p, Kernel kernel, i
       check_launch(what);  // reports the error
     const int64_t slots = static_cast<int64_t>(sms) * std::max(per_sm, 1);
     if (blocks >= slots) return q;
-    splits = static_cast<int>(std::min<int64_t>((2 * slots + blocks - 1) / blocks, max_tiles / kMinSplitTiles));
+    const int64_t by_slots = (kSplitCtasPerSlot * slots + blocks - 1) / blocks;
+    const int64_t by_memory = kMaxSplitWorkspaceBytes / std::max<int64_t>(bytes_per_split, 1);
+    splits = static_cast<int>(std::min({by_slots, by_memory, static_cast<int64_t>(max_tiles / kMinSplitTiles)}));
   }
   splits = std::min(splits, max_tiles);
   if (splits < 2) return q;
@@ -126,7 +133,7 @@ void run_attention_kl_fwd_with(const AttentionKLParams& p, cudaStream_t stream) 
   if (p.divergence != Divergence::kJsd)
     q = with_stream_split(p, kernel, Traits::kNThreads, Traits::kSmemBytes,
                           static_cast<int64_t>(blocks) * p.num_heads * p.batch, ceil_div(p.seqlen_k, Traits::kBlockN),
-                          what);
+                          split_state_rows(p) * kSplitStateFloats * int64_t(sizeof(float)), what);
   if (q.stream_splits > 1)
     q.split_states = q.workspace(q.stream_splits * split_state_rows(q) * kSplitStateFloats * int64_t(sizeof(float)));
   launch_with_smem(kernel, dim3(blocks * q.stream_splits, p.num_heads, p.batch), Traits::kNThreads,
@@ -199,7 +206,8 @@ void run_attention_kl_grad_kernel(const AttentionKLParams& p, bool keys, cudaStr
   if (!kTeacherGrad)
     q = with_stream_split(p, kernel, Traits::kNThreads, Traits::kSmemBytes,
                           static_cast<int64_t>(blocks) * heads * p.batch,
-                          ceil_div(keys ? p.seqlen_q : p.seqlen_k, Traits::kBlockN), what);
+                          ceil_div(keys ? p.seqlen_q : p.seqlen_k, Traits::kBlockN),
+                          student_grad_elements(p, keys) * int64_t(sizeof(float)), what);
   float* partials = nullptr;
   if (q.stream_splits > 1) {
     // Every split writes every row of its blocks (zeros where its part of the stream is empty); the workspace comes
