@@ -78,6 +78,7 @@ def main():
         cases, extra = [(1, 2, 100, 130, 64, 128, True, "forward", torch.bfloat16, True),
                         (1, 2, 130, 100, 128, 64, True, "reverse", torch.bfloat16, False),
                         (1, 2, 100, 130, 64, 128, True, "jsd:0.3", torch.bfloat16, True),
+                        (1, 2, 130, 100, 64, 64, False, "jsd:0.6", torch.bfloat16, False),
                         (1, 1, 100, 130, 64, 128, True, "reverse", torch.bfloat16, False, 3)], []
     for c in cases + extra:
         try:
