@@ -11,23 +11,18 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import streamkl
+from problem_args import add_problem_args, make_problem
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=8192)
-    ap.add_argument("--d", type=int, default=128)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--causal", action="store_true")
+    add_problem_args(ap)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--aggregate", type=int, default=1)
     ap.add_argument("--d-s", type=int, default=None)
     a = ap.parse_args()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    mk = lambda heads, d: torch.randn(1, heads, a.n, d, device="cuda", dtype=torch.bfloat16, generator=g)
     d_s = a.d_s or a.d
-    q_s, k_s = mk(a.heads, d_s).requires_grad_(), mk(a.heads, d_s).requires_grad_()
-    q_t, k_t = mk(a.heads * a.aggregate, a.d), mk(a.heads * a.aggregate, a.d)
+    q_s, k_s, q_t, k_t = make_problem(a, d_s=d_s, teacher_heads=a.heads * a.aggregate)
     reduce = "mean" if a.aggregate > 1 else "none"
     step = lambda: streamkl.attention_kl(q_s, k_s, q_t, k_t, causal=a.causal,
                                          teacher_head_reduce=reduce).sum().backward()

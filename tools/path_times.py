@@ -12,20 +12,14 @@ import torch
 from triton.testing import do_bench
 
 import streamkl
+from problem_args import add_problem_args, make_problem
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=8192)
-    ap.add_argument("--d", type=int, default=128)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--causal", action="store_true")
+    add_problem_args(ap)
     a = ap.parse_args()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q_s, k_s, q_t, k_t = (torch.randn(1, a.heads, a.n, a.d, device="cuda", dtype=torch.bfloat16, generator=g)
-                          for _ in range(4))
-    q_s.requires_grad_(True)
-    k_s.requires_grad_(True)
+    q_s, k_s, q_t, k_t = make_problem(a)
     print(f"B=1 H={a.heads} N={a.n} D={a.d} causal={a.causal} bf16 ({torch.cuda.get_device_name()})")
     for divergence in ("forward", "reverse", "jsd"):
         for path in ("ampere", "hopper"):
