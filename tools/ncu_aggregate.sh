@@ -19,8 +19,8 @@ keep = re.compile(r"Duration|Registers Per|Achieved Occupancy|Theoretical Occupa
                   r"Warp Cycles Per Issued|No Eligible|pipe_tensor|pipe_xu|hit_rate")
 stalls = []
 for line in open(sys.argv[1]):
-    m = re.search(r"streamkl::cuda::(\w+)<", line)
-    if m and "Context" not in line:
+    m = re.match(r"\s+void (?:streamkl::cuda::)?(\w+)<", line)  # a kernel's report header
+    if m:
         if stalls:
             print("  top stalls:", ", ".join(f"{n}={v:.2f}" for v, n in sorted(stalls, reverse=True)[:6]))
         stalls = []
