@@ -8,8 +8,7 @@
 
 #include <vector>
 
-#include "../ops/attention_inputs.h"
-#include "../ops/varlen_inputs.h"
+#include "../ops/attention_entry_points.h"
 #include "attention_kl_cpu_kernel.h"
 
 namespace streamkl {
@@ -71,8 +70,6 @@ ForwardOutputs run_forward(AttentionKLParams& p, const CpuInputs& in, const at::
   return out;
 }
 
-using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 // Zeroed gradient buffers (the kernels accumulate), the backward kernels, and the cast back to the input dtype.
 // jsd_stats: the forward's JSD statistics (read only for Divergence::kJsd).
 Gradients run_backward(AttentionKLParams& p, const CpuInputs& in, const BackwardRowInputs& rows,
@@ -95,107 +92,25 @@ Gradients run_backward(AttentionKLParams& p, const CpuInputs& in, const Backward
   return {dq_s.to(dt), dk_s.to(dt), dq_t.to(dt), dk_t.to(dt)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cpu(
-    const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in,
-    double scale_s, double scale_t, bool causal, c10::string_view divergence, int64_t window_left,
-    int64_t window_right, c10::string_view teacher_head_reduce, const c10::optional<at::Tensor>& teacher_lse) {
-  const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
-                                            window_right, std::string(teacher_head_reduce));
-  const Divergence div = parse_divergence(std::string(divergence));
-  const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  AttentionKLParams p = make_padded_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, div);
-  const ForwardOutputs out =
-      run_forward(p, in, checked_teacher_lse(teacher_lse, std::string(teacher_head_reduce), in.q_t, in.stats()));
-  return {out.kl, out.lse_s, out.lse_t};
-}
-
-Gradients attention_kl_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& q_s_in, const at::Tensor& k_s_in,
-                               const at::Tensor& q_t_in, const at::Tensor& k_t_in, const at::Tensor& kl,
-                               const at::Tensor& lse_s, const at::Tensor& lse_t, double scale_s, double scale_t,
-                               bool causal, c10::string_view divergence, bool teacher_grad, int64_t window_left,
-                               int64_t window_right, c10::string_view teacher_head_reduce) {
-  const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
-                                            window_right, std::string(teacher_head_reduce));
-  const Divergence div = parse_divergence(std::string(divergence));
-  refuse_aggregated_teacher_grad(call, teacher_grad);
-  const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, in.q_t, grad_kl, kl, lse_s, lse_t, in.stats());
-  AttentionKLParams p = make_padded_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, div);
-  return run_backward(p, in, rows, at::Tensor(), teacher_grad, kPaddedLayout);
-}
-
-// The generalized JSD on the padded layout: the KL ops' outputs plus the per-row statistics.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_jsd_fwd_cpu(
-    const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in,
-    double scale_s, double scale_t, bool causal, double beta, int64_t window_left, int64_t window_right,
-    c10::string_view teacher_head_reduce, const c10::optional<at::Tensor>& teacher_lse) {
-  const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
-                                            window_right, std::string(teacher_head_reduce));
-  check_jsd_beta(beta);
-  const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  AttentionKLParams p = make_padded_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, Divergence::kJsd);
-  p.beta = beta;
-  const ForwardOutputs out =
-      run_forward(p, in, checked_teacher_lse(teacher_lse, std::string(teacher_head_reduce), in.q_t, in.stats()));
-  return {out.kl, out.lse_s, out.lse_t, out.jsd_stats};
-}
-
-Gradients attention_jsd_bwd_cpu(const at::Tensor& grad_jsd, const at::Tensor& q_s_in, const at::Tensor& k_s_in,
-                                const at::Tensor& q_t_in, const at::Tensor& k_t_in, const at::Tensor& jsd,
-                                const at::Tensor& lse_s, const at::Tensor& lse_t, const at::Tensor& jsd_stats,
-                                double scale_s, double scale_t, bool causal, double beta, bool teacher_grad,
-                                int64_t window_left, int64_t window_right, c10::string_view teacher_head_reduce) {
-  const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
-                                            window_right, std::string(teacher_head_reduce));
-  check_jsd_beta(beta);
-  refuse_aggregated_teacher_grad(call, teacher_grad);
-  const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, in.q_t, grad_jsd, jsd, lse_s, lse_t, in.stats());
-  AttentionKLParams p = make_padded_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, Divergence::kJsd);
-  p.beta = beta;
-  return run_backward(p, in, rows, jsd_stats, teacher_grad, kPaddedLayout);
-}
-
-// Varlen: the packed-layout checks and the cu_seqlens (csrc/ops/varlen_inputs.h), then the same kernels.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_varlen_fwd_cpu(
-    const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in,
-    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    double scale_s, double scale_t, bool causal, c10::string_view divergence, int64_t window_left,
-    int64_t window_right, double beta) {
-  const VarlenCall call = check_varlen_call(q_s_in, k_s_in, q_t_in, k_t_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                            max_seqlen_k, scale_s, scale_t, causal, std::string(divergence),
-                                            window_left, window_right);
-  const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  AttentionKLParams p = make_varlen_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, beta);
-  const ForwardOutputs out = run_forward(p, in);
-  return {out.kl, out.lse_s, out.lse_t, out.jsd_stats};
-}
-
-Gradients attention_kl_varlen_bwd_cpu(const at::Tensor& grad_kl, const at::Tensor& q_s_in, const at::Tensor& k_s_in,
-                                      const at::Tensor& q_t_in, const at::Tensor& k_t_in,
-                                      const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                      int64_t max_seqlen_q, int64_t max_seqlen_k, const at::Tensor& kl,
-                                      const at::Tensor& lse_s, const at::Tensor& lse_t, const at::Tensor& jsd_stats,
-                                      double scale_s, double scale_t, bool causal, c10::string_view divergence,
-                                      bool teacher_grad, int64_t window_left, int64_t window_right, double beta) {
-  const VarlenCall call = check_varlen_call(q_s_in, k_s_in, q_t_in, k_t_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                            max_seqlen_k, scale_s, scale_t, causal, std::string(divergence),
-                                            window_left, window_right);
-  const CpuInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, grad_kl, kl, lse_s, lse_t, in.stats());
-  AttentionKLParams p = make_varlen_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, beta);
-  return run_backward(p, in, rows, jsd_stats, teacher_grad, kPackedLayout);
-}
+// The backend of the shared entry points (csrc/ops/attention_entry_points.h).
+struct CpuBackend {
+  using Inputs = CpuInputs;
+  struct Guard {
+    explicit Guard(const at::Tensor&) {}
+  };
+  static at::ScalarType stats(const Inputs& in) { return in.stats(); }
+  static void check_teacher_grad(bool, const at::Tensor&, const at::Tensor&) {}
+  static ForwardOutputs forward(AttentionKLParams& p, const Inputs& in, const at::Tensor& teacher_lse) {
+    return run_forward(p, in, teacher_lse);
+  }
+  static Gradients backward(AttentionKLParams& p, const Inputs& in, const BackwardRowInputs& rows,
+                            const at::Tensor& jsd_stats, bool teacher_grad, const TensorLayout& layout) {
+    return run_backward(p, in, rows, jsd_stats, teacher_grad, layout);
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(streamkl, CPU, m) {
-  m.impl("attention_kl_fwd", &attention_kl_fwd_cpu);
-  m.impl("attention_kl_bwd", &attention_kl_bwd_cpu);
-  m.impl("attention_jsd_fwd", &attention_jsd_fwd_cpu);
-  m.impl("attention_jsd_bwd", &attention_jsd_bwd_cpu);
-  m.impl("attention_kl_varlen_fwd", &attention_kl_varlen_fwd_cpu);
-  m.impl("attention_kl_varlen_bwd", &attention_kl_varlen_bwd_cpu);
-}
+TORCH_LIBRARY_IMPL(streamkl, CPU, m) { register_attention_ops<CpuBackend>(m); }
 
 }  // namespace streamkl

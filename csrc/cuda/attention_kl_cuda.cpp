@@ -14,8 +14,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <torch/library.h>
 
-#include "../ops/attention_inputs.h"
-#include "../ops/varlen_inputs.h"
+#include "../ops/attention_entry_points.h"
 #include "kernel_registry.h"
 #include "launch_workspace.h"
 
@@ -144,8 +143,6 @@ void run_teacher_head_lse(const AttentionKLParams& p, const KernelInputs& in, at
   forward_launcher(in.q_t, in.k_t, in.q_t, in.k_t)(t, c10::cuda::getCurrentCUDAStream());
 }
 
-using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 struct ForwardOutputs {
   at::Tensor kl, lse_s, lse_t;
   at::Tensor jsd_stats;  // [rows..., JsdRowStats::kCount] for the JSD (zeros at beta = 0 / 1), [0] otherwise
@@ -229,120 +226,28 @@ Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const Backw
   return {dq_s, dk_s, dq_t, dk_t};
 }
 
-// ---------------------------------------------------------------------------------------------------- padded
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_kl_fwd_cuda(
-    const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in,
-    double scale_s, double scale_t, bool causal, c10::string_view divergence, int64_t window_left,
-    int64_t window_right, c10::string_view teacher_head_reduce, const c10::optional<at::Tensor>& teacher_lse) {
-  const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
-                                            window_right, std::string(teacher_head_reduce));
-  const Divergence div = parse_divergence(std::string(divergence));
-  const c10::cuda::CUDAGuard guard(q_s_in.device());
-  const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  AttentionKLParams p = make_padded_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, div);
-  const ForwardOutputs out =
-      run_forward(p, in, checked_teacher_lse(teacher_lse, std::string(teacher_head_reduce), in.q_t, at::kFloat));
-  return {out.kl, out.lse_s, out.lse_t};
-}
-
-Gradients attention_kl_bwd_cuda(const at::Tensor& grad_kl, const at::Tensor& q_s_in, const at::Tensor& k_s_in,
-                                const at::Tensor& q_t_in, const at::Tensor& k_t_in, const at::Tensor& kl,
-                                const at::Tensor& lse_s, const at::Tensor& lse_t, double scale_s, double scale_t,
-                                bool causal, c10::string_view divergence, bool teacher_grad, int64_t window_left,
-                                int64_t window_right, c10::string_view teacher_head_reduce) {
-  const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
-                                            window_right, std::string(teacher_head_reduce));
-  const Divergence div = parse_divergence(std::string(divergence));
-  refuse_aggregated_teacher_grad(call, teacher_grad);
-  check_teacher_grad_grouping(teacher_grad, k_s_in, k_t_in);
-  const c10::cuda::CUDAGuard guard(q_s_in.device());
-  const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, in.q_t, grad_kl, kl, lse_s, lse_t, at::kFloat);
-  AttentionKLParams p = make_padded_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, div);
-  return run_backward(p, in, rows, at::Tensor(), teacher_grad, kPaddedLayout);
-}
-
-// The generalized JSD on the padded layout: the KL ops' outputs plus the per-row statistics.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_jsd_fwd_cuda(
-    const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in,
-    double scale_s, double scale_t, bool causal, double beta, int64_t window_left, int64_t window_right,
-    c10::string_view teacher_head_reduce, const c10::optional<at::Tensor>& teacher_lse) {
-  const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
-                                            window_right, std::string(teacher_head_reduce));
-  check_jsd_beta(beta);
-  const c10::cuda::CUDAGuard guard(q_s_in.device());
-  const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  AttentionKLParams p =
-      make_padded_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, Divergence::kJsd);
-  p.beta = beta;
-  const ForwardOutputs out =
-      run_forward(p, in, checked_teacher_lse(teacher_lse, std::string(teacher_head_reduce), in.q_t, at::kFloat));
-  return {out.kl, out.lse_s, out.lse_t, out.jsd_stats};
-}
-
-Gradients attention_jsd_bwd_cuda(const at::Tensor& grad_jsd, const at::Tensor& q_s_in, const at::Tensor& k_s_in,
-                                 const at::Tensor& q_t_in, const at::Tensor& k_t_in, const at::Tensor& jsd,
-                                 const at::Tensor& lse_s, const at::Tensor& lse_t, const at::Tensor& jsd_stats,
-                                 double scale_s, double scale_t, bool causal, double beta, bool teacher_grad,
-                                 int64_t window_left, int64_t window_right, c10::string_view teacher_head_reduce) {
-  const PaddedCall call = check_padded_call(q_s_in, k_s_in, q_t_in, k_t_in, scale_s, scale_t, causal, window_left,
-                                            window_right, std::string(teacher_head_reduce));
-  check_jsd_beta(beta);
-  refuse_aggregated_teacher_grad(call, teacher_grad);
-  check_teacher_grad_grouping(teacher_grad, k_s_in, k_t_in);
-  const c10::cuda::CUDAGuard guard(q_s_in.device());
-  const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, in.q_t, grad_jsd, jsd, lse_s, lse_t, at::kFloat);
-  AttentionKLParams p =
-      make_padded_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, Divergence::kJsd);
-  p.beta = beta;
-  return run_backward(p, in, rows, jsd_stats, teacher_grad, kPaddedLayout);
-}
-
-// ---------------------------------------------------------------------------------------------------- varlen
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_kl_varlen_fwd_cuda(
-    const at::Tensor& q_s_in, const at::Tensor& k_s_in, const at::Tensor& q_t_in, const at::Tensor& k_t_in,
-    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    double scale_s, double scale_t, bool causal, c10::string_view divergence, int64_t window_left,
-    int64_t window_right, double beta) {
-  const VarlenCall call = check_varlen_call(q_s_in, k_s_in, q_t_in, k_t_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                            max_seqlen_k, scale_s, scale_t, causal, std::string(divergence),
-                                            window_left, window_right);
-  const c10::cuda::CUDAGuard guard(q_s_in.device());
-  const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  AttentionKLParams p = make_varlen_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, beta);
-  const ForwardOutputs out = run_forward(p, in);
-  return {out.kl, out.lse_s, out.lse_t, out.jsd_stats};
-}
-
-Gradients attention_kl_varlen_bwd_cuda(const at::Tensor& grad_kl, const at::Tensor& q_s_in, const at::Tensor& k_s_in,
-                                       const at::Tensor& q_t_in, const at::Tensor& k_t_in,
-                                       const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                       int64_t max_seqlen_q, int64_t max_seqlen_k, const at::Tensor& kl,
-                                       const at::Tensor& lse_s, const at::Tensor& lse_t,
-                                       const at::Tensor& jsd_stats, double scale_s, double scale_t,
-                                       bool causal, c10::string_view divergence, bool teacher_grad,
-                                       int64_t window_left, int64_t window_right, double beta) {
-  const VarlenCall call = check_varlen_call(q_s_in, k_s_in, q_t_in, k_t_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                            max_seqlen_k, scale_s, scale_t, causal, std::string(divergence),
-                                            window_left, window_right);
-  check_teacher_grad_grouping(teacher_grad, k_s_in, k_t_in);
-  const c10::cuda::CUDAGuard guard(q_s_in.device());
-  const KernelInputs in(q_s_in, k_s_in, q_t_in, k_t_in);
-  const BackwardRowInputs rows = prepare_backward_rows(in.q_s, grad_kl, kl, lse_s, lse_t, at::kFloat);
-  AttentionKLParams p = make_varlen_params(in.q_s, in.k_s, in.q_t, in.k_t, call, scale_s, scale_t, beta);
-  return run_backward(p, in, rows, jsd_stats, teacher_grad, kPackedLayout);
-}
+// The backend of the shared entry points (csrc/ops/attention_entry_points.h).
+struct CudaBackend {
+  using Inputs = KernelInputs;
+  struct Guard {
+    c10::cuda::CUDAGuard guard;
+    explicit Guard(const at::Tensor& t) : guard(t.device()) {}
+  };
+  static at::ScalarType stats(const Inputs&) { return at::kFloat; }
+  static void check_teacher_grad(bool teacher_grad, const at::Tensor& k_s, const at::Tensor& k_t) {
+    check_teacher_grad_grouping(teacher_grad, k_s, k_t);
+  }
+  static ForwardOutputs forward(AttentionKLParams& p, const Inputs& in, const at::Tensor& teacher_lse) {
+    return run_forward(p, in, teacher_lse);
+  }
+  static Gradients backward(AttentionKLParams& p, const Inputs& in, const BackwardRowInputs& rows,
+                            const at::Tensor& jsd_stats, bool teacher_grad, const TensorLayout& layout) {
+    return run_backward(p, in, rows, jsd_stats, teacher_grad, layout);
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(streamkl, CUDA, m) {
-  m.impl("attention_kl_fwd", &attention_kl_fwd_cuda);
-  m.impl("attention_kl_bwd", &attention_kl_bwd_cuda);
-  m.impl("attention_jsd_fwd", &attention_jsd_fwd_cuda);
-  m.impl("attention_jsd_bwd", &attention_jsd_bwd_cuda);
-  m.impl("attention_kl_varlen_fwd", &attention_kl_varlen_fwd_cuda);
-  m.impl("attention_kl_varlen_bwd", &attention_kl_varlen_bwd_cuda);
-}
+TORCH_LIBRARY_IMPL(streamkl, CUDA, m) { register_attention_ops<CudaBackend>(m); }
 
 }  // namespace streamkl
