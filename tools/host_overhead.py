@@ -1,7 +1,8 @@
 """Host time per attention-KL call against the GPU time of its kernels, for both CUDA paths, at small N (where a
 call can be bound by the host: launch arguments, TMA descriptor encoding, allocations).
 
-Usage (on the GPU machine): python tools/host_overhead.py [--n 1024] [--d 128] [--iters 200] [--profile]
+Usage (on the GPU machine): python tools/host_overhead.py [--n 1024] [--d 128] [--heads 16] [--causal] [--iters 200]
+[--profile]
 Prints, per path and for the forward and forward+backward: the host time per call (wall clock of `iters` calls
 issued back to back, divided by iters, after a synchronize), and the summed GPU time of the streamkl kernels per call
 (torch.profiler). Host time well above GPU time means the call is host-bound. --profile adds, per path, the
@@ -16,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import streamkl
+from problem_args import add_problem_args, make_problem
 
 
 def host_ms(fn, iters):
@@ -78,23 +80,18 @@ def driver_call_us(iters):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=1024)
-    ap.add_argument("--d", type=int, default=128)
-    ap.add_argument("--heads", type=int, default=16)
+    add_problem_args(ap, n=1024)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
-    mk = lambda: torch.randn(1, a.heads, a.n, a.d, device="cuda", dtype=torch.bfloat16)
-    q_s, k_s, q_t, k_t = mk(), mk(), mk(), mk()
-    q_s.requires_grad_(True)
-    k_s.requires_grad_(True)
+    q_s, k_s, q_t, k_t = make_problem(a)
 
     def forward():
         with torch.no_grad():
-            streamkl.attention_kl(q_s, k_s, q_t, k_t)
+            streamkl.attention_kl(q_s, k_s, q_t, k_t, causal=a.causal)
 
     def forward_backward():
-        streamkl.attention_kl(q_s, k_s, q_t, k_t).sum().backward()
+        streamkl.attention_kl(q_s, k_s, q_t, k_t, causal=a.causal).sum().backward()
         q_s.grad = k_s.grad = None
 
     for name, us in driver_call_us(2000).items():

@@ -3,9 +3,9 @@
 import torch
 
 
-def add_problem_args(ap):
-    """--n, --d, --heads, --causal on an argparse parser."""
-    ap.add_argument("--n", type=int, default=8192)
+def add_problem_args(ap, *, n=8192):
+    """--n (default n), --d, --heads, --causal on an argparse parser."""
+    ap.add_argument("--n", type=int, default=n)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--causal", action="store_true")

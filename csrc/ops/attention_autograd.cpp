@@ -59,16 +59,22 @@ variable_list input_grads(const Rows4& grads, bool teacher_grad, size_t num_inpu
 
 // ------------------------------------------------------------------------------------------------------ padded
 // attention_kl_fwd and attention_jsd_fwd share their inputs but for the 8th (divergence / beta).
-using PaddedTail = std::tuple<int64_t, int64_t, std::string>;  // window_left, window_right, teacher_head_reduce
 constexpr size_t kPaddedInputs = 12;
 
-void save_padded_options(AutogradContext* ctx, double scale_s, double scale_t, bool causal, int64_t window_left,
-                         int64_t window_right, c10::string_view teacher_head_reduce) {
+// The options every backward op takes back: the scales and the mask.
+void save_mask_options(AutogradContext* ctx, double scale_s, double scale_t, bool causal, int64_t window_left,
+                       int64_t window_right) {
   ctx->saved_data["scale_s"] = scale_s;
   ctx->saved_data["scale_t"] = scale_t;
   ctx->saved_data["causal"] = causal;
   ctx->saved_data["window_left"] = window_left;
   ctx->saved_data["window_right"] = window_right;
+}
+
+// The padded ops' options: those and the teacher head reduction.
+void save_padded_options(AutogradContext* ctx, double scale_s, double scale_t, bool causal, int64_t window_left,
+                         int64_t window_right, c10::string_view teacher_head_reduce) {
+  save_mask_options(ctx, scale_s, scale_t, causal, window_left, window_right);
   ctx->saved_data["teacher_head_reduce"] = std::string(teacher_head_reduce);
 }
 
@@ -153,7 +159,7 @@ struct AttentionKLVarlenFunction : torch::autograd::Function<AttentionKLVarlenFu
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const Rows4 r = fwd.call(q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale_s,
                              scale_t, causal, divergence, window_left, window_right, beta);
-    save_padded_options(ctx, scale_s, scale_t, causal, window_left, window_right, "none");
+    save_mask_options(ctx, scale_s, scale_t, causal, window_left, window_right);
     ctx->saved_data["divergence"] = std::string(divergence);
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["max_seqlen_q"] = max_seqlen_q;
