@@ -1,7 +1,8 @@
 """CUDA kernels for head-aggregated teachers (teacher_head_reduce="mean"): the student head's target is the mean of
 the attention probabilities of r teacher heads. Values and student gradients against the float64 reference for all
 three divergences, masks, GQA/MQA on either side, head-dim pairs, DSA's one-head student, a caller-given teacher LSE,
-and the refusals.
+and the refusals; on both GPU paths (the default, which is the Hopper-path kernels on compute capability 9.x, and
+STREAMKL_CUDA_PATH=ampere), and that the Hopper-path kernels are the ones that run there.
 
 Skipped unless a GPU is visible and this build has the CUDA kernels. Inputs are drawn on the CPU from a seeded
 generator, rounded to bf16/fp16, and the reference runs in float64 on the same rounded values.
@@ -9,6 +10,7 @@ generator, rounded to bf16/fp16, and the reference runs in float64 on the same r
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import streamkl
 from helpers import CUDA_TEST_MARKS, assert_grads_close, assert_rel_close, randn, reference_grads, seed_of, upstream_grad
@@ -47,6 +49,17 @@ HEADS = [pytest.param((1, 8, 1, 2), id="h1-r8-kvt2"), pytest.param((3, 2, 1, 6),
 MASKS = [pytest.param(dict(causal=False), id="full"), pytest.param(dict(causal=True), id="causal"),
          pytest.param(dict(causal=True, window_size=(40, 0)), id="causal-w40"),
          pytest.param(dict(window_size=(30, 17)), id="w30_17")]
+PATHS = ["default", "ampere"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """The GPU path: "default" (Hopper-path kernels on compute capability 9.x) or the Ampere-path kernels."""
+    if request.param == "ampere":
+        monkeypatch.setenv("STREAMKL_CUDA_PATH", "ampere")
+    return request.param
+
+
 DIVERGENCES = [pytest.param(dict(divergence="forward"), id="forward"),
                pytest.param(dict(divergence="reverse"), id="reverse"),
                pytest.param(dict(divergence="jsd", beta=0.3), id="jsd0.3")]
@@ -55,7 +68,7 @@ DIVERGENCES = [pytest.param(dict(divergence="forward"), id="forward"),
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("heads", HEADS)
-def test_cuda_aggregate_matches_reference(heads, mask, divergence):
+def test_cuda_aggregate_matches_reference(path, heads, mask, divergence):
     H, r, kv_s, kv_t = heads
     seed = seed_of("cuda-aggregate", heads, mask, divergence)
     inputs = aggregate_inputs(2, H, r, kv_s, kv_t, 150, 190, 64, 128, seed=seed)
@@ -71,7 +84,7 @@ SHAPES = [pytest.param((64, 64, 64, 64), id="n64-d64"), pytest.param((257, 300, 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cuda_aggregate_shapes(shape, causal, dtype):
+def test_cuda_aggregate_shapes(path, shape, causal, dtype):
     Nq, Nk, Ds, Dt = shape
     seed = seed_of("cuda-aggregate-shape", shape, causal, dtype)
     inputs = aggregate_inputs(1, 2, 4, 2, 4, Nq, Nk, Ds, Dt, seed=seed, dtype=dtype)
@@ -79,7 +92,7 @@ def test_cuda_aggregate_shapes(shape, causal, dtype):
     check_against_reference(inputs, grad_out, causal=causal)
 
 
-def test_cuda_aggregate_dsa_shape():
+def test_cuda_aggregate_dsa_shape(path):
     """DeepSeek DSA's indexer target: one student head (D=64) against the mean of 64 teacher heads (D=128)."""
     seed = seed_of("cuda-aggregate-dsa")
     inputs = aggregate_inputs(1, 1, 64, 1, 64, 512, 512, 64, 128, seed=seed)
@@ -114,3 +127,28 @@ def test_cuda_aggregate_refuses_teacher_gradients():
     with pytest.raises(NotImplementedError, match="aggregated teacher"):
         streamkl.attention_kl(*inputs, teacher_head_reduce="mean")
 
+
+
+def _kernel_names(fn):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events()]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the Hopper-path kernels run on compute capability 9.x")
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])
+def test_cuda_aggregate_runs_hopper_kernels_on_hopper(divergence):
+    """On 9.x the aggregated teacher runs the warp-specialized kernels, not the Ampere-path ones (a silent fallback
+    would pass the value tests too)."""
+    inputs = aggregate_inputs(1, 2, 4, 1, 4, 300, 300, 64, 128, seed=seed_of("cuda-aggregate-hopper", divergence))
+    kwargs = dict(teacher_head_reduce="mean", causal=True, divergence=divergence)
+    out = streamkl.attention_kl(*inputs, **kwargs)
+    fwd = _kernel_names(lambda: streamkl.attention_kl(*inputs, **kwargs))
+    bwd = _kernel_names(lambda: out.sum().backward())
+    assert any("attention_kl_fwd_sm90_kernel" in n for n in fwd), fwd
+    assert not any("attention_kl_fwd_kernel<" in n or "attention_jsd_sums_kernel<" in n for n in fwd), fwd
+    assert any("attention_kl_bwd_dq_sm90_kernel" in n for n in bwd), bwd
+    assert any("attention_kl_bwd_dk_sm90_kernel" in n for n in bwd), bwd
+    assert not any("attention_kl_bwd_dq_kernel<" in n or "attention_kl_bwd_dk_kernel<" in n for n in bwd), bwd

@@ -1,7 +1,7 @@
-"""Split streams on the CUDA Ampere-path kernels: several CTAs share one X block's tiles (forward: partial row states
+"""Split streams on the CUDA kernels of both paths: several CTAs share one X block's tiles (forward: partial row states
 merged by a combine kernel; dQ / dK: partial gradients in fp32 slices summed by an epilogue), for problems with too
 few blocks to fill the GPU. Values and student gradients with splits forced (STREAMKL_STREAM_SPLITS=n), never (=1) and automatic,
-against the float64 reference: head-aggregated teachers (DSA's one-head student), plain teachers on the Ampere path,
+against the float64 reference: head-aggregated teachers (DSA's one-head student) on both paths, plain teachers on each path,
 masks whose key ranges start mid-tile, GQA, varlen packing, the JSD (backward split, forward not), and that the split
 kernels do run when asked.
 
@@ -54,8 +54,11 @@ def _check(inputs, **kwargs):
                                         pytest.param(dict(divergence="jsd", beta=0.4), id="jsd0.4")])
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("splits", SPLITS)
-def test_aggregated_teacher_with_splits(monkeypatch, splits, mask, divergence):
+@pytest.mark.parametrize("path", ["default", "ampere"])
+def test_aggregated_teacher_with_splits(monkeypatch, path, splits, mask, divergence):
     """DSA's indexer shape in small: one student head, 8 teacher heads over 2 key heads, 700 keys (22 tiles)."""
+    if path == "ampere":
+        monkeypatch.setenv("STREAMKL_CUDA_PATH", "ampere")
     monkeypatch.setenv("STREAMKL_STREAM_SPLITS", splits)
     inputs = _aggregated_inputs(1, 8, 2, 300, 700, seed_of("splits-agg", splits, mask, divergence))
     _check(inputs, teacher_head_reduce="mean", **mask, **divergence)
@@ -64,12 +67,18 @@ def test_aggregated_teacher_with_splits(monkeypatch, splits, mask, divergence):
 @pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("splits", SPLITS)
-def test_ampere_path_with_splits(monkeypatch, splits, mask, divergence):
-    """Plain teachers on the Ampere-path kernels (the path on GPUs other than Hopper), GQA on the student side."""
-    monkeypatch.setenv("STREAMKL_CUDA_PATH", "ampere")
+@pytest.mark.parametrize("path", ["default", "ampere"])
+def test_plain_teacher_with_splits(monkeypatch, path, splits, mask, divergence):
+    """Plain teachers on each path (the default is the Hopper-path kernels on compute capability 9.x; the Ampere path
+    is the one on other GPUs), GQA on the student side."""
+    if path == "ampere":
+        monkeypatch.setenv("STREAMKL_CUDA_PATH", "ampere")
     monkeypatch.setenv("STREAMKL_STREAM_SPLITS", splits)
-    seed = seed_of("splits-ampere", splits, mask, divergence)
-    inputs = gqa_inputs(1, 2, 1, 2, 333, 900, 64, 128, seed=seed, dtype=torch.bfloat16, device=DEVICE,
+    seed = seed_of("splits-ampere" if path == "ampere" else "splits-default", splits, mask, divergence)
+    # One teacher key head on the default path, so that the Hopper-path dK kernel (which needs the teacher to group
+    # its query heads like the student) runs too.
+    kv_t = 2 if path == "ampere" else 1
+    inputs = gqa_inputs(1, 2, 1, kv_t, 333, 900, 64, 128, seed=seed, dtype=torch.bfloat16, device=DEVICE,
                         teacher_requires_grad=False)
     _check(inputs, divergence=divergence, **mask)
 
@@ -92,7 +101,7 @@ def test_varlen_with_splits(monkeypatch, path, causal):
         monkeypatch.setenv("STREAMKL_CUDA_PATH", "ampere")
     monkeypatch.setenv("STREAMKL_STREAM_SPLITS", "7")
     lengths = [(37, 70), (0, 9), (200, 431), (1, 250), (300, 97)]
-    tensors, layout = varlen_inputs(lengths, 2, 1, 2, 64, 128, seed=seed_of("splits-varlen", path, causal),
+    tensors, layout = varlen_inputs(lengths, 2, 1, 2 if path == "ampere" else 1, 64, 128, seed=seed_of("splits-varlen", path, causal),
                                     dtype=torch.bfloat16, device=DEVICE, teacher_requires_grad=False)
     out = streamkl.attention_kl_varlen(*tensors, *layout, causal=causal)
     grad_out = upstream_grad(tuple(out.shape), seed_of("splits-varlen-grad", causal), device=DEVICE)
@@ -127,7 +136,7 @@ def test_split_kernels_run_when_asked(monkeypatch, splits):
     """The combine kernel and the gradient epilogue run exactly when the streams split (a silent unsplit run would
     pass the value tests too)."""
     monkeypatch.setenv("STREAMKL_STREAM_SPLITS", splits)
-    inputs = _aggregated_inputs(1, 4, 1, 256, 1024, seed_of("splits-names", splits))
+    inputs = _aggregated_inputs(1, 4, 1, 512, 1024, seed_of("splits-names", splits))
     out = streamkl.attention_kl(*inputs, teacher_head_reduce="mean", causal=True)
     fwd = _kernel_names(lambda: streamkl.attention_kl(*inputs, teacher_head_reduce="mean", causal=True))
     bwd = _kernel_names(lambda: out.sum().backward())

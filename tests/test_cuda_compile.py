@@ -21,6 +21,7 @@ import build_config  # noqa: E402
 INSTANTIATIONS = ["instantiations/fwd_bf16_hd64x128.cu", "instantiations/bwd_bf16_hd64x128.cu",
                   "instantiations/fwd90_bf16_hd64x128.cu", "instantiations/bwd90_bf16_hd64x128.cu",
                   "instantiations/fwdagg_bf16_hd64x128.cu", "instantiations/bwdagg_bf16_hd64x128.cu",
+                  "instantiations/fwdagg90_bf16_hd64x128.cu", "instantiations/bwdagg90_bf16_hd64x128.cu",
                   "linear_kl_epilogue.cu"]
 ARCHS = ["80", "90"]
 

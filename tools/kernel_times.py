@@ -11,19 +11,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import streamkl
-from problem_args import add_problem_args, make_problem
+from problem_args import add_problem_args, make_problem, teacher_head_reduce
 
 
 def main():
     ap = argparse.ArgumentParser()
     add_problem_args(ap)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--aggregate", type=int, default=1)
-    ap.add_argument("--d-s", type=int, default=None)
     a = ap.parse_args()
     d_s = a.d_s or a.d
-    q_s, k_s, q_t, k_t = make_problem(a, d_s=d_s, teacher_heads=a.heads * a.aggregate)
-    reduce = "mean" if a.aggregate > 1 else "none"
+    q_s, k_s, q_t, k_t = make_problem(a)
+    reduce = teacher_head_reduce(a)
     step = lambda: streamkl.attention_kl(q_s, k_s, q_t, k_t, causal=a.causal,
                                          teacher_head_reduce=reduce).sum().backward()
     for _ in range(3):

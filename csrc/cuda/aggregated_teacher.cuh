@@ -25,6 +25,23 @@
 namespace streamkl {
 namespace cuda {
 
+// A CTA's stream of aggregated items: for each of `groups` student heads (the Hopper dK kernel's GQA group; 1
+// elsewhere), each of its n_tiles Y tiles, each of the r teacher heads: flat item i. The one place that order is
+// written (the loads, the statistics and the products all decode it here).
+struct AggregatedItems {
+  int n_tiles, heads, groups;
+  struct Item {
+    int group, tile, head;
+    bool last_head;  // the tile's last teacher head: the student's tile travels with it, then the policy runs
+  };
+  __device__ int count() const { return groups * n_tiles * heads; }
+  __device__ Item operator[](int i) const {
+    const int tile_of_group = i / heads, head = i - tile_of_group * heads;
+    const int group = tile_of_group / n_tiles;
+    return Item{group, tile_of_group - group * n_tiles, head, head == heads - 1};
+  }
+};
+
 // The r teacher heads behind student head h for a CTA whose X block starts at row x0 of sequence b: query rows
 // (forward, dQ) or keys (kKeysAsX: dK, where the heads' LSEs belong to the tile's columns).
 template <typename Element, bool kKeysAsX>
@@ -69,6 +86,16 @@ struct AggregatedTeacher {
     CUTE_UNROLL
     for (int k = 0; k < kCount; ++k)
       lse[k] = kKeysAsX ? lse2(j, y0 + get<1>(coords(0, k))) : lse2(j, x0 + get<0>(coords(k, 0)));
+  }
+
+  // The same LSEs from shared memory, where the Hopper path's producer staged them by row of the X block (or of the
+  // Y tile, kKeysAsX), already base 2.
+  template <int kRows, int kCols, int kCount, typename TiledMma>
+  __device__ __forceinline__ static void load_staged_lse(TiledMma tiled_mma, const float* staged,
+                                                         float (&lse)[kCount]) {
+    Tensor coords = accumulator_coords<kRows, kCols>(tiled_mma, threadIdx.x);
+    CUTE_UNROLL
+    for (int k = 0; k < kCount; ++k) lse[k] = staged[kKeysAsX ? get<1>(coords(0, k)) : get<0>(coords(k, 0))];
   }
 
   // sum_p = (j == 0 ? 0 : sum_p) + exp2(scores * scale2 - lse) over the tile, lse from load_lse.
@@ -126,16 +153,16 @@ __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Trai
   const int heads = teacher.heads();
   issue_tile_load<typename Traits::XTileS>(student.x, student.x_stride, smem.x_s, x_valid_rows, tid);
 
-  const int n_tiles = y_end > y_begin ? (y_end - y_begin + kBlockN - 1) / kBlockN : 0;
-  const int n_items = n_tiles * heads;
+  const AggregatedItems items{KeyRange{y_begin, y_end}.tile_count(kBlockN), heads, 1};
+  const int n_items = items.count();
   auto load_item = [&](int item, int stage) {
-    const int tile = item / heads, j = item - tile * heads;
-    const int y0 = y_begin + tile * kBlockN;
-    const StreamOperands<typename Traits::Element> t = teacher.operands(j);
+    const AggregatedItems::Item it = items[item];
+    const int y0 = y_begin + it.tile * kBlockN;
+    const StreamOperands<typename Traits::Element> t = teacher.operands(it.head);
     issue_tile_load<typename Traits::XTileT>(t.x, t.x_stride, smem.x_t_staged(stage), x_valid_rows, tid);
     issue_tile_load<typename Traits::YTileT>(t.y + y0 * t.y_stride, t.y_stride, smem.y_t(stage), y_rows_total - y0,
                                              tid);
-    if (j == heads - 1)
+    if (it.last_head)
       issue_tile_load<typename Traits::YTileS>(student.y + y0 * student.y_stride, student.y_stride, smem.y_s(stage),
                                                y_rows_total - y0, tid);
   };
@@ -158,19 +185,17 @@ __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Trai
   // which the load issued after it (item + kStages - 1) reuses.
   for (int item = 0; item < n_items; ++item) {
     const int stage = item % Traits::kStages;
-    const int tile = item / heads, j = item - tile * heads;
-    const int y0 = y_begin + tile * kBlockN;
-    const bool last_head = j == heads - 1;
+    const AggregatedItems::Item it = items[item];
+    const int y0 = y_begin + it.tile * kBlockN;
     float lse[kLse];
     CUTE_UNROLL
     for (int k = 0; k < kLse; ++k) lse[k] = lse_next[k];
     if (item + 1 < n_items) {
-      const int next_tile = (item + 1) / heads;
-      teacher.template load_lse<kBlockM, kBlockN>(tiled_mma, item + 1 - next_tile * heads,
-                                                  y_begin + next_tile * kBlockN, lse_next);
+      const AggregatedItems::Item next = items[item + 1];
+      teacher.template load_lse<kBlockM, kBlockN>(tiled_mma, next.head, y_begin + next.tile * kBlockN, lse_next);
     }
     cp_async_wait<Traits::kStages - 2>();  // groups 0 .. item have landed
-    if (last_head) policy.stage_stats(y0, smem.stats(stage));
+    if (it.last_head) policy.stage_stats(y0, smem.stats(stage));
     __syncthreads();
     const int next = item + Traits::kStages - 1;
     if (next < n_items) load_item(next, next % Traits::kStages);
@@ -180,8 +205,8 @@ __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Trai
     clear(acc_t);
     Tensor x_t = make_tensor(make_smem_ptr(smem.x_t_staged(stage)), typename Traits::XTileT::Layout{});
     gemm_smem_smem(tiled_mma, acc_t, x_t, smem.y_t_tile(stage), tid);
-    teacher.add_probabilities(acc_t, sum_p, j, lse);
-    if (!last_head) continue;
+    teacher.add_probabilities(acc_t, sum_p, it.head, lse);
+    if (!it.last_head) continue;
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
     gemm_smem_smem(tiled_mma, acc_s, x_s, smem.y_s_tile(stage), tid);

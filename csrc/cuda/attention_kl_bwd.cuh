@@ -310,13 +310,6 @@ struct DkPolicy : GradPolicyBase<Traits, kTeacherGrad> {
   }
 };
 
-// dQ = scale * workspace, converted to the input type (the epilogue of the fused backward).
-template <typename Element>
-__global__ void scale_convert_kernel(const float* __restrict__ in, Element* __restrict__ out, int64_t n, float scale) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = static_cast<Element>(in[i] * scale);
-}
-
 // A CTA owns a block of keys of one student key head and loops over the query heads that read it (one
 // head without GQA), accumulating dK over the group in registers: one writer per dK row, no atomics. The
 // teacher's keys are those of the teacher key head each query head reads; teacher gradients need both

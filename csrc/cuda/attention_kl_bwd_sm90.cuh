@@ -13,6 +13,8 @@
 
 #include "attention_kl_bwd.cuh"
 #include "kernel_traits_sm90.cuh"
+#include "query_block_sm90.cuh"
+#include "stream_splits.cuh"
 #include "tma_stream_sm90.cuh"
 #include "warpgroup_mma.cuh"
 
@@ -30,6 +32,23 @@ struct DqStateSm90 {
   typename ScoreGrads::Row rows[kThreadRows];
 };
 
+// acc_grad += dS_s Y_s: the student's score gradients (acc_s, converted, from registers) times the stage's Y_s tile
+// read transposed, waited for (the stage's last reader).
+template <typename Traits, typename Acc, typename AccGrad>
+__device__ __forceinline__ void accumulate_score_grad_product(const StreamSmemSm90<Traits>& smem, int stage,
+                                                              const Acc& acc_s, AccGrad& acc_grad) {
+  typename Traits::GradMmaS grad_mma;
+  Tensor ds = convert_fragment<typename Traits::Element>(acc_s);
+  Tensor ds_a = make_tensor(ds.data(), wgmma_acc_as_operand_a(ds.layout()));
+  Tensor y_s = make_tensor(make_smem_ptr(smem.y_s(stage)), typename Traits::YTileS::LayoutTransposed{});
+  warpgroup_fence_operand(ds_a);
+  warpgroup_products_begin(acc_grad);
+  warpgroup_gemm_rs(grad_mma, acc_grad, ds_a, y_s, threadIdx.x);
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc_grad);
+}
+
 // The MMA warpgroups' loop of both gradient kernels over n_tiles streamed Y tiles (flat index: the dK kernel streams
 // the query tiles of several heads one after the other): per tile, the two score products, the score gradients
 // (score_grads(acc_s, acc_t, tile, stage) turns the scores into dS in place), then acc_grad += dS_s Y_s with dS_s
@@ -38,11 +57,8 @@ struct DqStateSm90 {
 template <typename Traits, typename AccGrad, typename ScoreGradsFn>
 __device__ __forceinline__ void consume_grad_tiles(const StreamSmemSm90<Traits>& smem, AccGrad& acc_grad, int n_tiles,
                                                    ScoreGradsFn&& score_grads) {
-  using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kStages = Traits::kStages;
-  const int tid = threadIdx.x;
   typename Traits::TiledMma score_mma;
-  typename Traits::GradMmaS grad_mma;
   Tensor acc_s = partition_fragment_C(score_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor acc_t = partition_fragment_C(score_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
   clear(acc_s);  // defined before any product is in flight (C7515)
@@ -58,16 +74,43 @@ __device__ __forceinline__ void consume_grad_tiles(const StreamSmemSm90<Traits>&
     warpgroup_fence_operand(acc_t);
 
     score_grads(score_mma, acc_s, acc_t, tile, stage);
-    Tensor ds = convert_fragment<Element>(acc_s);
-    Tensor ds_a = make_tensor(ds.data(), wgmma_acc_as_operand_a(ds.layout()));
-    Tensor y_s = make_tensor(make_smem_ptr(smem.y_s(stage)), typename Traits::YTileS::LayoutTransposed{});
-    warpgroup_fence_operand(ds_a);
-    warpgroup_products_begin(acc_grad);
-    warpgroup_gemm_rs(grad_mma, acc_grad, ds_a, y_s, tid);
-    warpgroup_commit_batch();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc_grad);
+    accumulate_score_grad_product<Traits>(smem, stage, acc_s, acc_grad);
     release_stream_tile(smem, tile);
+  }
+}
+
+// The same loop over an aggregated teacher's items (aggregated_teacher_sm90.cuh): the score gradients and the
+// gradient product run at each tile's last head, against the teacher "scores" whose scaled value is log2 pbar; the
+// flat tile index handed to score_grads counts the tiles of the items' groups one after the other.
+template <typename Traits, typename Teacher, typename AccGrad, typename ScoreGradsFn>
+__device__ __forceinline__ void consume_aggregated_grad_items(const StreamSmemSm90<Traits>& smem,
+                                                              const Teacher& teacher, const AggregatedItems& items,
+                                                              AccGrad& acc_grad, ScoreGradsFn&& score_grads) {
+  typename Traits::TiledMma score_mma;
+  AggregatedTiles<Traits> tiles;
+  cutlass::arch::ClusterBarrier::wait(smem.x_full, 0);
+  for (int i = 0; i < items.count(); ++i) {
+    const AggregatedItems::Item it = items[i];
+    aggregate_item<Traits>(teacher, smem, i, it, tiles.acc_s, tiles.acc_t, tiles.sum_p);
+    if (it.last_head) {
+      teacher.to_scores(tiles.sum_p);
+      const int stage = i % Traits::kStages;
+      score_grads(score_mma, tiles.acc_s, tiles.sum_p, it.group * items.n_tiles + it.tile, stage);
+      accumulate_score_grad_product<Traits>(smem, stage, tiles.acc_s, acc_grad);
+    }
+    release_stream_tile(smem, i);
+  }
+}
+
+// The per-row gradient inputs of query rows [y0, y0 + kBlockN) of head h into a stage's stats buffer (none() past
+// the sequence), lanes of one warp.
+template <typename Traits, typename ScoreGrads>
+__device__ __forceinline__ void stage_tile_row_inputs(const ScoreGrads& rule, const AttentionKLParams& p, float* stats,
+                                                      int b, int h, int y0, int seqlen_q, int lane) {
+  for (int c = lane; c < Traits::kBlockN; c += 32) {
+    const int row = y0 + c;
+    ScoreGrads::stage(row < seqlen_q ? rule.load(p, p.row_index(b, h, row)) : rule.none(), stats, c,
+                      Traits::kBlockN);
   }
 }
 
@@ -77,19 +120,19 @@ template <typename Traits, typename ScoreGrads>
 __device__ __forceinline__ void produce_row_stats(const ScoreGrads& rule, const AttentionKLParams& p,
                                                   const StreamSmemSm90<Traits>& smem, int b, int head0, int n_groups,
                                                   int y_begin, int seqlen_q, int n_tiles, int lane) {
-  constexpr int kBlockN = Traits::kBlockN;
   for (int g = 0, i = 0; g < n_groups; ++g) {
     for (int tile = 0; tile < n_tiles; ++tile, ++i) {
       wait_for_free_stage(smem, i);
-      float* stats = smem.stats(i % Traits::kStages);
-      for (int c = lane; c < kBlockN; c += 32) {
-        const int row = y_begin + tile * kBlockN + c;
-        ScoreGrads::stage(row < seqlen_q ? rule.load(p, p.row_index(b, head0 + g, row)) : rule.none(), stats, c,
-                          kBlockN);
-      }
+      stage_tile_row_inputs<Traits>(rule, p, smem.stats(i % Traits::kStages), b, head0 + g,
+                                    y_begin + tile * Traits::kBlockN, seqlen_q, lane);
       cutlass::arch::ClusterBarrier::arrive(&smem.full[i % Traits::kStages]);
     }
   }
+}
+
+// The CTA's slice of the split gradient partials (split streams), or null.
+__device__ __forceinline__ float* split_slice_or_null(const AttentionKLParams& p, bool keys) {
+  return p.stream_splits > 1 ? split_grad_slice(p, keys) : nullptr;
 }
 
 template <typename Traits, typename ScoreGrads>
@@ -114,50 +157,78 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
           st.score_grads, st.rows, blk.mask, st.full_keys.covers(y0, y0 + Traits::kBlockN),
           blk.row0, y0, st.scale_s2, st.scale_t2, score_mma, acc_s, acc_t);
     };
-    if (blk.n_tiles > 0) consume_grad_tiles<Traits>(smem, acc_dq, blk.n_tiles, score_grads);
+    if (blk.n_tiles > 0) {
+      if constexpr (Traits::kAggregatedTeacher)
+        consume_aggregated_grad_items<Traits>(smem, teacher_block<Traits, false>(p, blk.b, blk.h, blk.seq, blk.row0),
+                                              blk.items(p), acc_dq, score_grads);
+      else
+        consume_grad_tiles<Traits>(smem, acc_dq, blk.n_tiles, score_grads);
+    }
     store_grad_rows<Traits::kBlockM, Traits::kDimS, typename Traits::Element>(
         grad_mma, p.student, acc_dq, /*keys=*/false, blk.b, blk.h, blk.seq.q_start + blk.row0,
-        blk.seq.seqlen_q - blk.row0);
+        blk.seq.seqlen_q - blk.row0, split_slice_or_null(p, /*keys=*/false));
   });
 }
 
-// A CTA owns kBlockM keys of one student key head and streams the query tiles of every query head that reads it,
-// accumulating dK_s over the group (one writer per dK row). Teacher key heads must group the query heads the same
-// way (the launcher checks), so the teacher's X block is the same for the whole group.
+// A CTA owns kBlockM keys of one student key head (its split's part of their query rows) and streams the query tiles
+// of every query head that reads it, accumulating dK_s over the group (one writer per dK row). Teacher key heads must
+// group the query heads the same way (the launcher checks), so the teacher's X block is the same for the whole group;
+// an aggregated teacher's X block travels with each item instead (aggregated_teacher_sm90.cuh).
 template <typename Traits, typename ScoreGrads>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     attention_kl_bwd_dk_sm90_kernel(const AttentionKLParams p, const __grid_constant__ StreamTmaLoads<Traits> tma) {
   static_assert(ScoreGrads::kRowStats <= Traits::kRowStats, "the traits' stats buffer must hold the rule's rows");
   extern __shared__ __align__(1024) char smem_sm90[];
   const StreamSmemSm90<Traits> smem(smem_sm90);
+  const BlockAndSplit cta = block_and_split(p);
   const int kv_head = blockIdx.y, b = blockIdx.z;
-  const int key0 = blockIdx.x * Traits::kBlockM;
+  const int key0 = cta.block * Traits::kBlockM;
   const int group = p.num_heads / p.student.num_kv_heads;
   const AttentionKLParams::Sequence seq = p.sequence(b);
   const int key_end = min_of(key0 + Traits::kBlockM, seq.seqlen_k);
   const AttentionMask mask = AttentionMask::from_params(p, seq.seqlen_q, seq.seqlen_k);
-  const KeyRange rows = mask.rows_for_keys(key0, key_end);
+  const KeyRange rows = split_part<Traits::kBlockN>(p, mask.rows_for_keys(key0, key_end), cta.split);
   const int n_tiles = rows.tile_count(Traits::kBlockN);
+  const int batch = p.cu_seqlens_q != nullptr ? 0 : b;
 
   ScoreGrads rule;
   rule.init(p);
   run_warp_specialized<Traits>(
       smem, /*extra_full_arrivals=*/32,
       [&] {
-        const int warp = (threadIdx.x / 32) % 4;
-        if (n_tiles > 0 && threadIdx.x == Traits::kNMmaThreads) {
-          const StreamTileCoords coords{kv_head,
-                                        kv_head,
-                                        kv_head * group,
-                                        kv_head * group,
-                                        1,
-                                        p.cu_seqlens_q != nullptr ? 0 : b,
-                                        static_cast<int>(seq.k_start) + key0,
-                                        static_cast<int>(seq.q_start) + rows.begin};
-          produce_stream_tiles(tma, smem, coords, n_tiles, group);
-        } else if (n_tiles > 0 && warp == 1) {
-          produce_row_stats<Traits>(rule, p, smem, b, kv_head * group, group, rows.begin, seq.seqlen_q, n_tiles,
-                                    threadIdx.x % 32);
+        const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+        if (n_tiles == 0) return;
+        if constexpr (Traits::kAggregatedTeacher) {
+          const AggregatedItems items{n_tiles, p.teacher_head_group, group};
+          if (threadIdx.x == Traits::kNMmaThreads)
+            produce_aggregated_items(p, tma, smem,
+                                     AggregatedStreamCoords{kv_head, kv_head * group, batch,
+                                                            static_cast<int>(seq.k_start) + key0,
+                                                            static_cast<int>(seq.q_start) + rows.begin,
+                                                            /*keys_as_x=*/true},
+                                     items);
+          else if (warp == 1)
+            produce_aggregated_row_inputs(p, smem, b, kv_head * group, items, key0, rows.begin, seq.seqlen_q,
+                                          /*keys_as_x=*/true, lane, [&](float* stats, int h, int tile) {
+                                            stage_tile_row_inputs<Traits>(rule, p, stats, b, h,
+                                                                          rows.begin + tile * Traits::kBlockN,
+                                                                          seq.seqlen_q, lane);
+                                          });
+        } else {
+          if (threadIdx.x == Traits::kNMmaThreads) {
+            const StreamTileCoords coords{kv_head,
+                                          kv_head,
+                                          kv_head * group,
+                                          kv_head * group,
+                                          1,
+                                          batch,
+                                          static_cast<int>(seq.k_start) + key0,
+                                          static_cast<int>(seq.q_start) + rows.begin};
+            produce_stream_tiles(tma, smem, coords, n_tiles, group);
+          } else if (warp == 1) {
+            produce_row_stats<Traits>(rule, p, smem, b, kv_head * group, group, rows.begin, seq.seqlen_q, n_tiles,
+                                      lane);
+          }
         }
       },
       [&] {
@@ -172,9 +243,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
               rule, smem.stats(stage), mask, mask.block_fully_visible(y0, y0 + Traits::kBlockN, key0, key_end), key0,
               y0, scale_s2, scale_t2, score_mma, acc_s, acc_t);
         };
-        if (n_tiles > 0) consume_grad_tiles<Traits>(smem, acc_dk, n_tiles * group, score_grads);
+        if (n_tiles > 0) {
+          if constexpr (Traits::kAggregatedTeacher)
+            consume_aggregated_grad_items<Traits>(smem, teacher_block<Traits, true>(p, b, kv_head * group, seq, key0),
+                                                  AggregatedItems{n_tiles, p.teacher_head_group, group}, acc_dk,
+                                                  score_grads);
+          else
+            consume_grad_tiles<Traits>(smem, acc_dk, n_tiles * group, score_grads);
+        }
         store_grad_rows<Traits::kBlockM, Traits::kDimS, typename Traits::Element>(
-            grad_mma, p.student, acc_dk, /*keys=*/true, b, kv_head, seq.k_start + key0, seq.seqlen_k - key0);
+            grad_mma, p.student, acc_dk, /*keys=*/true, b, kv_head, seq.k_start + key0, seq.seqlen_k - key0,
+            split_slice_or_null(p, /*keys=*/true));
       });
 }
 

@@ -100,6 +100,8 @@ const char* family_name(cuda::KernelFamily family) {
     case cuda::KernelFamily::kBackwardSm90: return "Hopper-path backward";
     case cuda::KernelFamily::kForwardAggregated: return "aggregated-teacher forward";
     case cuda::KernelFamily::kBackwardAggregated: return "aggregated-teacher backward";
+    case cuda::KernelFamily::kForwardAggregatedSm90: return "Hopper-path aggregated-teacher forward";
+    case cuda::KernelFamily::kBackwardAggregatedSm90: return "Hopper-path aggregated-teacher backward";
   }
   return "unknown";
 }
@@ -116,14 +118,19 @@ cuda::LaunchFn find_launcher(cuda::KernelFamily family, const KernelInputs& in) 
   return find_launcher(family, in.q_s, in.q_t);
 }
 
-// The forward for the given inputs (every divergence): the Hopper path where it takes them (at least one key,
-// compute capability 9.x, head dims 64/128), else the Ampere path.
+// The launcher of `hopper` where the Hopper path takes the inputs (at least one key on both sides, compute capability
+// 9.x, a head-dim pair it is instantiated for), else the required one of `ampere`.
+cuda::LaunchFn path_launcher(cuda::KernelFamily hopper, cuda::KernelFamily ampere, const at::Tensor& q,
+                             const at::Tensor& k, const at::Tensor& q_t, const at::Tensor& k_t) {
+  cuda::LaunchFn launch = nullptr;
+  if (k.numel() > 0 && k_t.numel() > 0 && hopper_path_enabled(q)) launch = lookup_launcher(hopper, q, q_t);
+  return launch != nullptr ? launch : find_launcher(ampere, q, q_t);
+}
+
+// The forward for the given inputs, every divergence.
 cuda::LaunchFn forward_launcher(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_t,
                                 const at::Tensor& k_t) {
-  cuda::LaunchFn launch = nullptr;
-  if (k.numel() > 0 && k_t.numel() > 0 && hopper_path_enabled(q))
-    launch = lookup_launcher(cuda::KernelFamily::kForwardSm90, q, q_t);
-  return launch != nullptr ? launch : find_launcher(cuda::KernelFamily::kForward, q, q_t);
+  return path_launcher(cuda::KernelFamily::kForwardSm90, cuda::KernelFamily::kForward, q, k, q_t, k_t);
 }
 
 // Pass 1 of an aggregated teacher: every teacher head's LSE into lse_t ([B, H * r, N_q]), by the KL forward run with
@@ -168,10 +175,12 @@ ForwardOutputs run_forward(AttentionKLParams& p, const KernelInputs& in, const a
   LaunchWorkspace workspace(in.q_s);
   const AttentionKLParams kernel_params = with_launch_workspace(kernel_attention_params(p), workspace);
   const bool aggregated = p.teacher_head_group > 1;
-  // The Hopper-path forward takes every divergence over at least one key; key-less problems and aggregated teachers
-  // run on Ampere-path kernels.
-  const cuda::LaunchFn launch = aggregated ? find_launcher(cuda::KernelFamily::kForwardAggregated, in)
-                                           : forward_launcher(in.q_s, in.k_s, in.q_t, in.k_t);
+  // The Hopper path takes every divergence and aggregated teachers over at least one key; key-less problems run on the
+  // Ampere-path kernels.
+  const cuda::LaunchFn launch =
+      aggregated ? path_launcher(cuda::KernelFamily::kForwardAggregatedSm90, cuda::KernelFamily::kForwardAggregated,
+                                 in.q_s, in.k_s, in.q_t, in.k_t)
+                 : forward_launcher(in.q_s, in.k_s, in.q_t, in.k_t);
   if (teacher_lse.defined()) out.lse_t.copy_(teacher_lse);  // a copy: an op output must not alias an input
   if (out.kl.numel() == 0) return out;
   if (aggregated && !teacher_lse.defined()) run_teacher_head_lse(kernel_params, in, out.lse_t);
@@ -189,11 +198,12 @@ ForwardOutputs run_forward(AttentionKLParams& p, const KernelInputs& in, const a
 Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const BackwardRowInputs& rows,
                        const at::Tensor& jsd_stats, bool teacher_grad, const TensorLayout& layout) {
   // The Hopper-path backward takes student gradients only, every divergence (not the opt-in fused backward);
-  // aggregated teachers have their own (student gradients only, every divergence).
+  // aggregated teachers have their own on both paths (student gradients only, every divergence).
   const bool aggregated = p.teacher_head_group > 1;
   cuda::LaunchFn launch = nullptr;
   if (aggregated)
-    launch = find_launcher(cuda::KernelFamily::kBackwardAggregated, in);
+    launch = path_launcher(cuda::KernelFamily::kBackwardAggregatedSm90, cuda::KernelFamily::kBackwardAggregated,
+                           in.q_s, in.k_s, in.q_t, in.k_t);
   else if (!teacher_grad && !fused_backward_enabled() && hopper_path_enabled(in.q_s))
     launch = lookup_launcher(cuda::KernelFamily::kBackwardSm90, in);
   if (launch == nullptr) launch = find_launcher(cuda::KernelFamily::kBackward, in);

@@ -21,6 +21,7 @@
 #include "attention_jsd_fwd.cuh"
 #include "attention_kl_fwd.cuh"
 #include "kernel_traits_sm90.cuh"
+#include "query_block_sm90.cuh"
 #include "tma_stream_sm90.cuh"
 #include "warpgroup_mma.cuh"
 
@@ -85,6 +86,39 @@ __device__ __forceinline__ void consume_forward_tiles(Policy& policy, const Stre
   }
 }
 
+// The MMA warpgroups' loop over an aggregated teacher's items (aggregated_teacher_sm90.cuh): at each tile's last
+// head the policy gets the student's scores and the teacher "scores" whose scaled value is log2 pbar. The items'
+// products are not overlapped with the exponentials inside a warpgroup; the two MMA warpgroups run at their own pace.
+template <typename Traits, typename Policy, typename Teacher>
+__device__ __forceinline__ void consume_aggregated_forward_items(Policy& policy, const StreamSmemSm90<Traits>& smem,
+                                                                 const Teacher& teacher, const AggregatedItems& items,
+                                                                 int y_begin) {
+  typename Traits::TiledMma score_mma;
+  AggregatedTiles<Traits> tiles;
+  cutlass::arch::ClusterBarrier::wait(smem.x_full, 0);
+  for (int i = 0; i < items.count(); ++i) {
+    const AggregatedItems::Item it = items[i];
+    aggregate_item<Traits>(teacher, smem, i, it, tiles.acc_s, tiles.acc_t, tiles.sum_p);
+    release_stream_tile(smem, i);
+    if (!it.last_head) continue;
+    teacher.to_scores(tiles.sum_p);
+    policy.consume(score_mma, tiles.acc_s, tiles.sum_p, y_begin + it.tile * Traits::kBlockN, i % Traits::kStages);
+  }
+}
+
+// A query block's stream into the policy: the key tiles, or an aggregated teacher's items.
+template <typename Traits, typename Policy>
+__device__ __forceinline__ void consume_query_block(Policy& policy, const AttentionKLParams& p,
+                                                    const StreamSmemSm90<Traits>& smem, const QueryBlockSm90& blk) {
+  if (blk.n_tiles == 0) return;
+  if constexpr (Traits::kAggregatedTeacher)
+    consume_aggregated_forward_items<Traits>(policy, smem, teacher_block<Traits, false>(p, blk.b, blk.h, blk.seq,
+                                                                                        blk.row0),
+                                             blk.items(p), blk.keys.begin);
+  else
+    consume_forward_tiles<Traits>(policy, smem, blk.keys.begin, blk.n_tiles);
+}
+
 template <typename Traits, bool kTeacherWeights>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     attention_kl_fwd_sm90_kernel(const AttentionKLParams p, const __grid_constant__ StreamTmaLoads<Traits> tma) {
@@ -93,8 +127,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const StreamSmemSm90<Traits> smem(smem_sm90);
   run_query_block_sm90<Traits>(p, tma, smem, [&](const QueryBlockSm90& blk) {
     auto policy = make_forward_policy<Traits, kTeacherWeights>(p, blk.seq, blk.row0, blk.row_end);
-    if (blk.n_tiles > 0) consume_forward_tiles<Traits>(policy, smem, blk.keys.begin, blk.n_tiles);
-    write_forward_rows(policy, p, blk.b, blk.h, blk.row0, blk.seq.seqlen_q);
+    consume_query_block<Traits>(policy, p, smem, blk);
+    write_forward_rows(policy, p, blk.b, blk.h, blk.row0, blk.seq.seqlen_q, blk.split);
   });
 }
 
@@ -108,7 +142,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const StreamSmemSm90<Traits> smem(smem_sm90);
   run_query_block_sm90<Traits>(p, tma, smem, [&](const QueryBlockSm90& blk) {
     auto policy = make_jsd_sums_policy<Traits>(p, blk.seq, blk.b, blk.h, blk.row0);
-    if (blk.n_tiles > 0) consume_forward_tiles<Traits>(policy, smem, blk.keys.begin, blk.n_tiles);
+    consume_query_block<Traits>(policy, p, smem, blk);
     write_jsd_rows(policy, p, blk.b, blk.h, blk.row0, blk.seq.seqlen_q);
   });
 }

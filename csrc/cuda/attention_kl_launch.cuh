@@ -5,8 +5,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 
 #include "attention_jsd_fwd.cuh"
@@ -26,19 +29,39 @@ inline void check_launch(const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("streamkl: ") + what + " failed: " + cudaGetErrorString(err));
 }
 
-template <typename Kernel>
-inline void reserve_smem(Kernel kernel, int smem_bytes, const char* what) {
-  if (smem_bytes <= 48 * 1024) return;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("streamkl: ") + what + ": cannot reserve " + std::to_string(smem_bytes) +
-                             " bytes of shared memory: " + cudaGetErrorString(err));
+// What a launcher needs the runtime to have done or said once per (kernel, device, shared memory): the dynamic shared
+// memory above 48 KB reserved (cudaFuncSetAttribute), the SM count and the kernel's resident CTAs per SM (the split
+// decision). Cached: asked again on every launch they were host time at small N (session 7's review).
+struct KernelResidency {
+  int sms = 0, ctas_per_sm = 0;
+};
+inline KernelResidency prepare_kernel(const void* kernel, int threads, int smem_bytes, const char* what) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int>, KernelResidency> prepared;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) check_launch(what);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(kernel, device, smem_bytes);
+  const auto found = prepared.find(key);
+  if (found != prepared.end()) return found->second;
+  if (smem_bytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err != cudaSuccess)
+      throw std::runtime_error(std::string("streamkl: ") + what + ": cannot reserve " + std::to_string(smem_bytes) +
+                               " bytes of shared memory: " + cudaGetErrorString(err));
+  }
+  KernelResidency r;
+  if (cudaDeviceGetAttribute(&r.sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r.ctas_per_sm, kernel, threads, smem_bytes) != cudaSuccess)
+    check_launch(what);  // reports the error
+  prepared.emplace(key, r);
+  return r;
 }
 
 template <typename Kernel, typename... Args>
 inline void launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t stream,
                              const char* what, const Args&... args) {
-  reserve_smem(kernel, smem_bytes, what);
+  prepare_kernel(reinterpret_cast<const void*>(kernel), threads, smem_bytes, what);
   kernel<<<grid, threads, smem_bytes, stream>>>(args...);
   check_launch(what);
 }
@@ -64,13 +87,8 @@ AttentionKLParams with_stream_split(const AttentionKLParams& p, Kernel kernel, i
   int splits = p.requested_splits;
   if (!p.workspace || splits == 1 || max_tiles < 2) return q;
   if (splits == 0) {
-    int device = 0, sms = 0, per_sm = 0;
-    reserve_smem(kernel, smem_bytes, what);
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes) != cudaSuccess)
-      check_launch(what);  // reports the error
-    const int64_t slots = static_cast<int64_t>(sms) * std::max(per_sm, 1);
+    const KernelResidency r = prepare_kernel(reinterpret_cast<const void*>(kernel), threads, smem_bytes, what);
+    const int64_t slots = static_cast<int64_t>(r.sms) * std::max(r.ctas_per_sm, 1);
     if (blocks >= slots) return q;
     const int64_t by_slots = (kSplitCtasPerSlot * slots + blocks - 1) / blocks;
     const int64_t by_memory = kMaxSplitWorkspaceBytes / std::max<int64_t>(bytes_per_split, 1);
@@ -89,8 +107,57 @@ void sum_split_grad(const AttentionKLParams& p, bool keys, const float* partials
   const int64_t n = student_grad_elements(p, keys);
   const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 65535));
   sum_split_partials_kernel<Element><<<blocks, 256, 0, stream>>>(
-      partials, static_cast<Element*>(keys ? p.student.dk : p.student.dq), n, p.stream_splits);
+      partials, static_cast<Element*>(keys ? p.student.dk : p.student.dq), n, p.stream_splits, 1.f);
   check_launch("attention_kl split-stream gradient epilogue");
+}
+
+// A forward kernel over blocks of block_m query rows (grid: blocks x splits, heads, batch; launch arguments: the
+// params, then `extra`), either path. The KL divergences split long streams of few blocks (stream_splits.cuh) and
+// merge the rows' partial states after; the JSD's pass 1 does not (pass 2 needs its LSEs, and its backward its
+// statistics, unsplit).
+template <typename Kernel, typename... Extra>
+void launch_forward_kernel(const AttentionKLParams& p, Kernel kernel, int threads, int smem_bytes, int block_m,
+                           int block_n, const char* what, cudaStream_t stream, const Extra&... extra) {
+  const int blocks = ceil_div(p.seqlen_q, block_m);
+  const int64_t states_per_split = split_state_rows(p) * kSplitStateFloats * int64_t(sizeof(float));
+  AttentionKLParams q = p;
+  if (p.divergence != Divergence::kJsd)
+    q = with_stream_split(p, kernel, threads, smem_bytes, static_cast<int64_t>(blocks) * p.num_heads * p.batch,
+                          ceil_div(p.seqlen_k, block_n), states_per_split, what);
+  if (q.stream_splits > 1) q.split_states = q.workspace(q.stream_splits * states_per_split);
+  launch_with_smem(kernel, dim3(blocks * q.stream_splits, p.num_heads, p.batch), threads, smem_bytes, stream, what, q,
+                   extra...);
+  if (q.stream_splits == 1) return;
+  const auto combine = teacher_is_weighting_side(p.divergence) ? combine_split_rows_kernel<true>
+                                                               : combine_split_rows_kernel<false>;
+  combine<<<dim3(ceil_div(p.seqlen_q, kCombineRows), p.num_heads, p.batch), kCombineRows, 0, stream>>>(q);
+  check_launch("attention_kl split-stream combine kernel");
+}
+
+// One gradient kernel of the two-kernel backward, either path: dQ (keys = false; X = blocks of block_m query rows, Y =
+// key tiles) or dK (X = key blocks of each of `heads` key heads, Y = query tiles). With `splittable` (student
+// gradients only) long streams of few blocks split: each split writes an fp32 slice of a workspace, summed into dq /
+// dk after.
+template <typename Element, typename Kernel, typename... Extra>
+void launch_grad_kernel(const AttentionKLParams& p, bool keys, bool splittable, Kernel kernel, int threads,
+                        int smem_bytes, int block_m, int block_n, int heads, const char* what, cudaStream_t stream,
+                        const Extra&... extra) {
+  const int blocks = ceil_div(keys ? p.seqlen_k : p.seqlen_q, block_m);
+  const int64_t slice_bytes = student_grad_elements(p, keys) * int64_t(sizeof(float));
+  AttentionKLParams q = p;
+  if (splittable)
+    q = with_stream_split(p, kernel, threads, smem_bytes, static_cast<int64_t>(blocks) * heads * p.batch,
+                          ceil_div(keys ? p.seqlen_q : p.seqlen_k, block_n), slice_bytes, what);
+  float* partials = nullptr;
+  if (q.stream_splits > 1) {
+    // Every split writes every row of its blocks (zeros where its part of the stream is empty); the workspace comes
+    // zeroed all the same, so an element no CTA wrote could only add 0.
+    partials = static_cast<float*>(q.workspace(q.stream_splits * slice_bytes));
+    (keys ? q.split_dk_partials : q.split_dq_partials) = partials;
+  }
+  launch_with_smem(kernel, dim3(blocks * q.stream_splits, heads, p.batch), threads, smem_bytes, stream, what, q,
+                   extra...);
+  if (partials != nullptr) sum_split_grad<Element>(q, keys, partials, stream);
 }
 
 // Forward: 128 query rows per CTA, 32 per warp (each key fragment feeds two MMA row slabs), key tiles of
@@ -125,23 +192,10 @@ using AggregatedTraits = KernelTraits<Element, kDimS, kDimT, 64, 32, 4, false, f
 // the JSD's pass 1 does not (pass 2 needs its LSEs, and its backward its statistics, unsplit).
 template <typename Traits>
 void run_attention_kl_fwd_with(const AttentionKLParams& p, cudaStream_t stream) {
-  const bool teacher_weights = teacher_is_weighting_side(p.divergence);
-  const auto kernel = teacher_weights ? attention_kl_fwd_kernel<Traits, true> : attention_kl_fwd_kernel<Traits, false>;
-  const char* what = "attention_kl forward kernel";
-  const int blocks = ceil_div(p.seqlen_q, Traits::kBlockM);
-  AttentionKLParams q = p;
-  if (p.divergence != Divergence::kJsd)
-    q = with_stream_split(p, kernel, Traits::kNThreads, Traits::kSmemBytes,
-                          static_cast<int64_t>(blocks) * p.num_heads * p.batch, ceil_div(p.seqlen_k, Traits::kBlockN),
-                          split_state_rows(p) * kSplitStateFloats * int64_t(sizeof(float)), what);
-  if (q.stream_splits > 1)
-    q.split_states = q.workspace(q.stream_splits * split_state_rows(q) * kSplitStateFloats * int64_t(sizeof(float)));
-  launch_with_smem(kernel, dim3(blocks * q.stream_splits, p.num_heads, p.batch), Traits::kNThreads,
-                   Traits::kSmemBytes, stream, what, q);
-  if (q.stream_splits == 1) return;
-  const auto combine = teacher_weights ? combine_split_rows_kernel<true> : combine_split_rows_kernel<false>;
-  combine<<<dim3(ceil_div(p.seqlen_q, kCombineRows), p.num_heads, p.batch), kCombineRows, 0, stream>>>(q);
-  check_launch("attention_kl split-stream combine kernel");
+  const auto kernel = teacher_is_weighting_side(p.divergence) ? attention_kl_fwd_kernel<Traits, true>
+                                                              : attention_kl_fwd_kernel<Traits, false>;
+  launch_forward_kernel(p, kernel, Traits::kNThreads, Traits::kSmemBytes, Traits::kBlockM, Traits::kBlockN,
+                        "attention_kl forward kernel", stream);
 }
 
 // Pass 2 of the JSD: the mixture's row sums over the same score tiles, given pass 1's LSEs (attention_jsd_fwd.cuh).
@@ -174,51 +228,53 @@ void run_attention_kl_fwd_aggregated(const AttentionKLParams& p, cudaStream_t st
 
 // Hopper path (sm_90a, head dims 64 and 128): the warp-specialized forward (attention_kl_fwd_sm90.cuh), 128 query
 // rows in two MMA warpgroups against key tiles of 64 that a producer warpgroup moves with TMA; for the JSD that is
-// pass 1 (the LSEs), and pass 2 the JSD-sums kernel over the same stream and tensor maps. At least one key (a tensor
-// map has no zero extent): the op runs key-less problems on the Ampere-path launcher.
-template <typename Element, int kDimS, int kDimT>
-void run_attention_kl_fwd_sm90(const AttentionKLParams& p, cudaStream_t stream) {
+// pass 1 (the LSEs), and pass 2 the JSD-sums kernel over the same stream and tensor maps. Traits: the plain stream or
+// an aggregated teacher's. At least one key (a tensor map has no zero extent): the op runs key-less problems on the
+// Ampere-path launcher.
+template <typename Traits>
+void run_attention_kl_fwd_sm90_with(const AttentionKLParams& p, cudaStream_t stream) {
   if (p.student.k_rows == 0 || p.teacher.k_rows == 0)
     throw std::runtime_error("streamkl: the Hopper-path forward needs at least one key");
-  using Traits = KernelTraitsSm90<Element, kDimS, kDimT>;
   const StreamTmaLoads<Traits> tma = make_stream_tma_loads<Traits>(p);
-  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
   const auto kernel = teacher_is_weighting_side(p.divergence) ? attention_kl_fwd_sm90_kernel<Traits, true>
                                                               : attention_kl_fwd_sm90_kernel<Traits, false>;
-  launch_with_smem(kernel, grid, Traits::kNThreads, Traits::kSmemBytes, stream, "attention_kl Hopper forward kernel",
-                   p, tma);
+  launch_forward_kernel(p, kernel, Traits::kNThreads, Traits::kSmemBytes, Traits::kBlockM, Traits::kBlockN,
+                        "attention_kl Hopper forward kernel", stream, tma);
   if (p.divergence == Divergence::kJsd)
-    launch_with_smem(attention_jsd_sums_sm90_kernel<Traits>, grid, Traits::kNThreads, Traits::kSmemBytes, stream,
-                     "attention_jsd Hopper sums kernel", p, tma);
+    launch_with_smem(attention_jsd_sums_sm90_kernel<Traits>, dim3(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads,
+                                                                  p.batch),
+                     Traits::kNThreads, Traits::kSmemBytes, stream, "attention_jsd Hopper sums kernel", p, tma);
 }
 
-// One gradient kernel of the two-kernel backward: dQ (keys = false; X = query blocks, Y = key tiles) or dK (X = key
-// blocks of each key head, Y = query tiles). Student gradients split long streams of few blocks (stream_splits.cuh):
-// each split writes an fp32 slice of a workspace, summed into dq / dk after.
+template <typename Element, int kDimS, int kDimT>
+void run_attention_kl_fwd_sm90(const AttentionKLParams& p, cudaStream_t stream) {
+  run_attention_kl_fwd_sm90_with<KernelTraitsSm90<Element, kDimS, kDimT>>(p, stream);
+}
+
+// Head-aggregated teacher on the Hopper path (aggregated_teacher_sm90.cuh): key tiles of 64 against 128 query rows
+// (or keys) as in the plain kernels, as many stages as shared memory holds with a teacher X block in each, and a
+// producer warpgroup whose statistics warp needs 40 registers. kRowStats: the dK kernel's per-row inputs (0 in the
+// forward, which has none).
+template <typename Element, int kDimS, int kDimT, int kRowStats>
+using AggregatedTraitsSm90 = KernelTraitsSm90<Element, kDimS, kDimT, 64,
+                                              aggregated_stages_sm90<Element, kDimS, kDimT, kRowStats>(), 4,
+                                              /*kProducerRegisters=*/40, kRowStats, /*kAggregatedTeacher=*/true>;
+
+template <typename Element, int kDimS, int kDimT>
+void run_attention_kl_fwd_aggregated_sm90(const AttentionKLParams& p, cudaStream_t stream) {
+  if (p.teacher_head_group < 2) throw std::runtime_error("streamkl: the aggregated-teacher forward needs r >= 2");
+  run_attention_kl_fwd_sm90_with<AggregatedTraitsSm90<Element, kDimS, kDimT, 0>>(p, stream);
+}
+
+// One gradient kernel of the Ampere path's two-kernel backward (launch_grad_kernel); teacher gradients never split.
 template <typename Traits, bool kTeacherGrad, typename ScoreGrads>
 void run_attention_kl_grad_kernel(const AttentionKLParams& p, bool keys, cudaStream_t stream) {
   const auto kernel = keys ? attention_kl_bwd_dk_kernel<Traits, kTeacherGrad, ScoreGrads>
                            : attention_kl_bwd_dq_kernel<Traits, kTeacherGrad, ScoreGrads>;
-  const char* what = keys ? "attention_kl backward dK kernel" : "attention_kl backward dQ kernel";
-  const int blocks = ceil_div(keys ? p.seqlen_k : p.seqlen_q, Traits::kBlockM);
-  const int heads = keys ? p.student.num_kv_heads : p.num_heads;
-  AttentionKLParams q = p;
-  if (!kTeacherGrad)
-    q = with_stream_split(p, kernel, Traits::kNThreads, Traits::kSmemBytes,
-                          static_cast<int64_t>(blocks) * heads * p.batch,
-                          ceil_div(keys ? p.seqlen_q : p.seqlen_k, Traits::kBlockN),
-                          student_grad_elements(p, keys) * int64_t(sizeof(float)), what);
-  float* partials = nullptr;
-  if (q.stream_splits > 1) {
-    // Every split writes every row of its blocks (zeros where its part of the stream is empty); the workspace comes
-    // zeroed all the same, so an element no CTA wrote could only add 0.
-    partials = static_cast<float*>(
-        q.workspace(q.stream_splits * student_grad_elements(q, keys) * int64_t(sizeof(float))));
-    (keys ? q.split_dk_partials : q.split_dq_partials) = partials;
-  }
-  launch_with_smem(kernel, dim3(blocks * q.stream_splits, heads, p.batch), Traits::kNThreads, Traits::kSmemBytes,
-                   stream, what, q);
-  if (partials != nullptr) sum_split_grad<typename Traits::Element>(q, keys, partials, stream);
+  launch_grad_kernel<typename Traits::Element>(
+      p, keys, /*splittable=*/!kTeacherGrad, kernel, Traits::kNThreads, Traits::kSmemBytes, Traits::kBlockM,
+      Traits::kBlockN, keys ? p.student.num_kv_heads : p.num_heads,
+      keys ? "attention_kl backward dK kernel" : "attention_kl backward dQ kernel", stream);
 }
 
 template <typename Traits, bool kTeacherGrad, typename ScoreGrads>
@@ -232,62 +288,95 @@ void run_attention_kl_bwd_kernels(const AttentionKLParams& p, cudaStream_t strea
   run_attention_kl_grad_kernel<Traits, kTeacherGrad, ScoreGrads>(p, /*keys=*/true, stream);
 }
 
+// A Hopper-path gradient kernel over the stream of Traits (plain or aggregated teacher): dQ (X = query blocks) or dK
+// (kKeys: X = key blocks of each student key head), splittable (student gradients only).
+template <typename Traits, typename Rule, bool kKeys>
+void run_grad_kernel_sm90(const AttentionKLParams& p, cudaStream_t stream) {
+  const StreamTmaLoads<Traits> tma = make_stream_tma_loads<Traits>(p, /*keys_as_x=*/kKeys);
+  const auto kernel = [] {
+    if constexpr (kKeys) return attention_kl_bwd_dk_sm90_kernel<Traits, Rule>;
+    else return attention_kl_bwd_dq_sm90_kernel<Traits, Rule>;
+  }();
+  launch_grad_kernel<typename Traits::Element>(
+      p, kKeys, /*splittable=*/true, kernel, Traits::kNThreads, Traits::kSmemBytes, Traits::kBlockM, Traits::kBlockN,
+      kKeys ? p.student.num_kv_heads : p.num_heads,
+      kKeys ? "attention_kl Hopper backward dK kernel" : "attention_kl Hopper backward dQ kernel", stream, tma);
+}
+
 // Hopper-path backward (sm_90a, head dims 64 and 128; every divergence, student gradients only): the warp-specialized
 // dQ and dK kernels (attention_kl_bwd_sm90.cuh) with the divergence's score-gradient rule. The op asks for this family
 // only for the configurations it takes; the others (teacher gradients, the fused backward, no keys) run
 // run_attention_kl_bwd.
 template <typename Element, int kDimS, int kDimT, typename Rule>
 void run_attention_kl_bwd_sm90_kernels(const AttentionKLParams& p, cudaStream_t stream) {
-  using Traits = KernelTraitsSm90<Element, kDimS, kDimT>;
-  const StreamTmaLoads<Traits> tma = make_stream_tma_loads<Traits>(p);
-  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
-  launch_with_smem(attention_kl_bwd_dq_sm90_kernel<Traits, Rule>, grid, Traits::kNThreads, Traits::kSmemBytes, stream,
-                   "attention_kl Hopper backward dQ kernel", p, tma);
+  run_grad_kernel_sm90<KernelTraitsSm90<Element, kDimS, kDimT>, Rule, /*kKeys=*/false>(p, stream);
   // The Hopper dK kernel keeps one teacher key block per CTA, so it needs the teacher to group its query heads
   // like the student; otherwise the Ampere-path dK kernel (which reloads the teacher's block per query head).
   if (p.teacher.num_kv_heads != p.student.num_kv_heads) {
     run_attention_kl_bwd_dk<BackwardTraits<Element, kDimS, kDimT, false, Rule::kRowStats>, false, Rule>(p, stream);
     return;
   }
-  using DkTraits = KernelTraitsSm90<Element, kDimS, kDimT, 64, 4, 4, /*kProducerRegisters=*/40, Rule::kRowStats>;
-  const StreamTmaLoads<DkTraits> dk_tma = make_stream_tma_loads<DkTraits>(p, /*keys_as_x=*/true);
-  const dim3 dk_grid(ceil_div(p.seqlen_k, DkTraits::kBlockM), p.student.num_kv_heads, p.batch);
-  launch_with_smem(attention_kl_bwd_dk_sm90_kernel<DkTraits, Rule>, dk_grid, DkTraits::kNThreads,
-                   DkTraits::kSmemBytes, stream, "attention_kl Hopper backward dK kernel", p, dk_tma);
+  run_grad_kernel_sm90<KernelTraitsSm90<Element, kDimS, kDimT, 64, 4, 4, /*kProducerRegisters=*/40, Rule::kRowStats>,
+                       Rule, /*kKeys=*/true>(p, stream);
+}
+
+// Student gradients for an aggregated teacher on the Hopper path: both kernels over the aggregated stream.
+template <typename Element, int kDimS, int kDimT, typename Rule>
+void run_attention_kl_bwd_aggregated_sm90_kernels(const AttentionKLParams& p, cudaStream_t stream) {
+  using Traits = AggregatedTraitsSm90<Element, kDimS, kDimT, Rule::kRowStats>;
+  run_grad_kernel_sm90<Traits, Rule, /*kKeys=*/false>(p, stream);
+  run_grad_kernel_sm90<Traits, Rule, /*kKeys=*/true>(p, stream);
+}
+
+// fn(RuleTag<Rule>{}) with the divergence's score-gradient rule (score_grad_rules.cuh).
+template <typename Rule>
+struct RuleTag {
+  using type = Rule;
+};
+template <typename Fn>
+void with_score_grad_rule(Divergence divergence, Fn&& fn) {
+  switch (divergence) {
+    case Divergence::kForward:
+      fn(RuleTag<KlScoreGrads<true>>{});
+      break;
+    case Divergence::kReverse:
+      fn(RuleTag<KlScoreGrads<false>>{});
+      break;
+    case Divergence::kJsd:
+      fn(RuleTag<JsdScoreGrads>{});
+      break;
+  }
 }
 
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_bwd_sm90(const AttentionKLParams& p, cudaStream_t stream) {
   if (p.teacher_grad || p.dq_accum != nullptr || p.student.k_rows == 0 || p.teacher.k_rows == 0)
     throw std::runtime_error("streamkl: the Hopper-path backward takes student gradients only, over at least one key");
-  switch (p.divergence) {
-    case Divergence::kForward:
-      run_attention_kl_bwd_sm90_kernels<Element, kDimS, kDimT, KlScoreGrads<true>>(p, stream);
-      break;
-    case Divergence::kReverse:
-      run_attention_kl_bwd_sm90_kernels<Element, kDimS, kDimT, KlScoreGrads<false>>(p, stream);
-      break;
-    case Divergence::kJsd:
-      run_attention_kl_bwd_sm90_kernels<Element, kDimS, kDimT, JsdScoreGrads>(p, stream);
-      break;
-  }
+  with_score_grad_rule(p.divergence, [&](auto rule) {
+    run_attention_kl_bwd_sm90_kernels<Element, kDimS, kDimT, typename decltype(rule)::type>(p, stream);
+  });
+}
+
+template <typename Element, int kDimS, int kDimT>
+void run_attention_kl_bwd_aggregated_sm90(const AttentionKLParams& p, cudaStream_t stream) {
+  if (p.teacher_grad || p.dq_accum != nullptr || p.teacher_head_group < 2 || p.student.k_rows == 0 ||
+      p.teacher.k_rows == 0)
+    throw std::runtime_error(
+        "streamkl: the Hopper-path aggregated-teacher backward takes student gradients only, r >= 2, at least one key");
+  with_score_grad_rule(p.divergence, [&](auto rule) {
+    run_attention_kl_bwd_aggregated_sm90_kernels<Element, kDimS, kDimT, typename decltype(rule)::type>(p, stream);
+  });
 }
 
 // The divergence picks the score-gradient rule (score_grad_rules.cuh). The JSD's rows carry 5 statistics, so its
 // traits stage 5 floats per query row in the dK kernel; the KL kernels keep their traits (4).
 template <typename KlTraits, typename JsdTraits, bool kTeacherGrad>
 void run_attention_kl_bwd_rules(const AttentionKLParams& p, cudaStream_t stream) {
-  switch (p.divergence) {
-    case Divergence::kForward:
-      run_attention_kl_bwd_kernels<KlTraits, kTeacherGrad, KlScoreGrads<true>>(p, stream);
-      break;
-    case Divergence::kReverse:
-      run_attention_kl_bwd_kernels<KlTraits, kTeacherGrad, KlScoreGrads<false>>(p, stream);
-      break;
-    case Divergence::kJsd:
-      run_attention_kl_bwd_kernels<JsdTraits, kTeacherGrad, JsdScoreGrads>(p, stream);
-      break;
-  }
+  with_score_grad_rule(p.divergence, [&](auto rule) {
+    using Rule = typename decltype(rule)::type;
+    using Traits = std::conditional_t<std::is_same_v<Rule, JsdScoreGrads>, JsdTraits, KlTraits>;
+    run_attention_kl_bwd_kernels<Traits, kTeacherGrad, Rule>(p, stream);
+  });
 }
 
 template <typename Element, int kDimS, int kDimT, bool kTeacherGrad>
@@ -327,9 +416,9 @@ void run_attention_kl_bwd_fused(const AttentionKLParams& p, cudaStream_t stream)
                    p);
   const int64_t n = static_cast<int64_t>(p.batch) * p.num_heads * p.seqlen_q * kDimS;
   const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 65535));
-  scale_convert_kernel<Element><<<blocks, 256, 0, stream>>>(static_cast<const float*>(p.dq_accum),
-                                                            static_cast<Element*>(p.student.dq), n,
-                                                            static_cast<float>(p.student.scale));
+  sum_split_partials_kernel<Element><<<blocks, 256, 0, stream>>>(
+      static_cast<const float*>(p.dq_accum), static_cast<Element*>(p.student.dq), n, 1,
+      static_cast<float>(p.student.scale));
   check_launch("attention_kl dQ epilogue");
 }
 

@@ -12,14 +12,17 @@ namespace cuda {
 
 // kForwardSm90 / kBackwardSm90: the Hopper-path forward and backward (wgmma, TMA, sm_90a), chosen over kForward /
 // kBackward on compute capability 9.x for the configurations they take. kForwardAggregated / kBackwardAggregated:
-// head-aggregated teachers (teacher_head_reduce="mean"), Ampere-path kernels on every GPU.
+// head-aggregated teachers (teacher_head_reduce="mean") on the Ampere-path kernels; kForwardAggregatedSm90 /
+// kBackwardAggregatedSm90: the same on the Hopper-path kernels, chosen over those on 9.x.
 enum class KernelFamily : int {
   kForward = 0,
   kBackward = 1,
   kForwardSm90 = 2,
   kBackwardSm90 = 3,
   kForwardAggregated = 4,
-  kBackwardAggregated = 5
+  kBackwardAggregated = 5,
+  kForwardAggregatedSm90 = 6,
+  kBackwardAggregatedSm90 = 7
 };
 enum class ElementType : int { kFloat16 = 0, kBFloat16 = 1 };
 

@@ -33,9 +33,10 @@ struct GmmaSmemTile {
 // kGroup: Y tiles per unrolled group of the forward's MMA loop (attention_kl_fwd_sm90.cuh; one tile per group runs
 // its products without overlap, and 8 measured 20x slower at D=128 than 4); kProducerRegisters: registers the
 // producer warpgroup keeps after setmaxnreg (the dK kernel's producer also loads per-row statistics and keeps 40);
-// kRowStats: see below.
+// kRowStats: see below; kAggregatedTeacher: the stream of a head-aggregated teacher (aggregated_teacher_sm90.cuh),
+// whose teacher X block changes with every item, so each stage holds one next to the Y tiles.
 template <typename Element_, int kDimS_, int kDimT_, int kBlockN_ = 64, int kStages_ = 4, int kGroup_ = 4,
-          int kProducerRegisters_ = 24, int kRowStats_ = 4>
+          int kProducerRegisters_ = 24, int kRowStats_ = 4, bool kAggregatedTeacher_ = false>
 struct KernelTraitsSm90 {
   using Element = Element_;
   static constexpr int kDimS = kDimS_, kDimT = kDimT_;
@@ -66,15 +67,35 @@ struct KernelTraitsSm90 {
   // Floats per staged Y row of the dK kernel: the score-gradient rule's (score_grad_rules.cuh; 4 for the KL, 5 for
   // the JSD).
   static constexpr int kRowStats = kRowStats_;
+  static constexpr bool kAggregatedTeacher = kAggregatedTeacher_;
 
-  static constexpr int kXBytes = (XTileS::kElements + XTileT::kElements) * int(sizeof(Element));
-  static constexpr int kStageBytes = (YTileS::kElements + YTileT::kElements) * int(sizeof(Element));
-  // Tiles (each a multiple of 1024 bytes, the 128-byte swizzle's period), the per-Y-row statistics of the dK kernel,
-  // then the mbarriers.
+  // X of both sides once (an aggregated teacher's X block travels in the stages instead), Y of both sides per stage.
+  static constexpr int kXBytes = (XTileS::kElements + (kAggregatedTeacher ? 0 : XTileT::kElements)) * int(sizeof(Element));
+  static constexpr int kTeacherStageBytes =
+      (YTileT::kElements + (kAggregatedTeacher ? XTileT::kElements : 0)) * int(sizeof(Element));
+  static constexpr int kStageBytes = YTileS::kElements * int(sizeof(Element)) + kTeacherStageBytes;
+  // Floats per stage: the dK kernel's per-Y-row statistics, then (aggregated teacher) the base-2 LSEs of the item's
+  // teacher head for the rows it needs (X rows, or the Y rows in the dK kernel; kBlockM covers both).
+  static constexpr int kStageStats = kBlockN * kRowStats + (kAggregatedTeacher ? kBlockM : 0);
+  // Tiles (each a multiple of 1024 bytes, the 128-byte swizzle's period), the per-stage statistics, then the
+  // mbarriers.
   static constexpr int kStatsOffset = kXBytes + kStages * kStageBytes;
-  static constexpr int kBarrierOffset = kStatsOffset + kStages * kBlockN * kRowStats * int(sizeof(float));
+  static constexpr int kBarrierOffset = kStatsOffset + kStages * kStageStats * int(sizeof(float));
   static constexpr int kSmemBytes = kBarrierOffset + (2 * kStages + 1) * int(sizeof(uint64_t));
 };
+
+// The most stages (up to 4) of an aggregated-teacher stream that fit the 227 KB of shared memory a CTA can have:
+// 3 at head dims 64/128, 2 at 128/128.
+template <typename Element, int kDimS, int kDimT, int kRowStats, int kBlockN = 64>
+constexpr int aggregated_stages_sm90() {
+  constexpr int kMaxSmem = 227 * 1024, kBlockM = 128;
+  constexpr int x_bytes = kBlockM * kDimS * int(sizeof(Element));
+  constexpr int stage_bytes = (kBlockN * (kDimS + kDimT) + kBlockM * kDimT) * int(sizeof(Element)) +
+                              (kBlockN * kRowStats + kBlockM) * int(sizeof(float)) + 2 * int(sizeof(uint64_t));
+  constexpr int fit = (kMaxSmem - x_bytes - int(sizeof(uint64_t))) / stage_bytes;
+  static_assert(fit >= 2, "an aggregated-teacher stream needs two stages");
+  return fit < 4 ? fit : 4;
+}
 
 }  // namespace cuda
 }  // namespace streamkl

@@ -119,7 +119,7 @@ __device__ __forceinline__ void score_stream(Policy& policy, const SmemPlan<Trai
   issue_tile_load<typename Traits::XTileS>(student.x, student.x_stride, smem.x_s, x_valid_rows, tid);
   issue_tile_load<typename Traits::XTileT>(teacher.x, teacher.x_stride, smem.x_t, x_valid_rows, tid);
 
-  const int n_tiles = y_end > y_begin ? (y_end - y_begin + kBlockN - 1) / kBlockN : 0;
+  const int n_tiles = KeyRange{y_begin, y_end}.tile_count(kBlockN);
   auto load_y = [&](int tile, int stage) {
     const int y0 = y_begin + tile * kBlockN;
     issue_tile_load<typename Traits::YTileS>(student.y + y0 * student.y_stride, student.y_stride, smem.y_s(stage),

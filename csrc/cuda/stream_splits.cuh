@@ -60,14 +60,15 @@ __device__ __forceinline__ float* split_grad_slice(const AttentionKLParams& p, b
   return base + block_and_split(p).split * student_grad_elements(p, keys);
 }
 
-// out = the sum of the `splits` partial slices of n elements each, in split order, converted.
+// out = scale * the sum of the `splits` partial slices of n elements each, in split order, converted. Also the fused
+// backward's dQ epilogue (one slice, the side's scale).
 template <typename Element>
 __global__ void sum_split_partials_kernel(const float* __restrict__ partials, Element* __restrict__ out, int64_t n,
-                                          int splits) {
+                                          int splits, float scale) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     float sum = partials[i];
     for (int s = 1; s < splits; ++s) sum += partials[s * n + i];
-    out[i] = static_cast<Element>(sum);
+    out[i] = static_cast<Element>(sum * scale);
   }
 }
 

@@ -91,15 +91,16 @@ StreamTmaLoads<Traits> make_stream_tma_loads(const AttentionKLParams& p, bool ke
   make_context_current_on_this_thread();
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int batch = varlen ? 1 : p.batch;
-  auto queries = [&](const AttentionSide& s) {
-    return tma_operand(s.q, s.q_rows, s.head_dim, p.num_heads, batch, s.q_row_stride, s.q_head_stride,
-                       s.q_batch_stride);
+  // An aggregated teacher has r query heads per student head (AttentionKLParams::num_teacher_heads).
+  auto queries = [&](const AttentionSide& s, int heads) {
+    return tma_operand(s.q, s.q_rows, s.head_dim, heads, batch, s.q_row_stride, s.q_head_stride, s.q_batch_stride);
   };
   auto keys = [&](const AttentionSide& s) {
     return tma_operand(s.k, s.k_rows, s.head_dim, s.num_kv_heads, batch, s.k_row_stride, s.k_head_stride,
                        s.k_batch_stride);
   };
-  const TmaOperand qs = queries(p.student), qt = queries(p.teacher), ks = keys(p.student), kt = keys(p.teacher);
+  const TmaOperand qs = queries(p.student, p.num_heads), qt = queries(p.teacher, p.num_teacher_heads());
+  const TmaOperand ks = keys(p.student), kt = keys(p.teacher);
   const TmaOperand& xs = keys_as_x ? ks : qs;
   const TmaOperand& xt = keys_as_x ? kt : qt;
   const TmaOperand& ys = keys_as_x ? qs : ks;

@@ -21,23 +21,24 @@ namespace cuda {
 using namespace cute;
 
 // Dynamic shared memory of the warp-specialized kernels: X of both sides, kStages stages of Y of both sides,
-// the dK kernel's per-row statistics, then the mbarriers (KernelTraitsSm90::kSmemBytes).
+// the per-stage statistics, then the mbarriers (KernelTraitsSm90::kSmemBytes). An aggregated teacher's X block is
+// part of each stage ([Y_s, Y_t, X_t]).
 template <typename Traits>
 struct StreamSmemSm90 {
   using Element = typename Traits::Element;
-  static constexpr int kStageElements = Traits::YTileS::kElements + Traits::YTileT::kElements;
+  static constexpr int kStageElements = Traits::kStageBytes / int(sizeof(Element));
   Element* x_s;
-  Element* x_t;
+  Element* x_t;  // null for an aggregated teacher (x_t_at)
   Element* y_base;
-  float* stats_base;  // [kStages][kRowStats][kBlockN]: the dK kernel's per-query-row inputs of each stage's tile
+  float* stats_base;  // [kStages][kStageStats]: per-row inputs of each stage's tile (KernelTraitsSm90::kStageStats)
   uint64_t* x_full;  // X of both sides has landed
   uint64_t* full;    // [kStages]: the stage's Y tiles have landed
   uint64_t* empty;   // [kStages]: every MMA warp has finished reading the stage
 
   __device__ explicit StreamSmemSm90(char* raw) {
     x_s = reinterpret_cast<Element*>(raw);
-    x_t = x_s + Traits::XTileS::kElements;
-    y_base = x_t + Traits::XTileT::kElements;
+    x_t = Traits::kAggregatedTeacher ? nullptr : x_s + Traits::XTileS::kElements;
+    y_base = reinterpret_cast<Element*>(raw + Traits::kXBytes);
     stats_base = reinterpret_cast<float*>(raw + Traits::kStatsOffset);
     x_full = reinterpret_cast<uint64_t*>(raw + Traits::kBarrierOffset);
     full = x_full + 1;
@@ -45,7 +46,15 @@ struct StreamSmemSm90 {
   }
   __device__ Element* y_s(int stage) const { return y_base + stage * kStageElements; }
   __device__ Element* y_t(int stage) const { return y_s(stage) + Traits::YTileS::kElements; }
-  __device__ float* stats(int stage) const { return stats_base + stage * Traits::kRowStats * Traits::kBlockN; }
+  // The teacher's X block that the products of `stage` read.
+  __device__ Element* x_t_at(int stage) const {
+    return Traits::kAggregatedTeacher ? y_t(stage) + Traits::YTileT::kElements : x_t;
+  }
+  // The dK kernel's per-query-row inputs of the stage's tile: [kRowStats][kBlockN].
+  __device__ float* stats(int stage) const { return stats_base + stage * Traits::kStageStats; }
+  // Aggregated teacher: the base-2 LSEs of the stage's teacher head, by row of the X block (or of the Y tile in the
+  // dK kernel).
+  __device__ float* teacher_lse(int stage) const { return stats(stage) + Traits::kBlockN * Traits::kRowStats; }
 
   template <typename Tile>
   __device__ static auto tile(Element* base) {
@@ -139,7 +148,7 @@ __device__ __forceinline__ void issue_score_products(TiledMma score_mma, const S
   warpgroup_products_begin(acc_s, acc_t);
   warpgroup_gemm_ss(score_mma, acc_s, Smem::template tile<typename Traits::XTileS>(smem.x_s),
                     Smem::template tile<typename Traits::YTileS>(smem.y_s(stage)), threadIdx.x);
-  warpgroup_gemm_ss(score_mma, acc_t, Smem::template tile<typename Traits::XTileT>(smem.x_t),
+  warpgroup_gemm_ss(score_mma, acc_t, Smem::template tile<typename Traits::XTileT>(smem.x_t_at(stage)),
                     Smem::template tile<typename Traits::YTileT>(smem.y_t(stage)), threadIdx.x);
   warpgroup_commit_batch();
 }
@@ -164,29 +173,6 @@ __device__ __forceinline__ void run_stream_producer(const AttentionKLParams& p, 
   }
 }
 
-// The CTA of a query-block kernel (forward, dQ): query rows [row0, row_end) of (sequence seq, head h, batch entry b)
-// and the n_tiles key tiles of its key range. Longest causal rows first: the last row blocks see the most keys.
-struct QueryBlockSm90 {
-  int h, b, row0, row_end, n_tiles;
-  AttentionKLParams::Sequence seq;
-  AttentionMask mask;
-  KeyRange keys;
-
-  template <typename Traits>
-  __device__ static QueryBlockSm90 of_this_cta(const AttentionKLParams& p) {
-    QueryBlockSm90 q;
-    q.h = blockIdx.y;
-    q.b = blockIdx.z;
-    q.row0 = (gridDim.x - 1 - blockIdx.x) * Traits::kBlockM;
-    q.seq = p.sequence(q.b);
-    q.row_end = min_of(q.row0 + Traits::kBlockM, q.seq.seqlen_q);
-    q.mask = AttentionMask::from_params(p, q.seq.seqlen_q, q.seq.seqlen_k);
-    q.keys = q.mask.keys_for_rows(q.row0, q.row_end);
-    q.n_tiles = q.keys.tile_count(Traits::kBlockN);
-    return q;
-  }
-};
-
 // Set up the barriers, then run the producer warpgroup's role and the MMA warpgroups' role, each after setmaxnreg
 // (which takes effect only when each role is one branch of a single if/else). extra_full_arrivals: see
 // init_stream_barriers.
@@ -202,18 +188,6 @@ __device__ __forceinline__ void run_warp_specialized(const StreamSmemSm90<Traits
     cutlass::arch::warpgroup_reg_alloc<Traits::kMmaRegisters>();
     mma();
   }
-}
-
-// The warp-specialized CTA of a query-block kernel (forward, dQ): the producer warpgroup streams the block's key
-// tiles, the MMA warpgroups run mma(blk).
-template <typename Traits, typename MmaRole>
-__device__ __forceinline__ void run_query_block_sm90(const AttentionKLParams& p, const StreamTmaLoads<Traits>& tma,
-                                                     const StreamSmemSm90<Traits>& smem, MmaRole&& mma) {
-  const QueryBlockSm90 blk = QueryBlockSm90::of_this_cta<Traits>(p);
-  run_warp_specialized<Traits>(
-      smem, 0,
-      [&] { run_stream_producer(p, tma, smem, blk.seq, blk.b, blk.h, blk.row0, blk.keys.begin, blk.n_tiles); },
-      [&] { mma(blk); });
 }
 
 }  // namespace cuda

@@ -1,0 +1,156 @@
+// Head-aggregated teachers on the Hopper path (sm_90a): the warp-specialized stream of (Y tile, teacher head) items.
+// The math and the Ampere path's stream are in aggregated_teacher.cuh; the kernels are the Hopper forward, JSD-sums,
+// dQ and dK kernels, which pick this stream when their traits say kAggregatedTeacher.
+//
+// Each stage holds one item: its teacher head's X block and Y tile and, with the tile's last head, the student's Y
+// tile, all moved by TMA (one thread); warp 1 of the producer warpgroup stages the item's teacher-head LSEs (and, in
+// the dK kernel, the tile's per-row gradient inputs) beside them. The MMA warpgroups run the teacher head's product,
+// add its probabilities to a register tile, and at the tile's last head run the student's product with it (same
+// batch) and then the policy (forward) or the score gradients and the gradient product (dQ, dK). Torch-free.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "aggregated_teacher.cuh"
+#include "tma_stream_sm90.cuh"
+
+namespace streamkl {
+namespace cuda {
+
+using namespace cute;
+
+// Where a CTA's aggregated stream sits in the TMA coordinate space: the student X block's head, the first student
+// query head whose teacher heads it streams (an item's group adds to it: the dK kernel's GQA group), the
+// descriptors' batch, the first X row and the first Y row. keys_as_x: X is a block of keys (the dK kernel).
+struct AggregatedStreamCoords {
+  int x_head_s, student_head0, batch, x_row, y_row;
+  bool keys_as_x;
+};
+
+// Producer thread: the student's X block once, then per item its teacher head's X block (queries, or keys) and Y
+// tile, and with the tile's last head the student's Y tile; each item completes on its stage's full barrier.
+template <typename Traits>
+__device__ __forceinline__ void produce_aggregated_items(const AttentionKLParams& p, const StreamTmaLoads<Traits>& tma,
+                                                         const StreamSmemSm90<Traits>& smem,
+                                                         const AggregatedStreamCoords& c, const AggregatedItems& items) {
+  using Smem = StreamSmemSm90<Traits>;
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  constexpr int kDimS = Traits::kDimS, kDimT = Traits::kDimT;
+  constexpr int kStudentYBytes = Traits::kStageBytes - Traits::kTeacherStageBytes;
+  Barrier::arrive_and_expect_tx(smem.x_full, Traits::kXBytes);
+  tma_load_tile<kBlockM, kDimS>(tma.x_s, tma.x_s_shape, c.x_head_s, c.batch, c.x_row, 0,
+                                Smem::template tile<typename Traits::XTileS>(smem.x_s), *smem.x_full);
+  const int teacher_group = p.num_teacher_heads() / p.teacher.num_kv_heads;  // teacher query heads per key head
+  const int student_group = p.num_heads / p.student.num_kv_heads;
+  for (int i = 0; i < items.count(); ++i) {
+    const AggregatedItems::Item it = items[i];
+    const int stage = i % Traits::kStages;
+    const int h = c.student_head0 + it.group;
+    const int t_query = h * p.teacher_head_group + it.head, t_key = t_query / teacher_group;
+    wait_for_free_stage(smem, i);
+    Barrier::arrive_and_expect_tx(&smem.full[stage], Traits::kTeacherStageBytes + (it.last_head ? kStudentYBytes : 0));
+    tma_load_tile<kBlockM, kDimT>(tma.x_t, tma.x_t_shape, c.keys_as_x ? t_key : t_query, c.batch, c.x_row, 0,
+                                  Smem::template tile<typename Traits::XTileT>(smem.x_t_at(stage)), smem.full[stage]);
+    tma_load_tile<kBlockN, kDimT>(tma.y_t, tma.y_t_shape, c.keys_as_x ? t_query : t_key, c.batch, c.y_row, it.tile,
+                                  Smem::template tile<typename Traits::YTileT>(smem.y_t(stage)), smem.full[stage]);
+    if (it.last_head)
+      tma_load_tile<kBlockN, kDimS>(tma.y_s, tma.y_s_shape, c.keys_as_x ? h : h / student_group, c.batch, c.y_row,
+                                    it.tile, Smem::template tile<typename Traits::YTileS>(smem.y_s(stage)),
+                                    smem.full[stage]);
+  }
+}
+
+// Statistics warp (warp 1 of the producer warpgroup): per item, the base-2 LSEs of its teacher head for the rows its
+// products need, by row from x_row0 (the X block's query rows) or, keys_as_x, from the item's Y tile (0 past the
+// sequence: those rows are never used); at the tile's last head stage_rule(stats, student head, tile) adds the dK
+// kernel's per-row gradient inputs. One arrival per lane on the stage's full barrier.
+template <typename Traits, typename StageRule>
+__device__ __forceinline__ void produce_aggregated_row_inputs(const AttentionKLParams& p,
+                                                              const StreamSmemSm90<Traits>& smem, int b,
+                                                              int student_head0, const AggregatedItems& items,
+                                                              int x_row0, int y_begin, int seqlen_q, bool keys_as_x,
+                                                              int lane, StageRule&& stage_rule) {
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  const float* lse_teacher = static_cast<const float*>(p.lse_teacher);
+  for (int i = 0; i < items.count(); ++i) {
+    const AggregatedItems::Item it = items[i];
+    const int stage = i % Traits::kStages;
+    const int h = student_head0 + it.group, t_query = h * p.teacher_head_group + it.head;
+    const int first_row = keys_as_x ? y_begin + it.tile * kBlockN : x_row0;
+    const int rows = keys_as_x ? kBlockN : kBlockM;
+    wait_for_free_stage(smem, i);
+    float* lse = smem.teacher_lse(stage);
+    for (int c = lane; c < rows; c += 32) {
+      const int row = first_row + c;
+      lse[c] = row < seqlen_q ? lse_teacher[p.teacher_row_index(b, t_query, row)] * kLog2e : 0.f;
+    }
+    if (it.last_head) stage_rule(smem.stats(stage), h, it.tile);
+    cutlass::arch::ClusterBarrier::arrive(&smem.full[stage]);
+  }
+}
+
+// MMA warpgroups, item i: wait for its stage, run its teacher head's product (and the student's at the tile's last
+// head) in one batch, then add the head's probabilities to sum_p. The stage stays held; the caller releases it.
+template <typename Traits, typename Teacher, typename Acc>
+__device__ __forceinline__ void aggregate_item(const Teacher& teacher, const StreamSmemSm90<Traits>& smem, int i,
+                                               const AggregatedItems::Item& it, Acc& acc_s, Acc& acc_t, Acc& sum_p) {
+  using Smem = StreamSmemSm90<Traits>;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  typename Traits::TiledMma score_mma;
+  const int stage = i % Traits::kStages;
+  wait_for_stream_tile(smem, i);
+  warpgroup_products_begin(acc_s, acc_t);
+  warpgroup_gemm_ss(score_mma, acc_t, Smem::template tile<typename Traits::XTileT>(smem.x_t_at(stage)),
+                    Smem::template tile<typename Traits::YTileT>(smem.y_t(stage)), threadIdx.x);
+  if (it.last_head)
+    warpgroup_gemm_ss(score_mma, acc_s, Smem::template tile<typename Traits::XTileS>(smem.x_s),
+                      Smem::template tile<typename Traits::YTileS>(smem.y_s(stage)), threadIdx.x);
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc_s);
+  warpgroup_fence_operand(acc_t);
+  constexpr int kLse = Teacher::template lse_count<kBlockM, kBlockN, typename Traits::TiledMma>();
+  float lse[kLse];
+  Teacher::template load_staged_lse<kBlockM, kBlockN>(score_mma, smem.teacher_lse(stage), lse);
+  teacher.add_probabilities(acc_t, sum_p, it.head, lse);
+}
+
+// The three register tiles of an aggregated stream (student scores, one teacher head's scores, the heads' summed
+// probabilities), defined before any product is in flight (C7515).
+template <typename Traits>
+struct AggregatedTiles {
+  using Acc = decltype(partition_fragment_C(typename Traits::TiledMma{},
+                                            Shape<Int<Traits::kBlockM>, Int<Traits::kBlockN>>{}));
+  Acc acc_s, acc_t, sum_p;
+  __device__ AggregatedTiles() {
+    clear(acc_s);
+    clear(acc_t);
+    clear(sum_p);
+  }
+};
+
+// The producer warpgroup's role in a query-block kernel (forward, JSD sums, dQ) with an aggregated teacher: the copy
+// thread and the statistics warp over the block's items (rows [row0, ...) of student head h, key tiles from
+// key_begin). `batch` is the descriptors' batch index; q_start / k_start the sequence's first rows.
+template <typename Traits>
+__device__ __forceinline__ void run_aggregated_query_producer(const AttentionKLParams& p,
+                                                              const StreamTmaLoads<Traits>& tma,
+                                                              const StreamSmemSm90<Traits>& smem, int b, int batch,
+                                                              int h, int row0, int seqlen_q, int q_start, int k_start,
+                                                              int key_begin, int n_tiles) {
+  if (n_tiles == 0) return;
+  const AggregatedItems items{n_tiles, p.teacher_head_group, 1};
+  const int warp = (threadIdx.x / 32) % 4;
+  if (threadIdx.x == Traits::kNMmaThreads)
+    produce_aggregated_items(p, tma, smem, AggregatedStreamCoords{h, h, batch, q_start + row0, k_start + key_begin,
+                                                                  /*keys_as_x=*/false},
+                             items);
+  else if (warp == 1)
+    produce_aggregated_row_inputs(p, smem, b, h, items, row0, key_begin, seqlen_q, /*keys_as_x=*/false,
+                                  threadIdx.x % 32, [](float*, int, int) {});
+}
+
+}  // namespace cuda
+}  // namespace streamkl
