@@ -46,12 +46,20 @@ struct AggregatedItems {
 // (forward, dQ) or keys (kKeysAsX: dK, where the heads' LSEs belong to the tile's columns).
 template <typename Element, bool kKeysAsX>
 struct AggregatedTeacher {
+  static constexpr bool keys_as_x = kKeysAsX;
   const AttentionKLParams* p;
   AttentionKLParams::Sequence seq;
   int b, h, x0;
   float scale2;  // the teacher's softmax scale times log2(e)
 
   __device__ int heads() const { return p->teacher_head_group; }
+
+  // The same teacher for student head h + g (the Hopper dK kernel streams the query heads of a GQA group).
+  __device__ AggregatedTeacher for_group(int g) const {
+    AggregatedTeacher t = *this;
+    t.h += g;
+    return t;
+  }
 
   // Head j's X block (from x0) and Y rows.
   __device__ StreamOperands<Element> operands(int j) const {
@@ -86,16 +94,6 @@ struct AggregatedTeacher {
     CUTE_UNROLL
     for (int k = 0; k < kCount; ++k)
       lse[k] = kKeysAsX ? lse2(j, y0 + get<1>(coords(0, k))) : lse2(j, x0 + get<0>(coords(k, 0)));
-  }
-
-  // The same LSEs from shared memory, where the Hopper path's producer staged them by row of the X block (or of the
-  // Y tile, kKeysAsX), already base 2.
-  template <int kRows, int kCols, int kCount, typename TiledMma>
-  __device__ __forceinline__ static void load_staged_lse(TiledMma tiled_mma, const float* staged,
-                                                         float (&lse)[kCount]) {
-    Tensor coords = accumulator_coords<kRows, kCols>(tiled_mma, threadIdx.x);
-    CUTE_UNROLL
-    for (int k = 0; k < kCount; ++k) lse[k] = staged[kKeysAsX ? get<1>(coords(0, k)) : get<0>(coords(k, 0))];
   }
 
   // sum_p = (j == 0 ? 0 : sum_p) + exp2(scores * scale2 - lse) over the tile, lse from load_lse.

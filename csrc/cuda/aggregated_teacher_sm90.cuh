@@ -3,10 +3,16 @@
 // dQ and dK kernels, which pick this stream when their traits say kAggregatedTeacher.
 //
 // Each stage holds one item: its teacher head's X block and Y tile and, with the tile's last head, the student's Y
-// tile, all moved by TMA (one thread); warp 1 of the producer warpgroup stages the item's teacher-head LSEs (and, in
-// the dK kernel, the tile's per-row gradient inputs) beside them. The MMA warpgroups run the teacher head's product,
-// add its probabilities to a register tile, and at the tile's last head run the student's product with it (same
-// batch) and then the policy (forward) or the score gradients and the gradient product (dQ, dK). Torch-free.
+// tile, all moved by TMA (one thread). The MMA warpgroups run the teacher head's product, add its probabilities to a
+// register tile, and at the tile's last head run the student's product with it (same batch) and then the policy
+// (forward) or the score gradients and the gradient product (dQ, dK).
+//
+// The head's LSEs: in the query-block kernels each MMA thread needs two (its rows of the X block), loaded from global
+// memory (L2) while the products run. In the dK kernel they belong to the Y tile's 64 query rows (16 per thread), so
+// warp 1 of the producer warpgroup stages them in the stage, with the tile's per-row gradient inputs at its last head
+// as in the plain dK kernel, and every MMA thread frees the stage itself: one lane per warp after a __syncwarp is
+// enough by the PTX memory model, but compute-sanitizer's racecheck reported the staged LSEs' plain loads as racing
+// with the next write (release_stream_tile). Torch-free.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -62,40 +68,40 @@ __device__ __forceinline__ void produce_aggregated_items(const AttentionKLParams
   }
 }
 
-// Statistics warp (warp 1 of the producer warpgroup): per item, the base-2 LSEs of its teacher head for the rows its
-// products need, by row from x_row0 (the X block's query rows) or, keys_as_x, from the item's Y tile (0 past the
-// sequence: those rows are never used); at the tile's last head stage_rule(stats, student head, tile) adds the dK
-// kernel's per-row gradient inputs. One arrival per lane on the stage's full barrier.
+// The dK kernel's statistics warp (warp 1 of the producer warpgroup): per item, the base-2 LSEs of its teacher head for
+// the Y tile's query rows from y_begin (0 past the sequence: never used), and with the tile's last head
+// stage_rule(stats, student head, tile), the tile's per-row gradient inputs; one arrival per lane on the stage's full
+// barrier.
 template <typename Traits, typename StageRule>
-__device__ __forceinline__ void produce_aggregated_row_inputs(const AttentionKLParams& p,
-                                                              const StreamSmemSm90<Traits>& smem, int b,
-                                                              int student_head0, const AggregatedItems& items,
-                                                              int x_row0, int y_begin, int seqlen_q, bool keys_as_x,
-                                                              int lane, StageRule&& stage_rule) {
-  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+__device__ __forceinline__ void produce_aggregated_tile_inputs(const AttentionKLParams& p,
+                                                               const StreamSmemSm90<Traits>& smem, int b,
+                                                               int student_head0, const AggregatedItems& items,
+                                                               int y_begin, int seqlen_q, int lane,
+                                                               StageRule&& stage_rule) {
+  constexpr int kBlockN = Traits::kBlockN;
   const float* lse_teacher = static_cast<const float*>(p.lse_teacher);
   for (int i = 0; i < items.count(); ++i) {
     const AggregatedItems::Item it = items[i];
     const int stage = i % Traits::kStages;
     const int h = student_head0 + it.group, t_query = h * p.teacher_head_group + it.head;
-    const int first_row = keys_as_x ? y_begin + it.tile * kBlockN : x_row0;
-    const int rows = keys_as_x ? kBlockN : kBlockM;
     wait_for_free_stage(smem, i);
     float* lse = smem.teacher_lse(stage);
-    for (int c = lane; c < rows; c += 32) {
-      const int row = first_row + c;
+    for (int c = lane; c < kBlockN; c += 32) {
+      const int row = y_begin + it.tile * kBlockN + c;
       lse[c] = row < seqlen_q ? lse_teacher[p.teacher_row_index(b, t_query, row)] * kLog2e : 0.f;
     }
     if (it.last_head) stage_rule(smem.stats(stage), h, it.tile);
-    cutlass::arch::ClusterBarrier::arrive(&smem.full[stage]);
+    arrive_after_warp_accesses(&smem.full[stage], /*one_per_warp=*/false);
   }
 }
 
-// MMA warpgroups, item i: wait for its stage, run its teacher head's product (and the student's at the tile's last
-// head) in one batch, then add the head's probabilities to sum_p. The stage stays held; the caller releases it.
+// MMA warpgroups, item i (its Y tile from y0): wait for its stage, run its teacher head's product (and the student's
+// at the tile's last head) in one batch, read the head's LSEs while it runs, then add the head's probabilities to
+// sum_p. The stage stays held; the caller releases it (per thread in the dK kernel, which read staged LSEs).
 template <typename Traits, typename Teacher, typename Acc>
 __device__ __forceinline__ void aggregate_item(const Teacher& teacher, const StreamSmemSm90<Traits>& smem, int i,
-                                               const AggregatedItems::Item& it, Acc& acc_s, Acc& acc_t, Acc& sum_p) {
+                                               const AggregatedItems::Item& it, int y0, Acc& acc_s, Acc& acc_t,
+                                               Acc& sum_p) {
   using Smem = StreamSmemSm90<Traits>;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   typename Traits::TiledMma score_mma;
@@ -108,12 +114,19 @@ __device__ __forceinline__ void aggregate_item(const Teacher& teacher, const Str
     warpgroup_gemm_ss(score_mma, acc_s, Smem::template tile<typename Traits::XTileS>(smem.x_s),
                       Smem::template tile<typename Traits::YTileS>(smem.y_s(stage)), threadIdx.x);
   warpgroup_commit_batch();
+  constexpr int kLse = Teacher::template lse_count<kBlockM, kBlockN, typename Traits::TiledMma>();
+  float lse[kLse];
+  if constexpr (Teacher::keys_as_x) {
+    Tensor coords = accumulator_coords<kBlockM, kBlockN>(score_mma, threadIdx.x);
+    const float* staged = smem.teacher_lse(stage);
+    CUTE_UNROLL
+    for (int k = 0; k < kLse; ++k) lse[k] = staged[get<1>(coords(0, k))];
+  } else {
+    teacher.template load_lse<kBlockM, kBlockN>(score_mma, it.head, y0, lse);  // kept before the wait (its clobber)
+  }
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc_s);
   warpgroup_fence_operand(acc_t);
-  constexpr int kLse = Teacher::template lse_count<kBlockM, kBlockN, typename Traits::TiledMma>();
-  float lse[kLse];
-  Teacher::template load_staged_lse<kBlockM, kBlockN>(score_mma, smem.teacher_lse(stage), lse);
   teacher.add_probabilities(acc_t, sum_p, it.head, lse);
 }
 
@@ -131,25 +144,20 @@ struct AggregatedTiles {
   }
 };
 
-// The producer warpgroup's role in a query-block kernel (forward, JSD sums, dQ) with an aggregated teacher: the copy
-// thread and the statistics warp over the block's items (rows [row0, ...) of student head h, key tiles from
-// key_begin). `batch` is the descriptors' batch index; q_start / k_start the sequence's first rows.
+// The producer warpgroup's role in a query-block kernel (forward, JSD sums, dQ) with an aggregated teacher: one thread
+// issues the copies of the block's items (rows from row0 of student head h, key tiles from key_begin). `batch` is the
+// descriptors' batch index; q_start / k_start the sequence's first rows.
 template <typename Traits>
 __device__ __forceinline__ void run_aggregated_query_producer(const AttentionKLParams& p,
                                                               const StreamTmaLoads<Traits>& tma,
-                                                              const StreamSmemSm90<Traits>& smem, int b, int batch,
-                                                              int h, int row0, int seqlen_q, int q_start, int k_start,
-                                                              int key_begin, int n_tiles) {
-  if (n_tiles == 0) return;
-  const AggregatedItems items{n_tiles, p.teacher_head_group, 1};
-  const int warp = (threadIdx.x / 32) % 4;
-  if (threadIdx.x == Traits::kNMmaThreads)
-    produce_aggregated_items(p, tma, smem, AggregatedStreamCoords{h, h, batch, q_start + row0, k_start + key_begin,
-                                                                  /*keys_as_x=*/false},
-                             items);
-  else if (warp == 1)
-    produce_aggregated_row_inputs(p, smem, b, h, items, row0, key_begin, seqlen_q, /*keys_as_x=*/false,
-                                  threadIdx.x % 32, [](float*, int, int) {});
+                                                              const StreamSmemSm90<Traits>& smem, int batch, int h,
+                                                              int row0, int q_start, int k_start, int key_begin,
+                                                              int n_tiles) {
+  if (n_tiles == 0 || threadIdx.x != Traits::kNMmaThreads) return;
+  produce_aggregated_items(p, tma, smem,
+                           AggregatedStreamCoords{h, h, batch, q_start + row0, k_start + key_begin,
+                                                  /*keys_as_x=*/false},
+                           AggregatedItems{n_tiles, p.teacher_head_group, 1});
 }
 
 }  // namespace cuda

@@ -64,7 +64,7 @@ __device__ __forceinline__ void consume_grad_tiles(const StreamSmemSm90<Traits>&
   clear(acc_s);  // defined before any product is in flight (C7515)
   clear(acc_t);
 
-  cutlass::arch::ClusterBarrier::wait(smem.x_full, 0);
+  wait_for_barrier(smem.x_full, 0);
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int stage = tile % kStages;
     wait_for_stream_tile(smem, tile);
@@ -85,20 +85,22 @@ __device__ __forceinline__ void consume_grad_tiles(const StreamSmemSm90<Traits>&
 template <typename Traits, typename Teacher, typename AccGrad, typename ScoreGradsFn>
 __device__ __forceinline__ void consume_aggregated_grad_items(const StreamSmemSm90<Traits>& smem,
                                                               const Teacher& teacher, const AggregatedItems& items,
-                                                              AccGrad& acc_grad, ScoreGradsFn&& score_grads) {
+                                                              int y_begin, AccGrad& acc_grad,
+                                                              ScoreGradsFn&& score_grads) {
   typename Traits::TiledMma score_mma;
   AggregatedTiles<Traits> tiles;
-  cutlass::arch::ClusterBarrier::wait(smem.x_full, 0);
+  wait_for_barrier(smem.x_full, 0);
   for (int i = 0; i < items.count(); ++i) {
     const AggregatedItems::Item it = items[i];
-    aggregate_item<Traits>(teacher, smem, i, it, tiles.acc_s, tiles.acc_t, tiles.sum_p);
+    aggregate_item<Traits>(teacher.for_group(it.group), smem, i, it, y_begin + it.tile * Traits::kBlockN, tiles.acc_s,
+                           tiles.acc_t, tiles.sum_p);
     if (it.last_head) {
       teacher.to_scores(tiles.sum_p);
       const int stage = i % Traits::kStages;
       score_grads(score_mma, tiles.acc_s, tiles.sum_p, it.group * items.n_tiles + it.tile, stage);
       accumulate_score_grad_product<Traits>(smem, stage, tiles.acc_s, acc_grad);
     }
-    release_stream_tile(smem, i);
+    release_stream_tile(smem, i, /*per_thread=*/Teacher::keys_as_x);
   }
 }
 
@@ -125,7 +127,7 @@ __device__ __forceinline__ void produce_row_stats(const ScoreGrads& rule, const 
       wait_for_free_stage(smem, i);
       stage_tile_row_inputs<Traits>(rule, p, smem.stats(i % Traits::kStages), b, head0 + g,
                                     y_begin + tile * Traits::kBlockN, seqlen_q, lane);
-      cutlass::arch::ClusterBarrier::arrive(&smem.full[i % Traits::kStages]);
+      arrive_after_warp_accesses(&smem.full[i % Traits::kStages], /*one_per_warp=*/false);
     }
   }
 }
@@ -160,7 +162,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     if (blk.n_tiles > 0) {
       if constexpr (Traits::kAggregatedTeacher)
         consume_aggregated_grad_items<Traits>(smem, teacher_block<Traits, false>(p, blk.b, blk.h, blk.seq, blk.row0),
-                                              blk.items(p), acc_dq, score_grads);
+                                              blk.items(p), blk.keys.begin, acc_dq, score_grads);
       else
         consume_grad_tiles<Traits>(smem, acc_dq, blk.n_tiles, score_grads);
     }
@@ -194,7 +196,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   ScoreGrads rule;
   rule.init(p);
   run_warp_specialized<Traits>(
-      smem, /*extra_full_arrivals=*/32,
+      smem, /*extra_full_arrivals=*/32, /*per_thread_release=*/Traits::kAggregatedTeacher,
       [&] {
         const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
         if (n_tiles == 0) return;
@@ -208,12 +210,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
                                                             /*keys_as_x=*/true},
                                      items);
           else if (warp == 1)
-            produce_aggregated_row_inputs(p, smem, b, kv_head * group, items, key0, rows.begin, seq.seqlen_q,
-                                          /*keys_as_x=*/true, lane, [&](float* stats, int h, int tile) {
-                                            stage_tile_row_inputs<Traits>(rule, p, stats, b, h,
-                                                                          rows.begin + tile * Traits::kBlockN,
-                                                                          seq.seqlen_q, lane);
-                                          });
+            produce_aggregated_tile_inputs(p, smem, b, kv_head * group, items, rows.begin, seq.seqlen_q, lane,
+                                           [&](float* stats, int h, int tile) {
+                                             stage_tile_row_inputs<Traits>(rule, p, stats, b, h,
+                                                                           rows.begin + tile * Traits::kBlockN,
+                                                                           seq.seqlen_q, lane);
+                                           });
         } else {
           if (threadIdx.x == Traits::kNMmaThreads) {
             const StreamTileCoords coords{kv_head,
@@ -246,8 +248,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         if (n_tiles > 0) {
           if constexpr (Traits::kAggregatedTeacher)
             consume_aggregated_grad_items<Traits>(smem, teacher_block<Traits, true>(p, b, kv_head * group, seq, key0),
-                                                  AggregatedItems{n_tiles, p.teacher_head_group, group}, acc_dk,
-                                                  score_grads);
+                                                  AggregatedItems{n_tiles, p.teacher_head_group, group}, rows.begin,
+                                                  acc_dk, score_grads);
           else
             consume_grad_tiles<Traits>(smem, acc_dk, n_tiles * group, score_grads);
         }

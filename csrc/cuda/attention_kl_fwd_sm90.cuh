@@ -72,7 +72,7 @@ __device__ __forceinline__ void consume_forward_tiles(Policy& policy, const Stre
     if (tile < n_tiles) policy.consume(tiled_mma, cur_s, cur_t, y_begin + tile * kBlockN, tile % kStages);
   };
 
-  cutlass::arch::ClusterBarrier::wait(smem.x_full, 0);
+  wait_for_barrier(smem.x_full, 0);
   for (int base = 0; base < n_tiles; base += kGroup) {
     wait_for_tile(base);
     issue_products(acc_s0, acc_t0, base);
@@ -95,14 +95,15 @@ __device__ __forceinline__ void consume_aggregated_forward_items(Policy& policy,
                                                                  int y_begin) {
   typename Traits::TiledMma score_mma;
   AggregatedTiles<Traits> tiles;
-  cutlass::arch::ClusterBarrier::wait(smem.x_full, 0);
+  wait_for_barrier(smem.x_full, 0);
   for (int i = 0; i < items.count(); ++i) {
     const AggregatedItems::Item it = items[i];
-    aggregate_item<Traits>(teacher, smem, i, it, tiles.acc_s, tiles.acc_t, tiles.sum_p);
+    const int y0 = y_begin + it.tile * Traits::kBlockN;
+    aggregate_item<Traits>(teacher, smem, i, it, y0, tiles.acc_s, tiles.acc_t, tiles.sum_p);
     release_stream_tile(smem, i);
     if (!it.last_head) continue;
     teacher.to_scores(tiles.sum_p);
-    policy.consume(score_mma, tiles.acc_s, tiles.sum_p, y_begin + it.tile * Traits::kBlockN, i % Traits::kStages);
+    policy.consume(score_mma, tiles.acc_s, tiles.sum_p, y0, i % Traits::kStages);
   }
 }
 

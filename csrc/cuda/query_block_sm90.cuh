@@ -44,18 +44,18 @@ struct QueryBlockSm90 {
 };
 
 // The warp-specialized CTA of a query-block kernel: the producer warpgroup streams the block's key tiles (or an
-// aggregated teacher's items, with a statistics warp), the MMA warpgroups run mma(blk).
+// aggregated teacher's items), the MMA warpgroups run mma(blk).
 template <typename Traits, typename MmaRole>
 __device__ __forceinline__ void run_query_block_sm90(const AttentionKLParams& p, const StreamTmaLoads<Traits>& tma,
                                                      const StreamSmemSm90<Traits>& smem, MmaRole&& mma) {
   const QueryBlockSm90 blk = QueryBlockSm90::of_this_cta<Traits>(p);
   run_warp_specialized<Traits>(
-      smem, /*extra_full_arrivals=*/Traits::kAggregatedTeacher ? 32 : 0,
+      smem, /*extra_full_arrivals=*/0, /*per_thread_release=*/false,
       [&] {
         if constexpr (Traits::kAggregatedTeacher)
-          run_aggregated_query_producer(p, tma, smem, blk.b, p.cu_seqlens_q != nullptr ? 0 : blk.b, blk.h, blk.row0,
-                                        blk.seq.seqlen_q, static_cast<int>(blk.seq.q_start),
-                                        static_cast<int>(blk.seq.k_start), blk.keys.begin, blk.n_tiles);
+          run_aggregated_query_producer(p, tma, smem, p.cu_seqlens_q != nullptr ? 0 : blk.b, blk.h, blk.row0,
+                                        static_cast<int>(blk.seq.q_start), static_cast<int>(blk.seq.k_start),
+                                        blk.keys.begin, blk.n_tiles);
         else
           run_stream_producer(p, tma, smem, blk.seq, blk.b, blk.h, blk.row0, blk.keys.begin, blk.n_tiles);
       },

@@ -20,8 +20,18 @@ namespace cuda {
 
 using namespace cute;
 
+// Wait for the completion of `phase` of an mbarrier, with the thread's later shared-memory accesses kept after it.
+// CUTLASS's wait is an asm statement without a memory clobber, so the compiler may move ordinary loads and stores
+// above it: a statistics warp's stores into a stage before the stage was freed (compute-sanitizer's racecheck caught
+// it in the aggregated stream). The empty asm with a memory clobber is a compiler fence; the hardware ordering is
+// try_wait's acquire.
+__device__ __forceinline__ void wait_for_barrier(uint64_t* barrier, uint32_t phase) {
+  cutlass::arch::ClusterBarrier::wait(barrier, phase);
+  asm volatile("" ::: "memory");
+}
+
 // Dynamic shared memory of the warp-specialized kernels: X of both sides, kStages stages of Y of both sides,
-// the per-stage statistics, then the mbarriers (KernelTraitsSm90::kSmemBytes). An aggregated teacher's X block is
+// the dK kernel's per-row statistics, then the mbarriers (KernelTraitsSm90::kSmemBytes). An aggregated teacher's X block is
 // part of each stage ([Y_s, Y_t, X_t]).
 template <typename Traits>
 struct StreamSmemSm90 {
@@ -30,7 +40,7 @@ struct StreamSmemSm90 {
   Element* x_s;
   Element* x_t;  // null for an aggregated teacher (x_t_at)
   Element* y_base;
-  float* stats_base;  // [kStages][kStageStats]: per-row inputs of each stage's tile (KernelTraitsSm90::kStageStats)
+  float* stats_base;  // [kStages][kStageStats]: the dK kernel's per-query-row inputs of each stage's tile
   uint64_t* x_full;  // X of both sides has landed
   uint64_t* full;    // [kStages]: the stage's Y tiles have landed
   uint64_t* empty;   // [kStages]: every MMA warp has finished reading the stage
@@ -50,10 +60,8 @@ struct StreamSmemSm90 {
   __device__ Element* x_t_at(int stage) const {
     return Traits::kAggregatedTeacher ? y_t(stage) + Traits::YTileT::kElements : x_t;
   }
-  // The dK kernel's per-query-row inputs of the stage's tile: [kRowStats][kBlockN].
   __device__ float* stats(int stage) const { return stats_base + stage * Traits::kStageStats; }
-  // Aggregated teacher: the base-2 LSEs of the stage's teacher head, by row of the X block (or of the Y tile in the
-  // dK kernel).
+  // Aggregated teacher, dK kernel: the base-2 LSEs of the stage's teacher head, by row of its Y tile.
   __device__ float* teacher_lse(int stage) const { return stats(stage) + Traits::kBlockN * Traits::kRowStats; }
 
   template <typename Tile>
@@ -86,7 +94,7 @@ __device__ __forceinline__ void tma_load_tile(const Tma& tma, const TmaGmemShape
 // before its first, so the first round passes at once.
 template <typename Traits>
 __device__ __forceinline__ void wait_for_free_stage(const StreamSmemSm90<Traits>& smem, int i) {
-  cutlass::arch::ClusterBarrier::wait(&smem.empty[i % Traits::kStages], ((i / Traits::kStages) & 1) ^ 1);
+  wait_for_barrier(&smem.empty[i % Traits::kStages], ((i / Traits::kStages) & 1) ^ 1);
 }
 
 // X once, then n_tiles Y tiles for each of n_groups heads; flat tile i = g * n_tiles + tile.
@@ -117,26 +125,40 @@ __device__ __forceinline__ void produce_stream_tiles(const StreamTmaLoads<Traits
 }
 
 // Barrier setup by one thread, before the CTA-wide barrier that precedes the roles. extra_full_arrivals: arrivals
-// on each full barrier besides the copy thread's (the dK kernel's statistics warp: 32).
+// on each full barrier besides the copy thread's (the dK kernel's statistics warp: 32); per_thread_release: every MMA
+// thread frees a stage itself (release_stream_tile), rather than one lane per warp.
 template <typename Traits>
-__device__ __forceinline__ void init_stream_barriers(const StreamSmemSm90<Traits>& smem, int extra_full_arrivals = 0) {
+__device__ __forceinline__ void init_stream_barriers(const StreamSmemSm90<Traits>& smem, int extra_full_arrivals,
+                                                     bool per_thread_release) {
   cutlass::arch::ClusterTransactionBarrier::init(smem.x_full, 1);
   for (int s = 0; s < Traits::kStages; ++s) {
     cutlass::arch::ClusterTransactionBarrier::init(&smem.full[s], 1 + extra_full_arrivals);
-    cutlass::arch::ClusterBarrier::init(&smem.empty[s], Traits::kNMmaWarps);
+    cutlass::arch::ClusterBarrier::init(&smem.empty[s], per_thread_release ? Traits::kNMmaThreads : Traits::kNMmaWarps);
   }
   cutlass::arch::fence_barrier_init();
 }
 
-// Wait until key tile `tile` has landed / free its stage (one arrival per MMA warp, after the warp's last product
-// that reads it has completed).
+// Arrive on an mbarrier once this warp's shared-memory accesses before it are done: by lane 0 (one_per_warp) or by
+// every lane. CUTLASS's arrive is an asm statement without a memory clobber, so the compiler may move ordinary loads
+// and stores past it; the __syncwarp keeps them before it and orders the other lanes' accesses before lane 0's
+// arrival (the same hazard as in wait_for_barrier).
+__device__ __forceinline__ void arrive_after_warp_accesses(uint64_t* barrier, bool one_per_warp) {
+  __syncwarp();
+  if (!one_per_warp || threadIdx.x % 32 == 0) cutlass::arch::ClusterBarrier::arrive(barrier);
+}
+
+// Wait until key tile `tile` has landed / free its stage: one arrival per MMA warp, after the warp's last product that
+// reads it has completed, or (per_thread: the MMA threads read the stage with plain loads too, see
+// init_stream_barriers) one per MMA thread. One lane per warp after a __syncwarp would be enough by the PTX memory
+// model, but compute-sanitizer's racecheck does not see it order the other lanes' plain loads before the arrival.
 template <typename Traits>
 __device__ __forceinline__ void wait_for_stream_tile(const StreamSmemSm90<Traits>& smem, int tile) {
-  cutlass::arch::ClusterBarrier::wait(&smem.full[tile % Traits::kStages], (tile / Traits::kStages) & 1);
+  wait_for_barrier(&smem.full[tile % Traits::kStages], (tile / Traits::kStages) & 1);
 }
 template <typename Traits>
-__device__ __forceinline__ void release_stream_tile(const StreamSmemSm90<Traits>& smem, int tile) {
-  if (threadIdx.x % 32 == 0) cutlass::arch::ClusterBarrier::arrive(&smem.empty[tile % Traits::kStages]);
+__device__ __forceinline__ void release_stream_tile(const StreamSmemSm90<Traits>& smem, int tile,
+                                                    bool per_thread = false) {
+  arrive_after_warp_accesses(&smem.empty[tile % Traits::kStages], /*one_per_warp=*/!per_thread);
 }
 
 // One batch with the two score products of a stage's Y tiles against X (acc_s = X_s Y_s^T, acc_t = X_t Y_t^T),
@@ -174,12 +196,13 @@ __device__ __forceinline__ void run_stream_producer(const AttentionKLParams& p, 
 }
 
 // Set up the barriers, then run the producer warpgroup's role and the MMA warpgroups' role, each after setmaxnreg
-// (which takes effect only when each role is one branch of a single if/else). extra_full_arrivals: see
-// init_stream_barriers.
+// (which takes effect only when each role is one branch of a single if/else). extra_full_arrivals,
+// per_thread_release: see init_stream_barriers.
 template <typename Traits, typename ProducerRole, typename MmaRole>
 __device__ __forceinline__ void run_warp_specialized(const StreamSmemSm90<Traits>& smem, int extra_full_arrivals,
+                                                     bool per_thread_release,
                                                      ProducerRole&& producer, MmaRole&& mma) {
-  if (threadIdx.x == 0) init_stream_barriers(smem, extra_full_arrivals);
+  if (threadIdx.x == 0) init_stream_barriers(smem, extra_full_arrivals, per_thread_release);
   __syncthreads();
   if (cutlass::canonical_warp_group_idx() == Traits::kNMmaThreads / 128) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
