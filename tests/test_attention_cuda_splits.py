@@ -2,8 +2,8 @@
 merged by a combine kernel; dQ / dK: partial gradients in fp32 slices summed by an epilogue), for problems with too
 few blocks to fill the GPU. Values and student gradients with splits forced (STREAMKL_STREAM_SPLITS=n), never (=1) and automatic,
 against the float64 reference: head-aggregated teachers (DSA's one-head student) on both paths, plain teachers on each path,
-masks whose key ranges start mid-tile, GQA, varlen packing, the JSD (backward split, forward not), and that the split
-kernels do run when asked.
+masks whose key ranges start mid-tile, GQA, varlen packing, the JSD (both forward passes and the backward split), and
+that the split kernels do run when asked.
 
 Skipped unless a GPU is visible and this build has the CUDA kernels. Inputs are drawn on the CPU from a seeded
 generator, rounded to bf16, and the reference runs in float64 on the same rounded values.
@@ -131,17 +131,20 @@ def _kernel_names(fn):
     return [e.name for e in prof.events()]
 
 
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])
 @pytest.mark.parametrize("splits", ["1", "4", "auto"])
-def test_split_kernels_run_when_asked(monkeypatch, splits):
-    """The combine kernel and the gradient epilogue run exactly when the streams split (a silent unsplit run would
-    pass the value tests too)."""
+def test_split_kernels_run_when_asked(monkeypatch, splits, divergence):
+    """The combine kernels and the gradient epilogue run exactly when the streams split (a silent unsplit run would
+    pass the value tests too); the JSD's second pass has its own combine kernel."""
     monkeypatch.setenv("STREAMKL_STREAM_SPLITS", splits)
     inputs = _aggregated_inputs(1, 4, 1, 512, 1024, seed_of("splits-names", splits))
-    out = streamkl.attention_kl(*inputs, teacher_head_reduce="mean", causal=True)
-    fwd = _kernel_names(lambda: streamkl.attention_kl(*inputs, teacher_head_reduce="mean", causal=True))
+    kwargs = dict(teacher_head_reduce="mean", causal=True, divergence=divergence)
+    out = streamkl.attention_kl(*inputs, **kwargs)
+    fwd = _kernel_names(lambda: streamkl.attention_kl(*inputs, **kwargs))
     bwd = _kernel_names(lambda: out.sum().backward())
     expect = splits != "1"
     assert any("combine_split_rows_kernel" in n for n in fwd) == expect, fwd
+    assert any("combine_jsd_split_rows_kernel" in n for n in fwd) == (expect and divergence == "jsd"), fwd
     assert sum("sum_split_partials_kernel" in n for n in bwd) == (2 if expect else 0), bwd
 
 

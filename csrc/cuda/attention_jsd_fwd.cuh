@@ -15,6 +15,7 @@
 #include "device_common.cuh"
 #include "aggregated_teacher.cuh"
 #include "score_stream.cuh"
+#include "stream_splits.cuh"
 
 namespace streamkl {
 namespace cuda {
@@ -95,26 +96,52 @@ __device__ __forceinline__ JsdSumsPolicy<Traits> make_jsd_sums_policy(const Atte
   return policy;
 }
 
-// Add each row's sums across its MMA quad and write its statistics and JSD.
+// Row idx's statistics and JSD from its whole sums. A row with no allowed key has zero sums: statistics 0, JSD 0.
+__device__ __forceinline__ void store_jsd_row(const AttentionKLParams& p, int64_t idx, const JsdRowSums<float>& sums,
+                                              const JsdWeights<float>& weights) {
+  const JsdRowStats<float> row_stats = JsdRowStats<float>::finalize<Base2<float>>(sums);
+  row_stats.store(static_cast<float*>(p.jsd_stats) + idx * JsdRowStats<float>::kCount);
+  static_cast<float*>(p.kl)[idx] = row_stats.divergence(weights);
+}
+
+// Add each row's sums across its MMA quad and write its statistics and JSD, or (split streams) the CTA's partial
+// sums of the row into the first two floats of its split state (stream_splits.cuh).
 template <typename Traits>
 __device__ __forceinline__ void write_jsd_rows(JsdSumsPolicy<Traits>& policy, const AttentionKLParams& p, int b, int h,
-                                               int row0, int seqlen_q) {
+                                               int row0, int seqlen_q, int split = 0) {
   typename Traits::TiledMma tiled_mma;
   Tensor coords = accumulator_coords<Traits::kBlockM, Traits::kBlockN>(tiled_mma, threadIdx.x);
-  float* jsd = static_cast<float*>(p.kl);
-  float* stats = static_cast<float*>(p.jsd_stats);
   CUTE_UNROLL
   for (int i = 0; i < JsdSumsPolicy<Traits>::kThreadRows; ++i) {
     add_quad_sums(policy.sums[i]);
     const int row = row0 + get<0>(coords(i, 0));
     if (threadIdx.x % 4 == 0 && row < seqlen_q) {
       const int64_t idx = p.row_index(b, h, row);
-      // A row with no allowed key has zero sums: statistics 0, JSD 0.
-      const JsdRowStats<float> row_stats = JsdRowStats<float>::finalize<Base2<float>>(policy.sums[i]);
-      row_stats.store(stats + idx * JsdRowStats<float>::kCount);
-      jsd[idx] = row_stats.divergence(policy.weights);
+      if (p.stream_splits > 1) {
+        float* partial = split_state(p, split, idx);
+        partial[0] = policy.sums[i].kl_t;
+        partial[1] = policy.sums[i].kl_s;
+      } else {
+        store_jsd_row(p, idx, policy.sums[i], policy.weights);
+      }
     }
   }
+}
+
+// Split streams: add the p.stream_splits partial sums of each row (disjoint key runs, in split order) and write its
+// statistics and JSD. Grid (row blocks of kCombineRows, heads, batch), as combine_split_rows_kernel.
+template <int kRows>
+__global__ void __launch_bounds__(kRows) combine_jsd_split_rows_kernel(const AttentionKLParams p) {
+  const int row = blockIdx.x * kRows + threadIdx.x, h = blockIdx.y, b = blockIdx.z;
+  if (row >= p.sequence(b).seqlen_q) return;
+  const int64_t idx = p.row_index(b, h, row);
+  JsdRowSums<float> sums;
+  sums.init();
+  for (int s = 0; s < p.stream_splits; ++s) {
+    const float* partial = split_state(p, s, idx);
+    sums.merge(JsdRowSums<float>{partial[0], partial[1]});
+  }
+  store_jsd_row(p, idx, sums, JsdWeights<float>::mixture_weighted(static_cast<float>(p.beta)));
 }
 
 template <typename Traits>
@@ -122,18 +149,19 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_jsd_sums_kernel(c
   using Element = typename Traits::Element;
   extern __shared__ __align__(128) char smem_raw[];
   const SmemPlan<Traits> smem(smem_raw);
-  const int m_block = gridDim.x - 1 - blockIdx.x;  // longest causal rows first, as in the KL forward
+  const BlockAndSplit cta = block_and_split(p);
+  const int m_block = unsplit_blocks(p) - 1 - cta.block;  // longest causal rows first, as in the KL forward
   const int h = blockIdx.y, b = blockIdx.z;
   const int row0 = m_block * Traits::kBlockM;
   // Blocks past this sequence's rows (varlen) stream nothing and store nothing (see attention_kl_fwd_kernel).
   const AttentionKLParams::Sequence seq = p.sequence(b);
   auto policy = make_jsd_sums_policy<Traits>(p, seq, b, h, row0);
   const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
-  const KeyRange keys = policy.mask.keys_for_rows(row0, row_end);
+  const KeyRange keys = split_part<Traits::kBlockN>(p, policy.mask.keys_for_rows(row0, row_end), cta.split);
   score_stream<Traits>(policy, smem, query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0),
                        teacher_block<Traits, false>(p, b, h, seq, row0), seq.seqlen_q - row0,
                        keys.begin, keys.end, seq.seqlen_k);
-  write_jsd_rows(policy, p, b, h, row0, seq.seqlen_q);
+  write_jsd_rows(policy, p, b, h, row0, seq.seqlen_q, cta.split);
 }
 
 }  // namespace cuda

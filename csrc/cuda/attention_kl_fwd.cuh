@@ -175,7 +175,6 @@ __device__ __forceinline__ void write_forward_rows(ForwardPolicy<Traits, kTeache
 
 // Split streams: merge the p.stream_splits partial states of each row (disjoint key runs) and write its outputs.
 // Grid (row blocks of kCombineRows, heads, batch).
-constexpr int kCombineRows = 128;
 template <bool kTeacherWeights>
 __global__ void __launch_bounds__(kCombineRows) combine_split_rows_kernel(const AttentionKLParams p) {
   using State = OnlineKLState<float, Base2<float>>;

@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   run_query_block_sm90<Traits>(p, tma, smem, [&](const QueryBlockSm90& blk) {
     auto policy = make_jsd_sums_policy<Traits>(p, blk.seq, blk.b, blk.h, blk.row0);
     consume_query_block<Traits>(policy, p, smem, blk);
-    write_jsd_rows(policy, p, blk.b, blk.h, blk.row0, blk.seq.seqlen_q);
+    write_jsd_rows(policy, p, blk.b, blk.h, blk.row0, blk.seq.seqlen_q, blk.split);
   });
 }
 

@@ -111,25 +111,29 @@ void sum_split_grad(const AttentionKLParams& p, bool keys, const float* partials
   check_launch("attention_kl split-stream gradient epilogue");
 }
 
+// Which per-row results a forward kernel leaves, and so which kernel merges them when it splits: the KL forward's
+// (also the JSD's pass 1: its LSEs), or the JSD's pass-2 sums.
+enum class ForwardPass { kDivergence, kJsdSums };
+
 // A forward kernel over blocks of block_m query rows (grid: blocks x splits, heads, batch; launch arguments: the
-// params, then `extra`), either path. The KL divergences split long streams of few blocks (stream_splits.cuh) and
-// merge the rows' partial states after; the JSD's pass 1 does not (pass 2 needs its LSEs, and its backward its
-// statistics, unsplit).
+// params, then `extra`), either path. Long streams of few blocks split (stream_splits.cuh): the partial row states
+// (or the JSD's partial sums) are merged after, in split order, by a combine kernel on the same stream, so the JSD's
+// pass 2 reads pass 1's merged LSEs.
 template <typename Kernel, typename... Extra>
-void launch_forward_kernel(const AttentionKLParams& p, Kernel kernel, int threads, int smem_bytes, int block_m,
-                           int block_n, const char* what, cudaStream_t stream, const Extra&... extra) {
+void launch_forward_kernel(const AttentionKLParams& p, ForwardPass pass, Kernel kernel, int threads, int smem_bytes,
+                           int block_m, int block_n, const char* what, cudaStream_t stream, const Extra&... extra) {
   const int blocks = ceil_div(p.seqlen_q, block_m);
   const int64_t states_per_split = split_state_rows(p) * kSplitStateFloats * int64_t(sizeof(float));
-  AttentionKLParams q = p;
-  if (p.divergence != Divergence::kJsd)
-    q = with_stream_split(p, kernel, threads, smem_bytes, static_cast<int64_t>(blocks) * p.num_heads * p.batch,
-                          ceil_div(p.seqlen_k, block_n), states_per_split, what);
+  AttentionKLParams q = with_stream_split(p, kernel, threads, smem_bytes,
+                                          static_cast<int64_t>(blocks) * p.num_heads * p.batch,
+                                          ceil_div(p.seqlen_k, block_n), states_per_split, what);
   if (q.stream_splits > 1) q.split_states = q.workspace(q.stream_splits * states_per_split);
   launch_with_smem(kernel, dim3(blocks * q.stream_splits, p.num_heads, p.batch), threads, smem_bytes, stream, what, q,
                    extra...);
   if (q.stream_splits == 1) return;
-  const auto combine = teacher_is_weighting_side(p.divergence) ? combine_split_rows_kernel<true>
-                                                               : combine_split_rows_kernel<false>;
+  const auto combine = pass == ForwardPass::kJsdSums             ? combine_jsd_split_rows_kernel<kCombineRows>
+                       : teacher_is_weighting_side(p.divergence) ? combine_split_rows_kernel<true>
+                                                                 : combine_split_rows_kernel<false>;
   combine<<<dim3(ceil_div(p.seqlen_q, kCombineRows), p.num_heads, p.batch), kCombineRows, 0, stream>>>(q);
   check_launch("attention_kl split-stream combine kernel");
 }
@@ -188,22 +192,19 @@ using AggregatedTraits = KernelTraits<Element, kDimS, kDimT, 64, 32, 4, false, f
 // longest sequence's; the kernels return at once from blocks past their own sequence's end.
 
 // The KL forward kernel; for Divergence::kJsd it is pass 1 (its kl output, the reverse KL, is overwritten by pass 2).
-// The KL divergences split long streams of few blocks (stream_splits.cuh) and merge the rows' partial states after;
-// the JSD's pass 1 does not (pass 2 needs its LSEs, and its backward its statistics, unsplit).
 template <typename Traits>
 void run_attention_kl_fwd_with(const AttentionKLParams& p, cudaStream_t stream) {
   const auto kernel = teacher_is_weighting_side(p.divergence) ? attention_kl_fwd_kernel<Traits, true>
                                                               : attention_kl_fwd_kernel<Traits, false>;
-  launch_forward_kernel(p, kernel, Traits::kNThreads, Traits::kSmemBytes, Traits::kBlockM, Traits::kBlockN,
-                        "attention_kl forward kernel", stream);
+  launch_forward_kernel(p, ForwardPass::kDivergence, kernel, Traits::kNThreads, Traits::kSmemBytes, Traits::kBlockM,
+                        Traits::kBlockN, "attention_kl forward kernel", stream);
 }
 
 // Pass 2 of the JSD: the mixture's row sums over the same score tiles, given pass 1's LSEs (attention_jsd_fwd.cuh).
 template <typename Traits>
 void run_attention_jsd_sums(const AttentionKLParams& p, cudaStream_t stream) {
-  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads, p.batch);
-  launch_with_smem(attention_jsd_sums_kernel<Traits>, grid, Traits::kNThreads, Traits::kSmemBytes, stream,
-                   "attention_jsd sums kernel", p);
+  launch_forward_kernel(p, ForwardPass::kJsdSums, attention_jsd_sums_kernel<Traits>, Traits::kNThreads,
+                        Traits::kSmemBytes, Traits::kBlockM, Traits::kBlockN, "attention_jsd sums kernel", stream);
 }
 
 // Every divergence with one set of traits: the JSD is a runtime branch here, not an instantiation family of its own
@@ -238,12 +239,12 @@ void run_attention_kl_fwd_sm90_with(const AttentionKLParams& p, cudaStream_t str
   const StreamTmaLoads<Traits> tma = make_stream_tma_loads<Traits>(p);
   const auto kernel = teacher_is_weighting_side(p.divergence) ? attention_kl_fwd_sm90_kernel<Traits, true>
                                                               : attention_kl_fwd_sm90_kernel<Traits, false>;
-  launch_forward_kernel(p, kernel, Traits::kNThreads, Traits::kSmemBytes, Traits::kBlockM, Traits::kBlockN,
-                        "attention_kl Hopper forward kernel", stream, tma);
+  launch_forward_kernel(p, ForwardPass::kDivergence, kernel, Traits::kNThreads, Traits::kSmemBytes, Traits::kBlockM,
+                        Traits::kBlockN, "attention_kl Hopper forward kernel", stream, tma);
   if (p.divergence == Divergence::kJsd)
-    launch_with_smem(attention_jsd_sums_sm90_kernel<Traits>, dim3(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads,
-                                                                  p.batch),
-                     Traits::kNThreads, Traits::kSmemBytes, stream, "attention_jsd Hopper sums kernel", p, tma);
+    launch_forward_kernel(p, ForwardPass::kJsdSums, attention_jsd_sums_sm90_kernel<Traits>, Traits::kNThreads,
+                          Traits::kSmemBytes, Traits::kBlockM, Traits::kBlockN, "attention_jsd Hopper sums kernel",
+                          stream, tma);
 }
 
 template <typename Element, int kDimS, int kDimT>

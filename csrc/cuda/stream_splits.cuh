@@ -17,6 +17,8 @@ namespace cuda {
 
 // Floats per partial row state of a split forward: the OnlineKLState fields (max_w, sum_w, max_o, sum_o, acc).
 constexpr int kSplitStateFloats = 5;
+// Rows per CTA of the forward's combine kernels (one thread per row).
+constexpr int kCombineRows = 128;
 
 // Rows of each split's slice of p.split_states: B * H * N_q bounds every row_index in both layouts (varlen:
 // total_q * H <= B * max_seqlen_q * H).
@@ -72,10 +74,16 @@ __global__ void sum_split_partials_kernel(const float* __restrict__ partials, El
   }
 }
 
+// The kSplitStateFloats floats of split `split`'s partial state of per-row output idx (the KL forward's online state;
+// the JSD sums pass uses the first two).
+__device__ __forceinline__ float* split_state(const AttentionKLParams& p, int split, int64_t idx) {
+  return static_cast<float*>(p.split_states) + (split * split_state_rows(p) + idx) * kSplitStateFloats;
+}
+
 // A split forward CTA's partial state of per-row output idx (merged across its quad), and the combine kernel's read.
 template <typename State>
 __device__ __forceinline__ void store_split_state(const AttentionKLParams& p, int split, int64_t idx, const State& st) {
-  float* out = static_cast<float*>(p.split_states) + (split * split_state_rows(p) + idx) * kSplitStateFloats;
+  float* out = split_state(p, split, idx);
   out[0] = st.max_w;
   out[1] = st.sum_w;
   out[2] = st.max_o;
@@ -84,7 +92,7 @@ __device__ __forceinline__ void store_split_state(const AttentionKLParams& p, in
 }
 template <typename State>
 __device__ __forceinline__ State load_split_state(const AttentionKLParams& p, int split, int64_t idx) {
-  const float* in = static_cast<const float*>(p.split_states) + (split * split_state_rows(p) + idx) * kSplitStateFloats;
+  const float* in = split_state(p, split, idx);
   State st;
   st.max_w = in[0];
   st.sum_w = in[1];
