@@ -253,9 +253,10 @@ void run_attention_kl_fwd_sm90(const AttentionKLParams& p, cudaStream_t stream) 
 }
 
 // Head-aggregated teacher on the Hopper path (aggregated_teacher_sm90.cuh): key tiles of 64 against 128 query rows
-// (or keys) as in the plain kernels, as many stages as shared memory holds with a teacher X block in each, and a
-// producer warpgroup whose statistics warp needs 40 registers. kRowStats: the dK kernel's per-row inputs (0 in the
-// forward, which has none).
+// (or keys) as in the plain kernels, as many stages as shared memory holds with a teacher X block in each, and 40
+// producer registers (what the dK kernel's statistics warp needs; the query-block kernels, which have no statistics
+// warp, keep the same setting, as measured). kRowStats: the dK kernel's per-row inputs (0 in the forward, which has
+// none).
 template <typename Element, int kDimS, int kDimT, int kRowStats>
 using AggregatedTraitsSm90 = KernelTraitsSm90<Element, kDimS, kDimT, 64,
                                               aggregated_stages_sm90<Element, kDimS, kDimT, kRowStats>(), 4,

@@ -22,9 +22,9 @@ using namespace cute;
 
 // Wait for the completion of `phase` of an mbarrier, with the thread's later shared-memory accesses kept after it.
 // CUTLASS's wait is an asm statement without a memory clobber, so the compiler may move ordinary loads and stores
-// above it: a statistics warp's stores into a stage before the stage was freed (compute-sanitizer's racecheck caught
-// it in the aggregated stream). The empty asm with a memory clobber is a compiler fence; the hardware ordering is
-// try_wait's acquire.
+// above it: e.g. a statistics warp's stores into a stage before the stage was freed (found while chasing a racecheck
+// report in the aggregated stream; that report itself went away only with per-thread releases, release_stream_tile).
+// The empty asm with a memory clobber is a compiler fence; the hardware ordering is try_wait's acquire.
 __device__ __forceinline__ void wait_for_barrier(uint64_t* barrier, uint32_t phase) {
   cutlass::arch::ClusterBarrier::wait(barrier, phase);
   asm volatile("" ::: "memory");
