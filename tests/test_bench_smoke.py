@@ -24,6 +24,8 @@ RUNS = [
                   "128", "--heads", "2", "--d", "32", "--repeats", "1", "--no-compile"], "ours", id="long-context"),
     pytest.param([sys.executable, "bench/linear.py", "--device", "cpu", "--quick", "--no-compile", "--repeats", "1",
                   "--quiet"], "ours", id="linear"),
+    # GPU-only measurement: on the CPU it must still import and explain itself.
+    pytest.param([sys.executable, "bench/linear_floor.py", "--tokens", "256"], "no GPU", id="linear-floor"),
 ]
 
 
