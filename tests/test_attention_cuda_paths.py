@@ -104,6 +104,39 @@ def test_forward_paths_match_reference(monkeypatch, path, shape, causal, diverge
     assert_rel_close(out, ref, FWD_TOL)
 
 
+def _drifting_scores_inputs(order, seed, n=640, d=64):
+    """Inputs whose scores (scale 1) move by ~25 nats per 64-key tile over the keys, both sides, 0 -> 240 ("rise")
+    or 240 -> 0 ("fall"), plus noise: the forward keeps each row's running maxima from tile to tile, so a rise of
+    more than ~42 nats above them must be caught (and the tile folded again), and a fall must lose nothing."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.ones(d) / d ** 0.5
+    level = torch.linspace(0.0, 240.0, n) if order == "rise" else torch.linspace(240.0, 0.0, n)
+
+    def side():
+        q = (u * d ** 0.5 + 0.3 * torch.randn(1, 2, n, d, generator=g))
+        k = level[:, None] * u / d ** 0.5 + 0.3 * torch.randn(1, 2, n, d, generator=g)
+        return q.to(torch.bfloat16).cuda(), k.to(torch.bfloat16).cuda()
+
+    q_s, k_s = side()
+    q_t, k_t = side()
+    return q_s, k_s, q_t, k_t
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("order", ["rise", "fall"])
+@pytest.mark.parametrize("divergence", ["forward", "reverse"])
+def test_forward_paths_scores_drifting_far_across_tiles(monkeypatch, path, order, divergence):
+    _select(monkeypatch, path)
+    q_s, k_s, q_t, k_t = _drifting_scores_inputs(order, seed_of("drift", path, order, divergence))
+    kl, lse_s, lse_t = torch.ops.streamkl.attention_kl_fwd(q_s, k_s, q_t, k_t, 1.0, 1.0, False, divergence)
+    ref = streamkl.attention_kl_reference(q_s, k_s, q_t, k_t, scale_s=1.0, scale_t=1.0, divergence=divergence)
+    for lse, q, k in ((lse_s, q_s, k_s), (lse_t, q_t, k_t)):
+        scores = q.double() @ k.double().transpose(-1, -2)
+        assert scores.amax(-1).min() - scores[..., :64].amax(-1).max() > 150 or order == "fall"
+        assert_rel_close(lse, torch.logsumexp(scores, dim=-1), 1e-5, "lse")
+    assert_rel_close(kl, ref, FWD_TOL)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("window", [(64, 0), (100, 37), (-1, 5)], ids=str)
 def test_forward_paths_windows_and_gqa(monkeypatch, path, window):

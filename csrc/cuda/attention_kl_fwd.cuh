@@ -61,10 +61,19 @@ struct ForwardPolicy {
   }
 
   // Fold one tile of raw scores (rows, cols) into the row states.
+  //
+  // A row that has seen keys keeps its maxima: its tile terms are taken relative to the running maxima whatever
+  // the tile's own maxima are (exact in fp32, whose relative precision does not depend on the offset), unless a
+  // partial sum passes kSumLimit (a score 2^60 above the running maximum, or a NaN), when the tile is folded again
+  // after raising the maxima. That drops the two maxima (a max per score and side) and the rescale from the
+  // common tile, and lets the exponentials start as soon as the products land.
   template <bool kMasked, typename Rows>
   __device__ __forceinline__ void reduce_tile(const Rows& w, const Rows& o) {
     CUTE_UNROLL
     for (int i = 0; i < size<0>(w); ++i) {
+      if (!kMasked && state[i].max_w != neg_infinity<float>() && state[i].max_o != neg_infinity<float>() &&
+          add_row_terms<false, true>(i, w, o))
+        continue;
       // kChains independent partial maxima and sums per row: one running value per quantity would make every
       // column wait for the previous one (the kernel is latency-bound at 8 warps per SM: ncu's top stall is
       // "wait", fixed-latency dependencies).
@@ -83,29 +92,41 @@ struct ForwardPolicy {
       }
       // Scales are positive, so the maximum of the raw scores scales to the maximum of the scores.
       state[i].rescale(max_w[0] * scale_w2, max_o[0] * scale_o2);
-      // Each partial sum starts from its first key's terms, not from 0 (0 + x is not folded: it is an add).
-      float sum_w[kChains], weighted[kChains], sum_o[kChains];
-      CUTE_UNROLL
-      for (int j = 0; j < size<1>(w); ++j) {
-        const int c = j % kChains;
-        // A masked key (w = o = -inf) contributes nothing, also while the row has seen no key (max = -inf).
-        if (kMasked && w(i, j) == neg_infinity<float>()) {
-          if (j < kChains) sum_w[c] = weighted[c] = sum_o[c] = 0.f;
-          continue;
-        }
-        const typename State::KeyTerms k = state[i].key_terms(w(i, j), o(i, j), scale_w2, scale_o2);
-        sum_w[c] = j < kChains ? k.p_w : sum_w[c] + k.p_w;
-        weighted[c] = j < kChains ? k.weighted : weighted[c] + k.weighted;
-        sum_o[c] = j < kChains ? k.p_o : sum_o[c] + k.p_o;
-      }
-      CUTE_UNROLL
-      for (int c = 1; c < kChains; ++c) {
-        sum_w[0] += sum_w[c];
-        weighted[0] += weighted[c];
-        sum_o[0] += sum_o[c];
-      }
-      state[i].add_sums(sum_w[0], sum_o[0], weighted[0]);
+      add_row_terms<kMasked, false>(i, w, o);
     }
+  }
+
+  static constexpr float kSumLimit = 1.152921504606846976e18f;  // 2^60
+
+  // Row i's terms relative to its current maxima, added to its state; with kLimited only if every partial sum stays
+  // below kSumLimit (returns whether they were added).
+  template <bool kMasked, bool kLimited, typename Rows>
+  __device__ __forceinline__ bool add_row_terms(int i, const Rows& w, const Rows& o) {
+    // Each partial sum starts from its first key's terms, not from 0 (0 + x is not folded: it is an add).
+    float sum_w[kChains], weighted[kChains], sum_o[kChains];
+    CUTE_UNROLL
+    for (int j = 0; j < size<1>(w); ++j) {
+      const int c = j % kChains;
+      // A masked key (w = o = -inf) contributes nothing, also while the row has seen no key (max = -inf).
+      if (kMasked && w(i, j) == neg_infinity<float>()) {
+        if (j < kChains) sum_w[c] = weighted[c] = sum_o[c] = 0.f;
+        continue;
+      }
+      const typename State::KeyTerms k = state[i].relative_key_terms(w(i, j), o(i, j), scale_w2, scale_o2);
+      sum_w[c] = j < kChains ? k.p_w : sum_w[c] + k.p_w;
+      weighted[c] = j < kChains ? k.weighted : weighted[c] + k.weighted;
+      sum_o[c] = j < kChains ? k.p_o : sum_o[c] + k.p_o;
+    }
+    CUTE_UNROLL
+    for (int c = 1; c < kChains; ++c) {
+      sum_w[0] += sum_w[c];
+      weighted[0] += weighted[c];
+      sum_o[0] += sum_o[c];
+    }
+    // Written so that a NaN fails it.
+    if (kLimited && !(sum_w[0] < kSumLimit && sum_o[0] < kSumLimit)) return false;
+    state[i].add_relative_sums(sum_w[0], sum_o[0], weighted[0]);
+    return true;
   }
 };
 

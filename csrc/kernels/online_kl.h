@@ -86,13 +86,15 @@ struct OnlineKLState {
     const T p_w = Base::exp(w - max_w);
     return KeyTerms{p_w, p_w * (w - o), Base::exp(o - max_o)};
   }
-  // The same for raw scores and their scales (w = w_raw * scale_w, o = o_raw * scale_o), with the scaling folded
-  // into fused multiply-adds: each exponent's argument is one instruction instead of two dependent ones.
-  SKL_HOST_DEVICE KeyTerms key_terms(T w_raw, T o_raw, T scale_w, T scale_o) const {
-    const T o = o_raw * scale_o;
-    const T p_w = Base::exp(fused_multiply_add(w_raw, scale_w, -max_w));
-    return KeyTerms{p_w, p_w * fused_multiply_add(w_raw, scale_w, -o),
-                    Base::exp(fused_multiply_add(o_raw, scale_o, -max_o))};
+  // The kernels' form, for raw scores and their scales (w = w_raw * scale_w, o = o_raw * scale_o): each exponent's
+  // argument is one fused multiply-add, and the weighted term is taken over the two arguments,
+  // (w - max_w) - (o - max_o), which the exponentials need anyway (one instruction per key fewer than w - o);
+  // add_relative_sums adds back the (max_w - max_o) * p_w it leaves out.
+  SKL_HOST_DEVICE KeyTerms relative_key_terms(T w_raw, T o_raw, T scale_w, T scale_o) const {
+    const T arg_w = fused_multiply_add(w_raw, scale_w, -max_w);
+    const T arg_o = fused_multiply_add(o_raw, scale_o, -max_o);
+    const T p_w = Base::exp(arg_w);
+    return KeyTerms{p_w, p_w * (arg_w - arg_o), Base::exp(arg_o)};
   }
 
   // Add one allowed key (finite scores); the maxima must already cover it (call rescale first).
@@ -109,6 +111,13 @@ struct OnlineKLState {
     sum_w += batch_sum_w;
     sum_o += batch_sum_o;
     acc += batch_acc;
+  }
+
+  // add_sums for sums of relative_key_terms. A row that has seen no key (max = -inf) has only zero terms.
+  SKL_HOST_DEVICE void add_relative_sums(T batch_sum_w, T batch_sum_o, T batch_weighted) {
+    if (max_w != neg_infinity<T>() && max_o != neg_infinity<T>())
+      batch_weighted = fused_multiply_add(max_w - max_o, batch_sum_w, batch_weighted);
+    add_sums(batch_sum_w, batch_sum_o, batch_weighted);
   }
 
   // Fold in a partial state that covered a disjoint set of keys.
