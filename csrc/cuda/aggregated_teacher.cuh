@@ -61,9 +61,13 @@ struct AggregatedTeacher {
     return t;
   }
 
+  // Teacher head j of student head h: its query head and the key head that query head reads.
+  __device__ int query_head(int j) const { return h * p->teacher_head_group + j; }
+  __device__ int key_head(int j) const { return query_head(j) / (p->num_teacher_heads() / p->teacher.num_kv_heads); }
+
   // Head j's X block (from x0) and Y rows.
   __device__ StreamOperands<Element> operands(int j) const {
-    const int head = h * p->teacher_head_group + j;
+    const int head = query_head(j);
     if constexpr (kKeysAsX)
       return key_block_operands<Element>(p->teacher, p->num_teacher_heads(), b, head, seq, x0);
     else
@@ -74,7 +78,7 @@ struct AggregatedTeacher {
   __device__ float lse2(int j, int row) const {
     if (row >= seq.seqlen_q) return 0.f;
     const float* lse = static_cast<const float*>(p->lse_teacher);
-    return lse[p->teacher_row_index(b, h * p->teacher_head_group + j, row)] * kLog2e;
+    return lse[p->teacher_row_index(b, query_head(j), row)] * kLog2e;
   }
 
   // How many LSEs a thread needs per item of a (kRows x kCols) tile: one per row it holds (X rows are queries), or

@@ -26,71 +26,64 @@ namespace cuda {
 
 using namespace cute;
 
-// Where a CTA's aggregated stream sits in the TMA coordinate space: the student X block's head, the first student
-// query head whose teacher heads it streams (an item's group adds to it: the dK kernel's GQA group), the
-// descriptors' batch, the first X row and the first Y row. keys_as_x: X is a block of keys (the dK kernel).
+// Where a CTA's aggregated stream sits in the TMA coordinate space besides its heads (the teacher's): the student X
+// block's head, the descriptors' batch, the first X row and the first Y row.
 struct AggregatedStreamCoords {
-  int x_head_s, student_head0, batch, x_row, y_row;
-  bool keys_as_x;
+  int x_head_s, batch, x_row, y_row;
 };
 
 // Producer thread: the student's X block once, then per item its teacher head's X block (queries, or keys) and Y
 // tile, and with the tile's last head the student's Y tile; each item completes on its stage's full barrier.
-template <typename Traits>
+// `teacher`: the AggregatedTeacher of the stream's first student head (an item's group adds to it).
+template <typename Traits, typename Teacher>
 __device__ __forceinline__ void produce_aggregated_items(const AttentionKLParams& p, const StreamTmaLoads<Traits>& tma,
-                                                         const StreamSmemSm90<Traits>& smem,
+                                                         const StreamSmemSm90<Traits>& smem, const Teacher& teacher,
                                                          const AggregatedStreamCoords& c, const AggregatedItems& items) {
   using Smem = StreamSmemSm90<Traits>;
   using Barrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   constexpr int kDimS = Traits::kDimS, kDimT = Traits::kDimT;
   constexpr int kStudentYBytes = Traits::kStageBytes - Traits::kTeacherStageBytes;
+  constexpr bool kKeysAsX = Teacher::keys_as_x;
   Barrier::arrive_and_expect_tx(smem.x_full, Traits::kXBytes);
   tma_load_tile<kBlockM, kDimS>(tma.x_s, tma.x_s_shape, c.x_head_s, c.batch, c.x_row, 0,
                                 Smem::template tile<typename Traits::XTileS>(smem.x_s), *smem.x_full);
-  const int teacher_group = p.num_teacher_heads() / p.teacher.num_kv_heads;  // teacher query heads per key head
   const int student_group = p.num_heads / p.student.num_kv_heads;
   for (int i = 0; i < items.count(); ++i) {
     const AggregatedItems::Item it = items[i];
     const int stage = i % Traits::kStages;
-    const int h = c.student_head0 + it.group;
-    const int t_query = h * p.teacher_head_group + it.head, t_key = t_query / teacher_group;
+    const Teacher t = teacher.for_group(it.group);
+    const int t_query = t.query_head(it.head), t_key = t.key_head(it.head);
     wait_for_free_stage(smem, i);
     Barrier::arrive_and_expect_tx(&smem.full[stage], Traits::kTeacherStageBytes + (it.last_head ? kStudentYBytes : 0));
-    tma_load_tile<kBlockM, kDimT>(tma.x_t, tma.x_t_shape, c.keys_as_x ? t_key : t_query, c.batch, c.x_row, 0,
+    tma_load_tile<kBlockM, kDimT>(tma.x_t, tma.x_t_shape, kKeysAsX ? t_key : t_query, c.batch, c.x_row, 0,
                                   Smem::template tile<typename Traits::XTileT>(smem.x_t_at(stage)), smem.full[stage]);
-    tma_load_tile<kBlockN, kDimT>(tma.y_t, tma.y_t_shape, c.keys_as_x ? t_query : t_key, c.batch, c.y_row, it.tile,
+    tma_load_tile<kBlockN, kDimT>(tma.y_t, tma.y_t_shape, kKeysAsX ? t_query : t_key, c.batch, c.y_row, it.tile,
                                   Smem::template tile<typename Traits::YTileT>(smem.y_t(stage)), smem.full[stage]);
     if (it.last_head)
-      tma_load_tile<kBlockN, kDimS>(tma.y_s, tma.y_s_shape, c.keys_as_x ? h : h / student_group, c.batch, c.y_row,
+      tma_load_tile<kBlockN, kDimS>(tma.y_s, tma.y_s_shape, kKeysAsX ? t.h : t.h / student_group, c.batch, c.y_row,
                                     it.tile, Smem::template tile<typename Traits::YTileS>(smem.y_s(stage)),
                                     smem.full[stage]);
   }
 }
 
 // The dK kernel's statistics warp (warp 1 of the producer warpgroup): per item, the base-2 LSEs of its teacher head for
-// the Y tile's query rows from y_begin (0 past the sequence: never used), and with the tile's last head
+// the Y tile's query rows from y_begin (AggregatedTeacher::lse2), and with the tile's last head
 // stage_rule(stats, student head, tile), the tile's per-row gradient inputs; one arrival per lane on the stage's full
-// barrier.
-template <typename Traits, typename StageRule>
-__device__ __forceinline__ void produce_aggregated_tile_inputs(const AttentionKLParams& p,
-                                                               const StreamSmemSm90<Traits>& smem, int b,
-                                                               int student_head0, const AggregatedItems& items,
-                                                               int y_begin, int seqlen_q, int lane,
-                                                               StageRule&& stage_rule) {
+// barrier. `teacher` as in produce_aggregated_items.
+template <typename Traits, typename Teacher, typename StageRule>
+__device__ __forceinline__ void produce_aggregated_tile_inputs(const StreamSmemSm90<Traits>& smem,
+                                                               const Teacher& teacher, const AggregatedItems& items,
+                                                               int y_begin, int lane, StageRule&& stage_rule) {
   constexpr int kBlockN = Traits::kBlockN;
-  const float* lse_teacher = static_cast<const float*>(p.lse_teacher);
   for (int i = 0; i < items.count(); ++i) {
     const AggregatedItems::Item it = items[i];
     const int stage = i % Traits::kStages;
-    const int h = student_head0 + it.group, t_query = h * p.teacher_head_group + it.head;
+    const Teacher t = teacher.for_group(it.group);
     wait_for_free_stage(smem, i);
     float* lse = smem.teacher_lse(stage);
-    for (int c = lane; c < kBlockN; c += 32) {
-      const int row = y_begin + it.tile * kBlockN + c;
-      lse[c] = row < seqlen_q ? lse_teacher[p.teacher_row_index(b, t_query, row)] * kLog2e : 0.f;
-    }
-    if (it.last_head) stage_rule(smem.stats(stage), h, it.tile);
+    for (int c = lane; c < kBlockN; c += 32) lse[c] = t.lse2(it.head, y_begin + it.tile * kBlockN + c);
+    if (it.last_head) stage_rule(smem.stats(stage), t.h, it.tile);
     arrive_after_warp_accesses(&smem.full[stage], /*one_per_warp=*/false);
   }
 }
@@ -145,18 +138,19 @@ struct AggregatedTiles {
 };
 
 // The producer warpgroup's role in a query-block kernel (forward, JSD sums, dQ) with an aggregated teacher: one thread
-// issues the copies of the block's items (rows from row0 of student head h, key tiles from key_begin). `batch` is the
-// descriptors' batch index; q_start / k_start the sequence's first rows.
+// issues the copies of the block's items (query rows from row0 of sequence b of student head h, its n_tiles key tiles
+// from key_begin).
 template <typename Traits>
 __device__ __forceinline__ void run_aggregated_query_producer(const AttentionKLParams& p,
                                                               const StreamTmaLoads<Traits>& tma,
-                                                              const StreamSmemSm90<Traits>& smem, int batch, int h,
-                                                              int row0, int q_start, int k_start, int key_begin,
-                                                              int n_tiles) {
+                                                              const StreamSmemSm90<Traits>& smem, int b, int h,
+                                                              const AttentionKLParams::Sequence& seq, int row0,
+                                                              int key_begin, int n_tiles) {
   if (n_tiles == 0 || threadIdx.x != Traits::kNMmaThreads) return;
-  produce_aggregated_items(p, tma, smem,
-                           AggregatedStreamCoords{h, h, batch, q_start + row0, k_start + key_begin,
-                                                  /*keys_as_x=*/false},
+  const int batch = p.cu_seqlens_q != nullptr ? 0 : b;  // varlen: one packed sequence in the descriptors
+  produce_aggregated_items(p, tma, smem, teacher_block<Traits, /*kKeysAsX=*/false>(p, b, h, seq, row0),
+                           AggregatedStreamCoords{h, batch, static_cast<int>(seq.q_start) + row0,
+                                                  static_cast<int>(seq.k_start) + key_begin},
                            AggregatedItems{n_tiles, p.teacher_head_group, 1});
 }
 

@@ -195,22 +195,22 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   ScoreGrads rule;
   rule.init(p);
+  // The teacher side of the CTA's first student query head (kv_head * group; an aggregated item's group adds to it).
+  [[maybe_unused]] const auto teacher = teacher_block<Traits, /*kKeysAsX=*/true>(p, b, kv_head * group, seq, key0);
+  [[maybe_unused]] const AggregatedItems items{n_tiles, p.teacher_head_group, group};
   run_warp_specialized<Traits>(
       smem, /*extra_full_arrivals=*/32, /*per_thread_release=*/Traits::kAggregatedTeacher,
       [&] {
         const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
         if (n_tiles == 0) return;
         if constexpr (Traits::kAggregatedTeacher) {
-          const AggregatedItems items{n_tiles, p.teacher_head_group, group};
           if (threadIdx.x == Traits::kNMmaThreads)
-            produce_aggregated_items(p, tma, smem,
-                                     AggregatedStreamCoords{kv_head, kv_head * group, batch,
-                                                            static_cast<int>(seq.k_start) + key0,
-                                                            static_cast<int>(seq.q_start) + rows.begin,
-                                                            /*keys_as_x=*/true},
+            produce_aggregated_items(p, tma, smem, teacher,
+                                     AggregatedStreamCoords{kv_head, batch, static_cast<int>(seq.k_start) + key0,
+                                                            static_cast<int>(seq.q_start) + rows.begin},
                                      items);
           else if (warp == 1)
-            produce_aggregated_tile_inputs(p, smem, b, kv_head * group, items, rows.begin, seq.seqlen_q, lane,
+            produce_aggregated_tile_inputs(smem, teacher, items, rows.begin, lane,
                                            [&](float* stats, int h, int tile) {
                                              stage_tile_row_inputs<Traits>(rule, p, stats, b, h,
                                                                            rows.begin + tile * Traits::kBlockN,
@@ -247,9 +247,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         };
         if (n_tiles > 0) {
           if constexpr (Traits::kAggregatedTeacher)
-            consume_aggregated_grad_items<Traits>(smem, teacher_block<Traits, true>(p, b, kv_head * group, seq, key0),
-                                                  AggregatedItems{n_tiles, p.teacher_head_group, group}, rows.begin,
-                                                  acc_dk, score_grads);
+            consume_aggregated_grad_items<Traits>(smem, teacher, items, rows.begin, acc_dk, score_grads);
           else
             consume_grad_tiles<Traits>(smem, acc_dk, n_tiles * group, score_grads);
         }

@@ -253,14 +253,15 @@ void run_attention_kl_fwd_sm90(const AttentionKLParams& p, cudaStream_t stream) 
 }
 
 // Head-aggregated teacher on the Hopper path (aggregated_teacher_sm90.cuh): key tiles of 64 against 128 query rows
-// (or keys) as in the plain kernels, as many stages as shared memory holds with a teacher X block in each, and 40
-// producer registers (what the dK kernel's statistics warp needs; the query-block kernels, which have no statistics
-// warp, keep the same setting, as measured). kRowStats: the dK kernel's per-row inputs (0 in the forward, which has
-// none).
+// (or keys) as in the plain kernels, as many stages as shared memory holds with a teacher X block in each.
+// kRowStats: the per-row inputs the dK kernel's statistics warp stages (the rule's); 0 for the query-block kernels
+// (forward, JSD sums, dQ), which have no statistics warp, so their producer keeps 24 registers instead of 40 and
+// their stages no staged-statistics area.
 template <typename Element, int kDimS, int kDimT, int kRowStats>
 using AggregatedTraitsSm90 = KernelTraitsSm90<Element, kDimS, kDimT, 64,
                                               aggregated_stages_sm90<Element, kDimS, kDimT, kRowStats>(), 4,
-                                              /*kProducerRegisters=*/40, kRowStats, /*kAggregatedTeacher=*/true>;
+                                              /*kProducerRegisters=*/(kRowStats > 0 ? 40 : 24), kRowStats,
+                                              /*kAggregatedTeacher=*/true>;
 
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_fwd_aggregated_sm90(const AttentionKLParams& p, cudaStream_t stream) {
@@ -325,9 +326,8 @@ void run_attention_kl_bwd_sm90_kernels(const AttentionKLParams& p, cudaStream_t 
 // Student gradients for an aggregated teacher on the Hopper path: both kernels over the aggregated stream.
 template <typename Element, int kDimS, int kDimT, typename Rule>
 void run_attention_kl_bwd_aggregated_sm90_kernels(const AttentionKLParams& p, cudaStream_t stream) {
-  using Traits = AggregatedTraitsSm90<Element, kDimS, kDimT, Rule::kRowStats>;
-  run_grad_kernel_sm90<Traits, Rule, /*kKeys=*/false>(p, stream);
-  run_grad_kernel_sm90<Traits, Rule, /*kKeys=*/true>(p, stream);
+  run_grad_kernel_sm90<AggregatedTraitsSm90<Element, kDimS, kDimT, 0>, Rule, /*kKeys=*/false>(p, stream);
+  run_grad_kernel_sm90<AggregatedTraitsSm90<Element, kDimS, kDimT, Rule::kRowStats>, Rule, /*kKeys=*/true>(p, stream);
 }
 
 // fn(RuleTag<Rule>{}) with the divergence's score-gradient rule (score_grad_rules.cuh).

@@ -74,9 +74,9 @@ struct KernelTraitsSm90 {
   static constexpr int kTeacherStageBytes =
       (YTileT::kElements + (kAggregatedTeacher ? XTileT::kElements : 0)) * int(sizeof(Element));
   static constexpr int kStageBytes = YTileS::kElements * int(sizeof(Element)) + kTeacherStageBytes;
-  // Floats per stage: the dK kernel's per-Y-row statistics, then (aggregated teacher) the base-2 LSEs of the item's
-  // teacher head by Y row, which the aggregated dK kernel stages (aggregated_teacher_sm90.cuh).
-  static constexpr int kStageStats = kBlockN * kRowStats + (kAggregatedTeacher ? kBlockN : 0);
+  // Floats per stage: the dK kernel's per-Y-row statistics, then (aggregated teacher, kernels that stage statistics:
+  // the dK kernel) the base-2 LSEs of the item's teacher head by Y row (aggregated_teacher_sm90.cuh).
+  static constexpr int kStageStats = kBlockN * kRowStats + (kAggregatedTeacher && kRowStats > 0 ? kBlockN : 0);
   // Tiles (each a multiple of 1024 bytes, the 128-byte swizzle's period), the per-stage statistics, then the
   // mbarriers.
   static constexpr int kStatsOffset = kXBytes + kStages * kStageBytes;
@@ -91,7 +91,8 @@ constexpr int aggregated_stages_sm90() {
   constexpr int kMaxSmem = 227 * 1024, kBlockM = 128;
   constexpr int x_bytes = kBlockM * kDimS * int(sizeof(Element));
   constexpr int stage_bytes = (kBlockN * (kDimS + kDimT) + kBlockM * kDimT) * int(sizeof(Element)) +
-                              kBlockN * (kRowStats + 1) * int(sizeof(float)) + 2 * int(sizeof(uint64_t));
+                              kBlockN * (kRowStats > 0 ? kRowStats + 1 : 0) * int(sizeof(float)) +
+                              2 * int(sizeof(uint64_t));
   constexpr int fit = (kMaxSmem - x_bytes - int(sizeof(uint64_t))) / stage_bytes;
   static_assert(fit >= 2, "an aggregated-teacher stream needs two stages");
   return fit < 4 ? fit : 4;

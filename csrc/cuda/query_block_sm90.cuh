@@ -53,9 +53,7 @@ __device__ __forceinline__ void run_query_block_sm90(const AttentionKLParams& p,
       smem, /*extra_full_arrivals=*/0, /*per_thread_release=*/false,
       [&] {
         if constexpr (Traits::kAggregatedTeacher)
-          run_aggregated_query_producer(p, tma, smem, p.cu_seqlens_q != nullptr ? 0 : blk.b, blk.h, blk.row0,
-                                        static_cast<int>(blk.seq.q_start), static_cast<int>(blk.seq.k_start),
-                                        blk.keys.begin, blk.n_tiles);
+          run_aggregated_query_producer(p, tma, smem, blk.b, blk.h, blk.seq, blk.row0, blk.keys.begin, blk.n_tiles);
         else
           run_stream_producer(p, tma, smem, blk.seq, blk.b, blk.h, blk.row0, blk.keys.begin, blk.n_tiles);
       },
