@@ -2,10 +2,10 @@
 // as warpgroup MMAs (wgmma) reading both operands from shared memory, so neither X nor Y fragments occupy registers.
 // Torch-free.
 //
-// Three warpgroups: two MMA warpgroups of 64 X rows each (kBlockM = 128) and a producer warpgroup that moves X once
-// and the Y tiles (kBlockN rows) through kStages shared-memory stages with TMA, completing on mbarriers
-// (tma_stream_sm90.cuh). The producer is the last warpgroup, so the MMA threads keep thread indices 0..255 (what the
-// accumulator coordinates of the policies expect).
+// kMmaWarpgroups MMA warpgroups of 64 X rows each (two, kBlockM = 128, except the head-dim-64 forward's three) and a
+// producer warpgroup that moves X once and the Y tiles (kBlockN rows) through kStages shared-memory stages with TMA,
+// completing on mbarriers (tma_stream_sm90.cuh). The producer is the last warpgroup, so the MMA threads keep thread
+// indices 0 .. kNMmaThreads - 1 (what the accumulator coordinates of the policies expect).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -36,23 +36,25 @@ struct GmmaSmemTile {
 // kRowStats: see below; kAggregatedTeacher: the stream of a head-aggregated teacher (aggregated_teacher_sm90.cuh),
 // whose teacher X block changes with every item, so each stage holds one next to the Y tiles.
 template <typename Element_, int kDimS_, int kDimT_, int kBlockN_ = 64, int kStages_ = 4, int kGroup_ = 4,
-          int kProducerRegisters_ = 24, int kRowStats_ = 4, bool kAggregatedTeacher_ = false>
+          int kProducerRegisters_ = 24, int kRowStats_ = 4, bool kAggregatedTeacher_ = false, int kMmaWarpgroups_ = 2>
 struct KernelTraitsSm90 {
+  static constexpr int kMmaWarpgroups = kMmaWarpgroups_;  // of 64 X rows each
   using Element = Element_;
   static constexpr int kDimS = kDimS_, kDimT = kDimT_;
-  static constexpr int kBlockM = 128, kBlockN = kBlockN_;
-  static constexpr int kNWarps = 8;  // MMA warps (the policies' thread-row arithmetic counts these)
+  static constexpr int kBlockM = 64 * kMmaWarpgroups, kBlockN = kBlockN_;
+  static constexpr int kNWarps = 4 * kMmaWarpgroups;  // MMA warps (the policies' thread-row arithmetic counts these)
   static constexpr int kNMmaThreads = kNWarps * 32, kNMmaWarps = kNWarps;
   static constexpr int kNThreads = kNMmaThreads + 128;  // + the producer warpgroup
   static constexpr int kStages = kStages_, kGroup = kGroup_;
   // Registers per thread after setmaxnreg: the MMA warpgroups take what the producer gives back (2 x 128 x 240 +
-  // 128 x 24 <= 64K).
+  // 128 x 24 <= 64K). ptxas still compiles the MMA role within the launch bound's share (168 registers with two MMA
+  // warpgroups, 128 with three).
   static constexpr int kProducerRegisters = kProducerRegisters_;
-  static constexpr int kMmaRegisters = cute::min(240, (65536 - 128 * kProducerRegisters) / 256 / 8 * 8);
+  static constexpr int kMmaRegisters = cute::min(240, (65536 - 128 * kProducerRegisters) / kNMmaThreads / 8 * 8);
 
   // One 64 x kBlockN x 16 wgmma per warpgroup and k-step; the K extent only has to divide both head dims.
   using TiledMma = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockN>, _64>>(), Layout<Shape<_2, _1, _1>>{}));
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockN>, _64>>(), Layout<Shape<Int<kMmaWarpgroups>, _1, _1>>{}));
   // The gradient kernels' product dQ_s += dS K_s / dK_s += dS^T Q_s (attention_kl_bwd_sm90.cuh): dS from registers
   // (the score accumulators, converted), Y_s from its stage read as [D_s, kBlockN] (MN-major B), 64 x D_s per
   // warpgroup.
