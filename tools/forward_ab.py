@@ -26,6 +26,22 @@ def check(causal, n=777, d=128, divergence="forward"):
     return ok, err
 
 
+def check_backward(causal, d, divergence="forward", n=777):
+    """Student gradients (q_s, k_s) against the float64 reference's autograd, norm-relative error."""
+    mk = lambda: torch.randn(2, 3, n, d, device="cuda", dtype=torch.bfloat16)
+    q_s, k_s, q_t, k_t = mk(), mk(), mk(), mk()
+    g = torch.randn(2, 3, n, device="cuda")
+    q_s.requires_grad_(True)
+    k_s.requires_grad_(True)
+    ours = torch.autograd.grad((streamkl.attention_kl(q_s, k_s, q_t, k_t, causal=causal, divergence=divergence) * g)
+                               .sum(), (q_s, k_s))
+    q64, k64 = q_s.detach().double().requires_grad_(True), k_s.detach().double().requires_grad_(True)
+    ref = attention_kl_reference(q64, k64, q_t.double(), k_t.double(), causal=causal, divergence=divergence)
+    refs = torch.autograd.grad((ref * g.double()).sum(), (q64, k64))
+    err = max(((o.double() - r).norm() / r.norm()).item() for o, r in zip(ours, refs))
+    return err < 2e-2, err
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--label", default="?")
@@ -38,6 +54,10 @@ def main():
                 ok, err = check(causal, d=d, divergence=div)
                 print(f"{a.label:10s} check D={d} causal={causal} {div}: {'ok' if ok else 'BAD'} max rel err {err:.2e}",
                       flush=True)
+                if a.backward:
+                    ok, err = check_backward(causal, d, div)
+                    print(f"{a.label:10s} check grads D={d} causal={causal} {div}: {'ok' if ok else 'BAD'} "
+                          f"rel err {err:.2e}", flush=True)
     for d, n, causal in ((128, 8192, False), (128, 8192, True), (64, 8192, False)):
         mk = lambda: torch.randn(1, 16, n, d, device="cuda", dtype=torch.bfloat16)
         q_s, k_s, q_t, k_t = mk(), mk(), mk(), mk()
