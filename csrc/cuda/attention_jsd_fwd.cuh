@@ -14,6 +14,7 @@
 #include "../kernels/online_kl.h"
 #include "device_common.cuh"
 #include "aggregated_teacher.cuh"
+#include "query_block.cuh"
 #include "score_stream.cuh"
 #include "stream_splits.cuh"
 
@@ -146,22 +147,12 @@ __global__ void __launch_bounds__(kRows) combine_jsd_split_rows_kernel(const Att
 
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kNThreads) attention_jsd_sums_kernel(const AttentionKLParams p) {
-  using Element = typename Traits::Element;
   extern __shared__ __align__(128) char smem_raw[];
   const SmemPlan<Traits> smem(smem_raw);
-  const BlockAndSplit cta = block_and_split(p);
-  const int m_block = unsplit_blocks(p) - 1 - cta.block;  // longest causal rows first, as in the KL forward
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int row0 = m_block * Traits::kBlockM;
-  // Blocks past this sequence's rows (varlen) stream nothing and store nothing (see attention_kl_fwd_kernel).
-  const AttentionKLParams::Sequence seq = p.sequence(b);
-  auto policy = make_jsd_sums_policy<Traits>(p, seq, b, h, row0);
-  const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
-  const KeyRange keys = split_part<Traits::kBlockN>(p, policy.mask.keys_for_rows(row0, row_end), cta.split);
-  score_stream<Traits>(policy, smem, query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0),
-                       teacher_block<Traits, false>(p, b, h, seq, row0), seq.seqlen_q - row0,
-                       keys.begin, keys.end, seq.seqlen_k);
-  write_jsd_rows(policy, p, b, h, row0, seq.seqlen_q, cta.split);
+  const QueryBlock blk = QueryBlock::of_this_cta<Traits>(p);
+  auto policy = make_jsd_sums_policy<Traits>(p, blk.seq, blk.b, blk.h, blk.row0);
+  stream_query_block<Traits>(policy, smem, p, blk);
+  write_jsd_rows(policy, p, blk.b, blk.h, blk.row0, blk.seq.seqlen_q, blk.split);
 }
 
 }  // namespace cuda

@@ -17,6 +17,7 @@
 #include "device_common.cuh"
 #include "score_grad_rules.cuh"
 #include "aggregated_teacher.cuh"
+#include "query_block.cuh"
 #include "score_stream.cuh"
 #include "stream_splits.cuh"
 
@@ -208,32 +209,19 @@ struct DqPolicy : GradPolicyBase<Traits, kTeacherGrad> {
 
 template <typename Traits, bool kTeacherGrad, typename ScoreGrads>
 __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dq_kernel(const AttentionKLParams p) {
-  using Element = typename Traits::Element;
   extern __shared__ __align__(128) char smem_raw[];
   const SmemPlan<Traits> smem(smem_raw);
-  const BlockAndSplit cta = block_and_split(p);
-  const int m_block = unsplit_blocks(p) - 1 - cta.block;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int row0 = m_block * Traits::kBlockM;
-  // The grid is sized by the longest sequence (varlen). A block past this sequence's rows has an empty key
-  // range, so it streams no tile and stores nothing (no early return: see attention_kl_fwd_kernel).
-  const AttentionKLParams::Sequence seq = p.sequence(b);
-
+  const QueryBlock blk = QueryBlock::of_this_cta<Traits>(p);
   DqPolicy<Traits, kTeacherGrad, ScoreGrads> policy;
-  policy.init(p, seq, smem);
-  policy.row0 = row0;
+  policy.init(p, blk.seq, smem);
+  policy.row0 = blk.row0;
   policy.score_grads.init(p);
-  load_query_row_inputs<Traits::kBlockM, Traits::kBlockN>(policy.score_grads, p, seq.seqlen_q, b, h, row0,
-                                                          policy.grads.tiled_mma, policy.rows);
-
-  const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
-  const KeyRange keys = split_part<Traits::kBlockN>(p, policy.mask.keys_for_rows(row0, row_end), cta.split);
-  score_stream<Traits>(policy, smem, query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0),
-                       teacher_block<Traits, false>(p, b, h, seq, row0), seq.seqlen_q - row0,
-                       keys.begin, keys.end, seq.seqlen_k);
+  load_query_row_inputs<Traits::kBlockM, Traits::kBlockN>(policy.score_grads, p, blk.seq.seqlen_q, blk.b, blk.h,
+                                                          blk.row0, policy.grads.tiled_mma, policy.rows);
+  stream_query_block<Traits>(policy, smem, p, blk);
   // The sequence is looked up again rather than kept live across the main loop (register pressure).
-  const AttentionKLParams::Sequence out_seq = p.sequence(b);
-  policy.grads.store(p, /*keys=*/false, b, h, out_seq.q_start + row0, out_seq.seqlen_q - row0);
+  const AttentionKLParams::Sequence out_seq = p.sequence(blk.b);
+  policy.grads.store(p, /*keys=*/false, blk.b, blk.h, out_seq.q_start + blk.row0, out_seq.seqlen_q - blk.row0);
 }
 
 // ---------------------------------------------------------------------------------------------------- dK
@@ -326,8 +314,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_bwd_dk_kernel(
   const int key0 = n_block * Traits::kBlockM;
   const int group = p.num_heads / p.student.num_kv_heads;
   // The grid is sized by the longest sequence (varlen). A block past this sequence's keys has an empty row
-  // range (rows_for_keys of no key), so it streams no tile and stores nothing (no early return: see
-  // attention_kl_fwd_kernel).
+  // range (rows_for_keys of no key), so it streams no tile and stores nothing (no early return: see QueryBlock,
+  // query_block.cuh).
   const AttentionKLParams::Sequence seq = p.sequence(b);
 
   DkPolicy<Traits, kTeacherGrad, ScoreGrads> policy;

@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     attention_kl_bwd_dq_sm90_kernel(const AttentionKLParams p, const __grid_constant__ StreamTmaLoads<Traits> tma) {
   extern __shared__ __align__(1024) char smem_sm90[];
   const StreamSmemSm90<Traits> smem(smem_sm90);
-  run_query_block_sm90<Traits>(p, tma, smem, [&](const QueryBlockSm90& blk) {
+  run_query_block_sm90<Traits>(p, tma, smem, [&](const QueryBlock& blk) {
     DqStateSm90<Traits, ScoreGrads> st;
     st.full_keys = blk.mask.keys_visible_to_all(blk.row0, blk.row_end);
     st.scale_s2 = static_cast<float>(p.student.scale) * kLog2e;

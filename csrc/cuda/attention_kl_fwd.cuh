@@ -12,6 +12,7 @@
 #include "../kernels/online_kl.h"
 #include "device_common.cuh"
 #include "aggregated_teacher.cuh"
+#include "query_block.cuh"
 #include "score_stream.cuh"
 #include "stream_splits.cuh"
 
@@ -209,25 +210,12 @@ __global__ void __launch_bounds__(kCombineRows) combine_split_rows_kernel(const 
 
 template <typename Traits, bool kTeacherWeights>
 __global__ void __launch_bounds__(Traits::kNThreads) attention_kl_fwd_kernel(const AttentionKLParams p) {
-  using Element = typename Traits::Element;
   extern __shared__ __align__(128) char smem_raw[];
   const SmemPlan<Traits> smem(smem_raw);
-  // Longest causal rows first: the last row blocks see the most keys.
-  const BlockAndSplit cta = block_and_split(p);
-  const int m_block = unsplit_blocks(p) - 1 - cta.block;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int row0 = m_block * Traits::kBlockM;
-  // The grid is sized by the longest sequence (varlen). A block past this sequence's rows has an empty key
-  // range (keys_for_rows of no row), so it streams no tile and writes nothing. It runs on to the end rather
-  // than returning early: an early return here made ptxas allocate more registers (96 -> 111 at D = 256).
-  const AttentionKLParams::Sequence seq = p.sequence(b);
-  const int row_end = min_of(row0 + Traits::kBlockM, seq.seqlen_q);
-  auto policy = make_forward_policy<Traits, kTeacherWeights>(p, seq, row0, row_end);
-  const KeyRange keys = split_part<Traits::kBlockN>(p, policy.mask.keys_for_rows(row0, row_end), cta.split);
-  const auto student = query_block_operands<Element>(p.student, p.num_heads, b, h, seq, row0);
-  const auto teacher = teacher_block<Traits, false>(p, b, h, seq, row0);
-  score_stream<Traits>(policy, smem, student, teacher, seq.seqlen_q - row0, keys.begin, keys.end, seq.seqlen_k);
-  write_forward_rows(policy, p, b, h, row0, seq.seqlen_q, cta.split);
+  const QueryBlock blk = QueryBlock::of_this_cta<Traits>(p);
+  auto policy = make_forward_policy<Traits, kTeacherWeights>(p, blk.seq, blk.row0, blk.row_end);
+  stream_query_block<Traits>(policy, smem, p, blk);
+  write_forward_rows(policy, p, blk.b, blk.h, blk.row0, blk.seq.seqlen_q, blk.split);
 }
 
 }  // namespace cuda

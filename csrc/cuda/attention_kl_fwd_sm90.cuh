@@ -110,7 +110,7 @@ __device__ __forceinline__ void consume_aggregated_forward_items(Policy& policy,
 // A query block's stream into the policy: the key tiles, or an aggregated teacher's items.
 template <typename Traits, typename Policy>
 __device__ __forceinline__ void consume_query_block(Policy& policy, const AttentionKLParams& p,
-                                                    const StreamSmemSm90<Traits>& smem, const QueryBlockSm90& blk) {
+                                                    const StreamSmemSm90<Traits>& smem, const QueryBlock& blk) {
   if (blk.n_tiles == 0) return;
   if constexpr (Traits::kAggregatedTeacher)
     consume_aggregated_forward_items<Traits>(policy, smem, teacher_block<Traits, false>(p, blk.b, blk.h, blk.seq,
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   // Tiles start at multiples of 1024 bytes (the 128-byte swizzle's period) from here.
   extern __shared__ __align__(1024) char smem_sm90[];
   const StreamSmemSm90<Traits> smem(smem_sm90);
-  run_query_block_sm90<Traits>(p, tma, smem, [&](const QueryBlockSm90& blk) {
+  run_query_block_sm90<Traits>(p, tma, smem, [&](const QueryBlock& blk) {
     auto policy = make_forward_policy<Traits, kTeacherWeights>(p, blk.seq, blk.row0, blk.row_end);
     consume_query_block<Traits>(policy, p, smem, blk);
     write_forward_rows(policy, p, blk.b, blk.h, blk.row0, blk.seq.seqlen_q, blk.split);
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     attention_jsd_sums_sm90_kernel(const AttentionKLParams p, const __grid_constant__ StreamTmaLoads<Traits> tma) {
   extern __shared__ __align__(1024) char smem_sm90[];
   const StreamSmemSm90<Traits> smem(smem_sm90);
-  run_query_block_sm90<Traits>(p, tma, smem, [&](const QueryBlockSm90& blk) {
+  run_query_block_sm90<Traits>(p, tma, smem, [&](const QueryBlock& blk) {
     auto policy = make_jsd_sums_policy<Traits>(p, blk.seq, blk.b, blk.h, blk.row0);
     consume_query_block<Traits>(policy, p, smem, blk);
     write_jsd_rows(policy, p, blk.b, blk.h, blk.row0, blk.seq.seqlen_q, blk.split);
