@@ -12,6 +12,7 @@
 #include <cutlass/arch/barrier.h>
 
 #include "attention_kl_bwd.cuh"
+#include "fused_dq_sm90.cuh"
 #include "kernel_traits_sm90.cuh"
 #include "query_block_sm90.cuh"
 #include "stream_splits.cuh"
@@ -49,14 +50,21 @@ __device__ __forceinline__ void accumulate_score_grad_product(const StreamSmemSm
   warpgroup_fence_operand(acc_grad);
 }
 
+// The fused dK kernel's destination of each tile's dQ share (dq_tile_rows(flat_tile): DqTileRows); none in the
+// other kernels.
+struct NoDqTiles {
+  __device__ DqTileRows operator()(int) const { return DqTileRows{nullptr, 0, 0}; }
+};
+
 // The MMA warpgroups' loop of both gradient kernels over n_tiles streamed Y tiles (flat index: the dK kernel streams
 // the query tiles of several heads one after the other): per tile, the two score products, the score gradients
 // (score_grads(acc_s, acc_t, tile, stage) turns the scores into dS in place), then acc_grad += dS_s Y_s with dS_s
 // from registers and Y_s read transposed from the same stage; the stage is freed once that product (its last
-// reader) has completed.
-template <typename Traits, typename AccGrad, typename ScoreGradsFn>
+// reader) has completed. The fused dK kernel (Traits::kFusedDq) also computes the tile's dQ share
+// (fused_dq_sm90.cuh) and, after freeing the stage, adds it to the rows dq_tile_rows(tile) names.
+template <typename Traits, typename AccGrad, typename ScoreGradsFn, typename DqTileRowsFn = NoDqTiles>
 __device__ __forceinline__ void consume_grad_tiles(const StreamSmemSm90<Traits>& smem, AccGrad& acc_grad, int n_tiles,
-                                                   ScoreGradsFn&& score_grads) {
+                                                   ScoreGradsFn&& score_grads, DqTileRowsFn&& dq_tile_rows = {}) {
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kStages = Traits::kStages;
   typename Traits::TiledMma score_mma;
   Tensor acc_s = partition_fragment_C(score_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -74,9 +82,17 @@ __device__ __forceinline__ void consume_grad_tiles(const StreamSmemSm90<Traits>&
     warpgroup_fence_operand(acc_t);
 
     score_grads(score_mma, acc_s, acc_t, tile, stage);
-    accumulate_score_grad_product<Traits>(smem, stage, acc_s, acc_grad);
-    release_stream_tile(smem, tile);
+    if constexpr (Traits::kFusedDq) {
+      auto acc_dq = make_dq_tile_accumulator<Traits>();
+      fused_grad_products<Traits>(smem, stage, tile, acc_s, acc_grad, acc_dq);
+      release_stream_tile(smem, tile);
+      reduce_dq_tile<Traits>(smem, acc_dq, dq_tile_rows(tile));
+    } else {
+      accumulate_score_grad_product<Traits>(smem, stage, acc_s, acc_grad);
+      release_stream_tile(smem, tile);
+    }
   }
+  if constexpr (Traits::kFusedDq) finish_dq_reductions<Traits>();
 }
 
 // The same loop over an aggregated teacher's items (aggregated_teacher_sm90.cuh): the score gradients and the
@@ -173,7 +189,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 }
 
 // A CTA owns kBlockM keys of one student key head (its split's part of their query rows) and streams the query tiles
-// of every query head that reads it, accumulating dK_s over the group (one writer per dK row). Teacher key heads must
+// of every query head that reads it, accumulating dK_s over the group (one writer per dK row). With
+// FusedGradTraitsSm90 it also adds each tile's dQ share into p.dq_accum (fused_dq_sm90.cuh). Teacher key heads must
 // group the query heads the same way (the launcher checks), so the teacher's X block is the same for the whole group;
 // an aggregated teacher's X block travels with each item instead (aggregated_teacher_sm90.cuh).
 template <typename Traits, typename ScoreGrads>
@@ -245,11 +262,21 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
               rule, smem.stats(stage), mask, mask.block_fully_visible(y0, y0 + Traits::kBlockN, key0, key_end), key0,
               y0, scale_s2, scale_t2, score_mma, acc_s, acc_t);
         };
+        // Fused backward: a tile's dQ share goes to rows [y0, y0 + kBlockN) of its head's fp32 dQ sums (p.dq_accum,
+        // laid out like dQ).
+        auto dq_tile_rows = [&](int flat_tile) {
+          const int h = kv_head * group + flat_tile / n_tiles;
+          const int y0 = rows.begin + (flat_tile % n_tiles) * Traits::kBlockN;
+          const AttentionSide& side = p.student;
+          return DqTileRows{static_cast<float*>(p.dq_accum) + b * side.dq_batch_stride + h * side.dq_head_stride +
+                                (seq.q_start + y0) * side.dq_row_stride,
+                            side.dq_row_stride, seq.seqlen_q - y0};
+        };
         if (n_tiles > 0) {
           if constexpr (Traits::kAggregatedTeacher)
             consume_aggregated_grad_items<Traits>(smem, teacher, items, rows.begin, acc_dk, score_grads);
           else
-            consume_grad_tiles<Traits>(smem, acc_dk, n_tiles * group, score_grads);
+            consume_grad_tiles<Traits>(smem, acc_dk, n_tiles * group, score_grads, dq_tile_rows);
         }
         store_grad_rows<Traits::kBlockM, Traits::kDimS, typename Traits::Element>(
             grad_mma, p.student, acc_dk, /*keys=*/true, b, kv_head, seq.k_start + key0, seq.seqlen_k - key0,

@@ -58,15 +58,19 @@ void check_teacher_grad_grouping(bool teacher_grad, const at::Tensor& k_s, const
                               "); detach the teacher, or run this configuration on the CPU");
 }
 
-// STREAMKL_FUSED_BACKWARD=1 selects the fused student-only backward (one kernel, dQ by fp32 atomics). It is
-// correct (tools/device_check.sh runs it) but measured slower than the default two-kernel backward on H100
-// (bench/RESULTS.md), so it is opt-in until its atomics and shared-memory round trip are cheaper.
-bool fused_backward_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("STREAMKL_FUSED_BACKWARD");
-    return v != nullptr && std::string(v) == "1";
-  }();
-  return enabled;
+// Which student-only backward runs: the fused one (one kernel per key block that also adds each query tile's dQ share
+// into an fp32 workspace with atomics: not bitwise deterministic) or the two-kernel one (a dQ and a dK kernel, one
+// writer per gradient row: deterministic). STREAMKL_FUSED_BACKWARD=1 / 0 picks one on both paths; unset, the Hopper
+// path runs the fused backward (it recomputes the scores once rather than twice: measured faster on H100,
+// bench/RESULTS.md) and the Ampere path the two-kernel one (its fused kernel measured slower). Under
+// torch.use_deterministic_algorithms(True) the two-kernel backward always runs. Read at every call (tests switch it).
+bool use_fused_backward(bool hopper_path) {
+  if (at::globalContext().deterministicAlgorithms()) return false;
+  const char* v = std::getenv("STREAMKL_FUSED_BACKWARD");
+  const std::string choice = v == nullptr ? "" : v;
+  TORCH_CHECK_VALUE(choice.empty() || choice == "0" || choice == "1",
+                    "streamkl: STREAMKL_FUSED_BACKWARD must be 0 or 1 (or unset), got '", choice, "'");
+  return choice.empty() ? hopper_path : choice == "1";
 }
 
 // Which kernels run on compute capability 9.x: the Hopper path (wgmma, sm_90a) by default, for every divergence at
@@ -197,16 +201,30 @@ ForwardOutputs run_forward(AttentionKLParams& p, const KernelInputs& in, const a
 // forward's JSD statistics (read only for Divergence::kJsd).
 Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const BackwardRowInputs& rows,
                        const at::Tensor& jsd_stats, bool teacher_grad, const TensorLayout& layout) {
-  // The Hopper-path backward takes student gradients only, every divergence (not the opt-in fused backward);
-  // aggregated teachers have their own on both paths (student gradients only, every divergence).
+  // The Hopper-path backward takes student gradients only, every divergence; aggregated teachers have their own on
+  // both paths (student gradients only, every divergence, two kernels). The fused backward (use_fused_backward) runs
+  // on the Hopper path at student head dim 128 when both sides group query heads alike (one teacher key block per CTA;
+  // key heads are dim 1 in both layouts), on the Ampere path in the padded layout for the KL at head dims up to 128
+  // (run_attention_kl_bwd_fused).
   const bool aggregated = p.teacher_head_group > 1;
+  const bool padded = layout.batch_dim >= 0;
   cuda::LaunchFn launch = nullptr;
-  if (aggregated)
+  bool fused = false;
+  if (aggregated) {
     launch = path_launcher(cuda::KernelFamily::kBackwardAggregatedSm90, cuda::KernelFamily::kBackwardAggregated,
                            in.q_s, in.k_s, in.q_t, in.k_t);
-  else if (!teacher_grad && !fused_backward_enabled() && hopper_path_enabled(in.q_s))
+  } else if (!teacher_grad && hopper_path_enabled(in.q_s)) {
     launch = lookup_launcher(cuda::KernelFamily::kBackwardSm90, in);
-  if (launch == nullptr) launch = find_launcher(cuda::KernelFamily::kBackward, in);
+    fused = launch != nullptr && in.k_s.size(1) == in.k_t.size(1) &&
+            cuda::fused_backward_sm90_supports(static_cast<int>(in.q_s.size(-1))) &&
+            use_fused_backward(/*hopper_path=*/true);
+  }
+  if (launch == nullptr) {
+    launch = find_launcher(cuda::KernelFamily::kBackward, in);
+    fused = padded && !teacher_grad && !aggregated && p.divergence != Divergence::kJsd &&
+            cuda::fused_backward_supports(static_cast<int>(in.q_s.size(-1)), static_cast<int>(in.q_t.size(-1))) &&
+            use_fused_backward(/*hopper_path=*/false);
+  }
   // The dQ kernel writes every query row and the dK kernel every key row (zeros where nothing is seen; in
   // the varlen layout each row belongs to exactly one sequence), so the outputs need no memset; only empty
   // problems return early with zeros.
@@ -223,12 +241,9 @@ Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const Backw
   if (jsd) p.jsd_stats = const_cast<void*>(stats.data_ptr());
   LaunchWorkspace workspace(in.q_s);
   AttentionKLParams k = with_launch_workspace(kernel_attention_params(p), workspace);
-  // The fused backward (opt-in; padded layout and KL only, see run_attention_kl_bwd_fused) adds the student's dQ
-  // into this zeroed fp32 workspace.
+  // The fused backward adds the student's dQ into this zeroed fp32 workspace, shaped and laid out like dq_s.
   at::Tensor dq_accum;
-  const bool padded = layout.batch_dim >= 0;
-  if (padded && !teacher_grad && !aggregated && k.divergence != Divergence::kJsd && fused_backward_enabled() &&
-      cuda::fused_backward_supports(static_cast<int>(in.q_s.size(-1)), static_cast<int>(in.q_t.size(-1)))) {
+  if (fused) {
     dq_accum = at::zeros(in.q_s.sizes(), in.q_s.options().dtype(at::kFloat));
     k.dq_accum = dq_accum.data_ptr();
   }

@@ -101,14 +101,29 @@ AttentionKLParams with_stream_split(const AttentionKLParams& p, Kernel kernel, i
   return q;
 }
 
-// The student gradient whose split partials (scaled) a dQ / dK kernel wrote, summed into the output.
+// The student's dQ (keys = false) or dK = scale * the sum of `splits` fp32 slices laid out like it, converted.
 template <typename Element>
-void sum_split_grad(const AttentionKLParams& p, bool keys, const float* partials, cudaStream_t stream) {
+void sum_grad_partials(const AttentionKLParams& p, bool keys, const float* partials, int splits, float scale,
+                       cudaStream_t stream, const char* what) {
   const int64_t n = student_grad_elements(p, keys);
   const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 65535));
   sum_split_partials_kernel<Element><<<blocks, 256, 0, stream>>>(
-      partials, static_cast<Element*>(keys ? p.student.dk : p.student.dq), n, p.stream_splits, 1.f);
-  check_launch("attention_kl split-stream gradient epilogue");
+      partials, static_cast<Element*>(keys ? p.student.dk : p.student.dq), n, splits, scale);
+  check_launch(what);
+}
+
+// The student gradient whose split partials (scaled) a dQ / dK kernel wrote, summed into the output.
+template <typename Element>
+void sum_split_grad(const AttentionKLParams& p, bool keys, const float* partials, cudaStream_t stream) {
+  sum_grad_partials<Element>(p, keys, partials, p.stream_splits, 1.f, stream,
+                             "attention_kl split-stream gradient epilogue");
+}
+
+// The fused backwards' dQ: student scale * the fp32 sums the kernel added into p.dq_accum (laid out like dQ).
+template <typename Element>
+void finish_fused_dq(const AttentionKLParams& p, cudaStream_t stream) {
+  sum_grad_partials<Element>(p, /*keys=*/false, static_cast<const float*>(p.dq_accum), 1,
+                             static_cast<float>(p.student.scale), stream, "attention_kl fused backward dQ epilogue");
 }
 
 // Which per-row results a forward kernel leaves, and so which kernel merges them when it splits: the KL forward's
@@ -318,12 +333,31 @@ void run_grad_kernel_sm90(const AttentionKLParams& p, cudaStream_t stream) {
       kKeys ? "attention_kl Hopper backward dK kernel" : "attention_kl Hopper backward dQ kernel", stream, tma);
 }
 
-// Hopper-path backward (sm_90a, head dims 64 and 128; every divergence, student gradients only): the warp-specialized
-// dQ and dK kernels (attention_kl_bwd_sm90.cuh) with the divergence's score-gradient rule. The op asks for this family
-// only for the configurations it takes; the others (teacher gradients, the fused backward, no keys) run
-// run_attention_kl_bwd.
+// The Hopper dK kernel's traits: the producer warpgroup's statistics warp stages the rule's per-query-row inputs.
+// kStages: 4, the fused kernel's 2 (its dS and dQ tiles take the shared memory of the other two).
+template <typename Element, int kDimS, int kDimT, typename Rule, int kStages = 4>
+using DkTraitsSm90 = KernelTraitsSm90<Element, kDimS, kDimT, 64, kStages, 4, /*kProducerRegisters=*/40, Rule::kRowStats>;
+template <typename Element, int kDimS, int kDimT, typename Rule>
+using FusedBackwardTraitsSm90 = FusedGradTraitsSm90<DkTraitsSm90<Element, kDimS, kDimT, Rule, /*kStages=*/2>>;
+
+// Hopper-path backward (sm_90a, head dims 64 and 128; every divergence, student gradients only) with the divergence's
+// score-gradient rule: with p.dq_accum (the op's choice, see attention_kl_cuda.cpp) the fused backward, one dK kernel
+// that also adds each tile's dQ share into that fp32 workspace (fused_dq_sm90.cuh), then the dQ epilogue; otherwise
+// the warp-specialized dQ and dK kernels (attention_kl_bwd_sm90.cuh), one writer per gradient row. The op asks for
+// this family only for the configurations it takes; the others (teacher gradients, no keys) run run_attention_kl_bwd.
 template <typename Element, int kDimS, int kDimT, typename Rule>
 void run_attention_kl_bwd_sm90_kernels(const AttentionKLParams& p, cudaStream_t stream) {
+  if constexpr (fused_backward_sm90_supports(kDimS)) {
+    if (p.dq_accum != nullptr) {
+      // One teacher key block per CTA, as in the two-kernel dK kernel below.
+      if (p.teacher.num_kv_heads != p.student.num_kv_heads)
+        throw std::runtime_error("streamkl: the fused Hopper backward needs both sides to group query heads alike");
+      run_grad_kernel_sm90<FusedBackwardTraitsSm90<Element, kDimS, kDimT, Rule>, Rule, /*kKeys=*/true>(p, stream);
+      finish_fused_dq<Element>(p, stream);
+      return;
+    }
+  }
+  if (p.dq_accum != nullptr) throw std::runtime_error("streamkl: no fused Hopper backward at this student head dim");
   run_grad_kernel_sm90<KernelTraitsSm90<Element, kDimS, kDimT>, Rule, /*kKeys=*/false>(p, stream);
   // The Hopper dK kernel keeps one teacher key block per CTA, so it needs the teacher to group its query heads
   // like the student; otherwise the Ampere-path dK kernel (which reloads the teacher's block per query head).
@@ -331,8 +365,7 @@ void run_attention_kl_bwd_sm90_kernels(const AttentionKLParams& p, cudaStream_t 
     run_attention_kl_bwd_dk<BackwardTraits<Element, kDimS, kDimT, false, Rule::kRowStats>, false, Rule>(p, stream);
     return;
   }
-  run_grad_kernel_sm90<KernelTraitsSm90<Element, kDimS, kDimT, 64, 4, 4, /*kProducerRegisters=*/40, Rule::kRowStats>,
-                       Rule, /*kKeys=*/true>(p, stream);
+  run_grad_kernel_sm90<DkTraitsSm90<Element, kDimS, kDimT, Rule>, Rule, /*kKeys=*/true>(p, stream);
 }
 
 // Student gradients for an aggregated teacher on the Hopper path: both kernels over the aggregated stream.
@@ -364,7 +397,7 @@ void with_score_grad_rule(Divergence divergence, Fn&& fn) {
 
 template <typename Element, int kDimS, int kDimT>
 void run_attention_kl_bwd_sm90(const AttentionKLParams& p, cudaStream_t stream) {
-  if (p.teacher_grad || p.dq_accum != nullptr || p.student.k_rows == 0 || p.teacher.k_rows == 0)
+  if (p.teacher_grad || p.student.k_rows == 0 || p.teacher.k_rows == 0)
     throw std::runtime_error("streamkl: the Hopper-path backward takes student gradients only, over at least one key");
   with_score_grad_rule(p.divergence, [&](auto rule) {
     run_attention_kl_bwd_sm90_kernels<Element, kDimS, kDimT, typename decltype(rule)::type>(p, stream);
@@ -428,12 +461,7 @@ void run_attention_kl_bwd_fused(const AttentionKLParams& p, cudaStream_t stream)
                           : attention_kl_bwd_dk_kernel<Traits, false, KlScoreGrads<false>>;
   launch_with_smem(kernel, grid, Traits::kNThreads, Traits::kSmemBytes, stream, "attention_kl fused backward kernel",
                    p);
-  const int64_t n = static_cast<int64_t>(p.batch) * p.num_heads * p.seqlen_q * kDimS;
-  const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 65535));
-  sum_split_partials_kernel<Element><<<blocks, 256, 0, stream>>>(
-      static_cast<const float*>(p.dq_accum), static_cast<Element*>(p.student.dq), n, 1,
-      static_cast<float>(p.student.scale));
-  check_launch("attention_kl dQ epilogue");
+  finish_fused_dq<Element>(p, stream);
 }
 
 // p.dq_accum non-null selects the fused student-only backward (it requires a contiguous student dq; KL only, the

@@ -39,6 +39,9 @@ using LaunchFn = void (*)(const AttentionKLParams&, cudaStream_t);
 // 128; larger ones use the two-kernel backward. Shared by the launchers and the op, which allocates the
 // workspace only when it will be used.
 constexpr bool fused_backward_supports(int dim_s, int dim_t) { return dim_s <= 128 && dim_t <= 128; }
+// The Hopper path's fused backward (fused_dq_sm90.cuh) splits the student head dim over two warpgroups of 64 columns:
+// head dim 128 only.
+constexpr bool fused_backward_sm90_supports(int dim_s) { return dim_s == 128; }
 
 // Returns true so it can initialize a namespace-scope constant in instantiation files.
 bool register_kernel(const KernelKey& key, LaunchFn fn);

@@ -53,8 +53,8 @@ struct KernelTraitsSm90 {
   static constexpr int kMmaRegisters = cute::min(240, (65536 - 128 * kProducerRegisters) / kNMmaThreads / 8 * 8);
 
   // One 64 x kBlockN x 16 wgmma per warpgroup and k-step; the K extent only has to divide both head dims.
-  using TiledMma = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockN>, _64>>(), Layout<Shape<Int<kMmaWarpgroups>, _1, _1>>{}));
+  using TiledMma = decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockN>, _64>>(),
+                                           Layout<Shape<Int<kMmaWarpgroups>, _1, _1>>{}));
   // The gradient kernels' product dQ_s += dS K_s / dK_s += dS^T Q_s (attention_kl_bwd_sm90.cuh): dS from registers
   // (the score accumulators, converted), Y_s from its stage read as [D_s, kBlockN] (MN-major B), 64 x D_s per
   // warpgroup.
@@ -84,6 +84,35 @@ struct KernelTraitsSm90 {
   static constexpr int kStatsOffset = kXBytes + kStages * kStageBytes;
   static constexpr int kBarrierOffset = kStatsOffset + kStages * kStageStats * int(sizeof(float));
   static constexpr int kSmemBytes = kBarrierOffset + (2 * kStages + 1) * int(sizeof(uint64_t));
+  // The fused backward's dS and dQ tiles (FusedGradTraitsSm90); none here.
+  static constexpr bool kFusedDq = false;
+  static constexpr int kDsOffset = 0, kDqOffset = 0;
+};
+
+// The fused backward (fused_dq_sm90.cuh; the dK kernel with kFusedDq): the dK kernel's traits plus, after the
+// barriers, two dS^T tiles [kBlockM keys, kBlockN query rows] (alternate tiles use alternate buffers, so one barrier
+// per tile orders a buffer's writes after the other warpgroup's reads of it) and a staging tile for the fp32 dQ tile
+// [kBlockN query rows, kDimS] that the bulk reductions read. The dQ product dQ_tile = dS K_s splits the head dim over
+// the two MMA warpgroups (each 64 columns: one 128-byte swizzle atom of K_s read transposed, which is why the head dim
+// must be 128) and reads the dS tile transposed (MN-major A) and the key block K_s transposed (MN-major B).
+template <typename Base>
+struct FusedGradTraitsSm90 : Base {
+  using Element = typename Base::Element;
+  static_assert(Base::kBlockN == 64 && Base::kMmaWarpgroups == 2 && Base::kDimS == 128,
+                "the fused backward runs 64-row query tiles against 128 keys at student head dim 128");
+  static constexpr bool kFusedDq = true;
+  using DsTile = GmmaSmemTile<Element, Base::kBlockM, Base::kBlockN>;
+  static constexpr int kDsBuffers = 2;
+  using DqMma = decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<Base::kDimS / 2>, _16>,
+                                                             GMMA::Major::MN, GMMA::Major::MN>(),
+                                        Layout<Shape<_1, _2, _1>>{}));
+  // Floats per staged dQ row: 8 of padding put the 8 rows that a warp's float2 stores cover on distinct banks, and
+  // keep each row 16-byte aligned for the bulk reductions.
+  static constexpr int kDqPitch = Base::kDimS + 8;
+  static constexpr int kDsOffset = (Base::kSmemBytes + 1023) / 1024 * 1024;  // the swizzle's period
+  static constexpr int kDqOffset = kDsOffset + kDsBuffers * DsTile::kElements * int(sizeof(Element));
+  static constexpr int kSmemBytes = kDqOffset + Base::kBlockN * kDqPitch * int(sizeof(float));
+  static_assert(kSmemBytes <= 227 * 1024, "the fused backward's shared memory exceeds a CTA's 227 KB");
 };
 
 // The most stages (up to 4) of an aggregated-teacher stream that fit the 227 KB of shared memory a CTA can have:

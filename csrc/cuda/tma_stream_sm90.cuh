@@ -44,6 +44,8 @@ struct StreamSmemSm90 {
   uint64_t* x_full;  // X of both sides has landed
   uint64_t* full;    // [kStages]: the stage's Y tiles have landed
   uint64_t* empty;   // [kStages]: every MMA warp has finished reading the stage
+  Element* ds;       // the fused backward's dS^T tiles (Traits::kFusedDq), else null
+  float* dq_tile;    // the fused backward's staged dQ tile, else null
 
   __device__ explicit StreamSmemSm90(char* raw) {
     x_s = reinterpret_cast<Element*>(raw);
@@ -53,6 +55,8 @@ struct StreamSmemSm90 {
     x_full = reinterpret_cast<uint64_t*>(raw + Traits::kBarrierOffset);
     full = x_full + 1;
     empty = full + Traits::kStages;
+    ds = Traits::kFusedDq ? reinterpret_cast<Element*>(raw + Traits::kDsOffset) : nullptr;
+    dq_tile = Traits::kFusedDq ? reinterpret_cast<float*>(raw + Traits::kDqOffset) : nullptr;
   }
   __device__ Element* y_s(int stage) const { return y_base + stage * kStageElements; }
   __device__ Element* y_t(int stage) const { return y_s(stage) + Traits::YTileS::kElements; }
