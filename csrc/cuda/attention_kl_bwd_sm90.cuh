@@ -84,7 +84,7 @@ __device__ __forceinline__ void consume_grad_tiles(const StreamSmemSm90<Traits>&
     score_grads(score_mma, acc_s, acc_t, tile, stage);
     if constexpr (Traits::kFusedDq) {
       auto acc_dq = make_dq_tile_accumulator<Traits>();
-      fused_grad_products<Traits>(smem, stage, tile, acc_s, acc_grad, acc_dq);
+      fused_grad_products<Traits>(smem, stage, acc_s, acc_grad, acc_dq);
       release_stream_tile(smem, tile);
       reduce_dq_tile<Traits>(smem, acc_dq, dq_tile_rows(tile));
     } else {

@@ -68,13 +68,15 @@ __device__ __forceinline__ void store_ds_tile(typename Traits::Element* ds_tile,
       });
 }
 
-// Tile number `tile`'s two gradient products (see the top of the file), both waited for. acc_s: dS^T (fp32); the
+// A tile's two gradient products (see the top of the file), both waited for. acc_s: dS^T (fp32); the
 // stage's Q_s is free once this returns (the dK product was its last reader).
 template <typename Traits, typename Acc, typename AccDk, typename AccDq>
-__device__ __forceinline__ void fused_grad_products(const StreamSmemSm90<Traits>& smem, int stage, int tile,
+__device__ __forceinline__ void fused_grad_products(const StreamSmemSm90<Traits>& smem, int stage,
                                                     const Acc& acc_s, AccDk& acc_dk, AccDq& acc_dq) {
   using Element = typename Traits::Element;
-  Element* ds_tile = smem.ds + (tile % Traits::kDsBuffers) * Traits::DsTile::kElements;
+  // The dS tile is free: the previous tile's dQ products, its readers, completed before the barrier in
+  // reduce_dq_tile.
+  Element* ds_tile = smem.ds;
   store_ds_tile<Traits>(ds_tile, acc_s);
   cutlass::arch::fence_view_async_shared();  // the plain stores, before the wgmma (async proxy) reads them
 
@@ -88,8 +90,7 @@ __device__ __forceinline__ void fused_grad_products(const StreamSmemSm90<Traits>
   warpgroup_commit_batch();
 
   // After this barrier both warpgroups' dS rows are stored, and the previous tile's staged dQ has been read by its
-  // bulk reductions (their issuers wait here), so it may be overwritten after the product below. The other dS buffer,
-  // which the next tile writes, was last read by the previous tile's dQ products, complete before this barrier.
+  // bulk reductions (their issuers wait here), so it may be overwritten after the product below.
   if (issues_dq_row<Traits>()) tma_store_wait<0>();
   cutlass::arch::NamedBarrier::sync(Traits::kNMmaThreads, kDsTileStored);
   Tensor ds_rows = make_tensor(make_smem_ptr(ds_tile), typename Traits::DsTile::LayoutTransposed{});  // [query, key]
@@ -118,15 +119,16 @@ __device__ __forceinline__ void reduce_dq_tile(const StreamSmemSm90<Traits>& sme
   cutlass::arch::fence_view_async_shared();  // the plain stores, before the bulk reductions (async proxy) read them
   cutlass::arch::NamedBarrier::sync(Traits::kNMmaThreads, kDqTileStaged);
   const int row = threadIdx.x;
-  if (issues_dq_row<Traits>() && row < dst.valid_rows) {
+  if (issues_dq_row<Traits>()) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(
-                     dst.first + row * dst.row_stride),
-                 "r"(cute::cast_smem_ptr_to_uint(smem.dq_tile + row * kPitch)),
-                 "r"(Traits::kDimS * int(sizeof(float)))
-                 : "memory");
+    if (row < dst.valid_rows)
+      asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(
+                       dst.first + row * dst.row_stride),
+                   "r"(cute::cast_smem_ptr_to_uint(smem.dq_tile + row * kPitch)),
+                   "r"(Traits::kDimS * int(sizeof(float)))
+                   : "memory");
 #endif
-    tma_store_arrive();  // commits this thread's bulk group
+    tma_store_arrive();  // commits this thread's bulk group, empty past the valid rows: one group per tile
   }
 }
 

@@ -90,9 +90,8 @@ struct KernelTraitsSm90 {
 };
 
 // The fused backward (fused_dq_sm90.cuh; the dK kernel with kFusedDq): the dK kernel's traits plus, after the
-// barriers, two dS^T tiles [kBlockM keys, kBlockN query rows] (alternate tiles use alternate buffers, so one barrier
-// per tile orders a buffer's writes after the other warpgroup's reads of it) and a staging tile for the fp32 dQ tile
-// [kBlockN query rows, kDimS] that the bulk reductions read. The dQ product dQ_tile = dS K_s splits the head dim over
+// barriers, a dS^T tile [kBlockM keys, kBlockN query rows] and a staging tile for the fp32 dQ tile [kBlockN query
+// rows, kDimS] that the bulk reductions read. The dQ product dQ_tile = dS K_s splits the head dim over
 // the two MMA warpgroups (each 64 columns: one 128-byte swizzle atom of K_s read transposed, which is why the head dim
 // must be 128) and reads the dS tile transposed (MN-major A) and the key block K_s transposed (MN-major B).
 template <typename Base>
@@ -102,7 +101,6 @@ struct FusedGradTraitsSm90 : Base {
                 "the fused backward runs 64-row query tiles against 128 keys at student head dim 128");
   static constexpr bool kFusedDq = true;
   using DsTile = GmmaSmemTile<Element, Base::kBlockM, Base::kBlockN>;
-  static constexpr int kDsBuffers = 2;
   using DqMma = decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<Base::kDimS / 2>, _16>,
                                                              GMMA::Major::MN, GMMA::Major::MN>(),
                                         Layout<Shape<_1, _2, _1>>{}));
@@ -110,7 +108,7 @@ struct FusedGradTraitsSm90 : Base {
   // keep each row 16-byte aligned for the bulk reductions.
   static constexpr int kDqPitch = Base::kDimS + 8;
   static constexpr int kDsOffset = (Base::kSmemBytes + 1023) / 1024 * 1024;  // the swizzle's period
-  static constexpr int kDqOffset = kDsOffset + kDsBuffers * DsTile::kElements * int(sizeof(Element));
+  static constexpr int kDqOffset = kDsOffset + DsTile::kElements * int(sizeof(Element));
   static constexpr int kSmemBytes = kDqOffset + Base::kBlockN * kDqPitch * int(sizeof(float));
   static_assert(kSmemBytes <= 227 * 1024, "the fused backward's shared memory exceeds a CTA's 227 KB");
 };
