@@ -50,21 +50,15 @@ __device__ __forceinline__ void accumulate_score_grad_product(const StreamSmemSm
   warpgroup_fence_operand(acc_grad);
 }
 
-// The fused dK kernel's destination of each tile's dQ share (dq_tile_rows(flat_tile): DqTileRows); none in the
-// other kernels.
-struct NoDqTiles {
-  __device__ DqTileRows operator()(int) const { return DqTileRows{nullptr, 0, 0}; }
-};
-
 // The MMA warpgroups' loop of both gradient kernels over n_tiles streamed Y tiles (flat index: the dK kernel streams
 // the query tiles of several heads one after the other): per tile, the two score products, the score gradients
 // (score_grads(acc_s, acc_t, tile, stage) turns the scores into dS in place), then acc_grad += dS_s Y_s with dS_s
 // from registers and Y_s read transposed from the same stage; the stage is freed once that product (its last
 // reader) has completed. The fused dK kernel (Traits::kFusedDq) also computes the tile's dQ share
-// (fused_dq_sm90.cuh) and, after freeing the stage, adds it to the rows dq_tile_rows(tile) names.
-template <typename Traits, typename AccGrad, typename ScoreGradsFn, typename DqTileRowsFn = NoDqTiles>
+// (fused_dq_sm90.cuh) and, after freeing the stage, stages it for the dQ-writer warp.
+template <typename Traits, typename AccGrad, typename ScoreGradsFn>
 __device__ __forceinline__ void consume_grad_tiles(const StreamSmemSm90<Traits>& smem, AccGrad& acc_grad, int n_tiles,
-                                                   ScoreGradsFn&& score_grads, DqTileRowsFn&& dq_tile_rows = {}) {
+                                                   ScoreGradsFn&& score_grads) {
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kStages = Traits::kStages;
   typename Traits::TiledMma score_mma;
   Tensor acc_s = partition_fragment_C(score_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -86,13 +80,12 @@ __device__ __forceinline__ void consume_grad_tiles(const StreamSmemSm90<Traits>&
       auto acc_dq = make_dq_tile_accumulator<Traits>();
       fused_grad_products<Traits>(smem, stage, acc_s, acc_grad, acc_dq);
       release_stream_tile(smem, tile);
-      reduce_dq_tile<Traits>(smem, acc_dq, dq_tile_rows(tile));
+      stage_dq_tile<Traits>(smem, acc_dq);
     } else {
       accumulate_score_grad_product<Traits>(smem, stage, acc_s, acc_grad);
       release_stream_tile(smem, tile);
     }
   }
-  if constexpr (Traits::kFusedDq) finish_dq_reductions<Traits>();
 }
 
 // The same loop over an aggregated teacher's items (aggregated_teacher_sm90.cuh): the score gradients and the
@@ -190,7 +183,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
 // A CTA owns kBlockM keys of one student key head (its split's part of their query rows) and streams the query tiles
 // of every query head that reads it, accumulating dK_s over the group (one writer per dK row). With
-// FusedGradTraitsSm90 it also adds each tile's dQ share into p.dq_accum (fused_dq_sm90.cuh). Teacher key heads must
+// FusedGradTraitsSm90 it also adds each tile's dQ share into p.dq_accum (fused_dq_sm90.cuh) through warp 2 of the
+// producer warpgroup. Teacher key heads must
 // group the query heads the same way (the launcher checks), so the teacher's X block is the same for the whole group;
 // an aggregated teacher's X block travels with each item instead (aggregated_teacher_sm90.cuh).
 template <typename Traits, typename ScoreGrads>
@@ -215,6 +209,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   // The teacher side of the CTA's first student query head (kv_head * group; an aggregated item's group adds to it).
   [[maybe_unused]] const auto teacher = teacher_block<Traits, /*kKeysAsX=*/true>(p, b, kv_head * group, seq, key0);
   [[maybe_unused]] const AggregatedItems items{n_tiles, p.teacher_head_group, group};
+  // Fused backward: flat tile i's dQ share goes to rows [y0, y0 + kBlockN) of its head's fp32 dQ sums (p.dq_accum,
+  // laid out like dQ).
+  [[maybe_unused]] auto dq_tile_rows = [&](int flat_tile) {
+    const int h = kv_head * group + flat_tile / n_tiles;
+    const int y0 = rows.begin + (flat_tile % n_tiles) * Traits::kBlockN;
+    const AttentionSide& side = p.student;
+    return DqTileRows{static_cast<float*>(p.dq_accum) + b * side.dq_batch_stride + h * side.dq_head_stride +
+                          (seq.q_start + y0) * side.dq_row_stride,
+                      side.dq_row_stride, seq.seqlen_q - y0};
+  };
   run_warp_specialized<Traits>(
       smem, /*extra_full_arrivals=*/32, /*per_thread_release=*/Traits::kAggregatedTeacher,
       [&] {
@@ -247,6 +251,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
           } else if (warp == 1) {
             produce_row_stats<Traits>(rule, p, smem, b, kv_head * group, group, rows.begin, seq.seqlen_q, n_tiles,
                                       lane);
+          } else if (warp == 2) {
+            if constexpr (Traits::kFusedDq) write_dq_tiles<Traits>(smem, n_tiles * group, dq_tile_rows, lane);
           }
         }
       },
@@ -262,21 +268,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
               rule, smem.stats(stage), mask, mask.block_fully_visible(y0, y0 + Traits::kBlockN, key0, key_end), key0,
               y0, scale_s2, scale_t2, score_mma, acc_s, acc_t);
         };
-        // Fused backward: a tile's dQ share goes to rows [y0, y0 + kBlockN) of its head's fp32 dQ sums (p.dq_accum,
-        // laid out like dQ).
-        auto dq_tile_rows = [&](int flat_tile) {
-          const int h = kv_head * group + flat_tile / n_tiles;
-          const int y0 = rows.begin + (flat_tile % n_tiles) * Traits::kBlockN;
-          const AttentionSide& side = p.student;
-          return DqTileRows{static_cast<float*>(p.dq_accum) + b * side.dq_batch_stride + h * side.dq_head_stride +
-                                (seq.q_start + y0) * side.dq_row_stride,
-                            side.dq_row_stride, seq.seqlen_q - y0};
-        };
         if (n_tiles > 0) {
           if constexpr (Traits::kAggregatedTeacher)
             consume_aggregated_grad_items<Traits>(smem, teacher, items, rows.begin, acc_dk, score_grads);
           else
-            consume_grad_tiles<Traits>(smem, acc_dk, n_tiles * group, score_grads, dq_tile_rows);
+            consume_grad_tiles<Traits>(smem, acc_dk, n_tiles * group, score_grads);
         }
         store_grad_rows<Traits::kBlockM, Traits::kDimS, typename Traits::Element>(
             grad_mma, p.student, acc_dk, /*keys=*/true, b, kv_head, seq.k_start + key0, seq.seqlen_k - key0,

@@ -9,8 +9,10 @@
 //                         rows while the registers hold key rows);
 //   dq_accum[rows] += dQ_t   the fp32 tile staged in shared memory, then one bulk reduction per row
 //                         (cp.reduce.async.bulk ... add.f32) into a workspace laid out like dQ, scaled and converted by
-//                         an epilogue kernel. Per-thread float2 atomics instead measured 6.05 ms for the whole
-//                         forward+backward at N=8192, D=128 (two-kernel backward: 4.52 ms; bench/RESULTS.md).
+//                         an epilogue kernel. A warp of the producer warpgroup issues the reductions, so the MMA
+//                         warpgroups only hand the staged tile over (a named-barrier arrival) and wait only if the
+//                         previous tile is still being read. Per-thread float2 atomics instead measured 6.05 ms for the
+//                         whole forward+backward at N=8192, D=128 (two-kernel backward: 4.52 ms; bench/RESULTS.md).
 // Not bitwise deterministic (the order of the reductions varies): the op runs the two-kernel backward under
 // torch.use_deterministic_algorithms. Torch-free.
 #pragma once
@@ -30,8 +32,9 @@ namespace cuda {
 
 using namespace cute;
 
-// Named barriers of the MMA warpgroups (ids above CUTLASS's reserved ones).
-enum FusedDqBarrier : uint32_t { kDsTileStored = 0, kDqTileStaged = 1 };
+// Named barriers (ids above CUTLASS's reserved ones): the MMA warpgroups' "both halves of the dS tile are stored", and
+// between them and the dQ-writer warp, "the staging tile is free" and "a dQ tile is staged".
+enum FusedDqBarrier : uint32_t { kDsTileStored = 0, kDqTileFree = 1, kDqTileStaged = 2 };
 
 // Where a tile's dQ share goes: its first row in the fp32 workspace, rows row_stride floats apart, and how many of
 // its rows exist (the last tile of a sequence may be partial).
@@ -45,12 +48,6 @@ struct DqTileRows {
 template <typename Traits>
 __device__ __forceinline__ auto make_dq_tile_accumulator() {
   return partition_fragment_C(typename Traits::DqMma{}, Shape<Int<Traits::kBlockN>, Int<Traits::kDimS>>{});
-}
-
-// The MMA threads that issue the bulk reductions: one per row of the staged dQ tile.
-template <typename Traits>
-__device__ __forceinline__ bool issues_dq_row() {
-  return threadIdx.x < Traits::kBlockN;
 }
 
 // This thread's score gradients dS^T (the fp32 score accumulator, [kBlockM keys, kBlockN query rows]) into a dS
@@ -89,10 +86,7 @@ __device__ __forceinline__ void fused_grad_products(const StreamSmemSm90<Traits>
   warpgroup_gemm_rs(dk_mma, acc_dk, ds_a, q_s, threadIdx.x);
   warpgroup_commit_batch();
 
-  // After this barrier both warpgroups' dS rows are stored, and the previous tile's staged dQ has been read by its
-  // bulk reductions (their issuers wait here), so it may be overwritten after the product below.
-  if (issues_dq_row<Traits>()) tma_store_wait<0>();
-  cutlass::arch::NamedBarrier::sync(Traits::kNMmaThreads, kDsTileStored);
+  cutlass::arch::NamedBarrier::sync(Traits::kNMmaThreads, kDsTileStored);  // both warpgroups' dS rows are stored
   Tensor ds_rows = make_tensor(make_smem_ptr(ds_tile), typename Traits::DsTile::LayoutTransposed{});  // [query, key]
   Tensor k_s = make_tensor(make_smem_ptr(smem.x_s), typename Traits::XTileS::LayoutTransposed{});    // [D_s, key]
   clear(acc_dq);  // defined before the product (C7515); its first k-step overwrites it
@@ -105,37 +99,42 @@ __device__ __forceinline__ void fused_grad_products(const StreamSmemSm90<Traits>
   warpgroup_fence_operand(acc_dq);
 }
 
-// dst.first[r][c] += acc_dq[r][c] for the tile's valid rows: the accumulator into the staging tile, then one bulk
-// reduction per row, issued without waiting (the issuers wait before the staging tile is written again, in
-// fused_grad_products, and before the CTA exits, finish_dq_reductions).
+// The MMA threads' side of a tile's dQ reduction: once the dQ-writer warp has read the previous tile, the
+// accumulator into the staging tile, handed over without waiting.
 template <typename Traits, typename AccDq>
-__device__ __forceinline__ void reduce_dq_tile(const StreamSmemSm90<Traits>& smem, const AccDq& acc_dq,
-                                               const DqTileRows& dst) {
-  constexpr int kPitch = Traits::kDqPitch;
+__device__ __forceinline__ void stage_dq_tile(const StreamSmemSm90<Traits>& smem, const AccDq& acc_dq) {
+  constexpr int kPitch = Traits::kDqPitch, kThreads = Traits::kNMmaThreads + 32;
+  cutlass::arch::NamedBarrier::sync(kThreads, kDqTileFree);
   for_each_row_pair<Traits::kBlockN, Traits::kDimS>(
       typename Traits::DqMma{}, acc_dq, Traits::kBlockN, threadIdx.x, [&](int row, int col, float v0, float v1) {
         *reinterpret_cast<float2*>(smem.dq_tile + row * kPitch + col) = make_float2(v0, v1);
       });
   cutlass::arch::fence_view_async_shared();  // the plain stores, before the bulk reductions (async proxy) read them
-  cutlass::arch::NamedBarrier::sync(Traits::kNMmaThreads, kDqTileStaged);
-  const int row = threadIdx.x;
-  if (issues_dq_row<Traits>()) {
+  cutlass::arch::NamedBarrier::arrive(kThreads, kDqTileStaged);
+}
+
+// The dQ-writer warp (a warp of the producer warpgroup): for each of the n_tiles tiles, free the staging tile, wait
+// for the MMA threads to stage the tile's dQ, then add each valid row into the rows dq_tile_rows(tile) names with one
+// bulk reduction per row (two rows per lane), and wait until they have read the staging tile.
+template <typename Traits, typename DqTileRowsFn>
+__device__ __forceinline__ void write_dq_tiles(const StreamSmemSm90<Traits>& smem, int n_tiles,
+                                               DqTileRowsFn&& dq_tile_rows, int lane) {
+  constexpr int kPitch = Traits::kDqPitch, kThreads = Traits::kNMmaThreads + 32;
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    cutlass::arch::NamedBarrier::arrive(kThreads, kDqTileFree);
+    const DqTileRows dst = dq_tile_rows(tile);
+    cutlass::arch::NamedBarrier::sync(kThreads, kDqTileStaged);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (row < dst.valid_rows)
+    for (int row = lane; row < Traits::kBlockN && row < dst.valid_rows; row += 32)
       asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(
                        dst.first + row * dst.row_stride),
                    "r"(cute::cast_smem_ptr_to_uint(smem.dq_tile + row * kPitch)),
                    "r"(Traits::kDimS * int(sizeof(float)))
                    : "memory");
 #endif
-    tma_store_arrive();  // commits this thread's bulk group, empty past the valid rows: one group per tile
+    tma_store_arrive();  // commits this lane's bulk group
+    tma_store_wait<0>();  // ... and waits until it has read the staging tile
   }
-}
-
-// Before the CTA exits (its shared memory with it): the issuers' last bulk reductions have read the staging tile.
-template <typename Traits>
-__device__ __forceinline__ void finish_dq_reductions() {
-  if (issues_dq_row<Traits>()) tma_store_wait<0>();
 }
 
 }  // namespace cuda
