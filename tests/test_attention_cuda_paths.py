@@ -161,10 +161,12 @@ def test_jsd_dispatch(monkeypatch, path):
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if "streamkl" in e.name]
     hopper = path != "ampere" and _is_hopper()
-    for kernel in ("attention_kl_fwd_sm90_kernel", "attention_jsd_sums_sm90_kernel",
-                   "attention_kl_bwd_dq_sm90_kernel", "attention_kl_bwd_dk_sm90_kernel"):
+    for kernel in ("attention_kl_fwd_sm90_kernel", "attention_jsd_sums_sm90_kernel", "attention_kl_bwd_dk_sm90_kernel"):
         assert any(kernel in n for n in names) == hopper, (kernel, names)
     assert any("attention_jsd_sums_kernel" in n for n in names) != hopper, names
+    # Student head dim 128: the fused backward (one dK kernel that also produces dQ; test_attention_cuda_fused.py).
+    assert any("FusedGradTraitsSm90" in n for n in names) == hopper, names
+    assert not any("attention_kl_bwd_dq_sm90_kernel" in n for n in names), names
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -211,8 +213,11 @@ def test_backward_dispatch_picks_the_expected_path(monkeypatch, path, teacher_gr
     assert names, "no backward kernel ran"
     expect_hopper = (path != "ampere" and _is_hopper() and not teacher_grad and dims[0] in (64, 128)
                      and dims[1] in (64, 128))
-    assert any("attention_kl_bwd_dq_sm90_kernel" in n for n in names) == expect_hopper, names
+    # At student head dim 128 the Hopper path runs the fused backward (its dK kernel also produces dQ).
+    expect_fused = expect_hopper and dims[0] == 128
+    assert any("attention_kl_bwd_dq_sm90_kernel" in n for n in names) == (expect_hopper and not expect_fused), names
     assert any("attention_kl_bwd_dk_sm90_kernel" in n for n in names) == expect_hopper, names
+    assert any("FusedGradTraitsSm90" in n for n in names) == expect_fused, names
     assert any("attention_kl_bwd_dk_kernel" in n for n in names) != expect_hopper, names
 
 

@@ -79,6 +79,7 @@ def main():
                         (1, 2, 130, 100, 128, 64, True, "reverse", torch.bfloat16, False),
                         (1, 2, 100, 130, 64, 128, True, "jsd:0.3", torch.bfloat16, True),
                         (1, 2, 130, 100, 64, 64, False, "jsd:0.6", torch.bfloat16, False),
+                        (1, 2, 200, 150, 128, 128, True, "jsd:0.5", torch.bfloat16, False),  # fused Hopper backward
                         (1, 1, 100, 130, 64, 128, True, "reverse", torch.bfloat16, False, 3),
                         (1, 1, 130, 100, 128, 64, False, "jsd:0.4", torch.bfloat16, False, 4)], []
     for c in cases + extra:

@@ -264,8 +264,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         clear(acc_dk);
         auto score_grads = [&](auto score_mma, auto& acc_s, auto& acc_t, int flat_tile, int stage) {
           const int y0 = rows.begin + (flat_tile % n_tiles) * Traits::kBlockN;
+          // Fully visible only if every one of the block's kBlockM keys is in the sequence: the fused kernel's dQ
+          // product reads all of them, and past the sequence's end they are another sequence's keys (varlen) or
+          // the zero fill, which must get dS = 0.
           key_tile_score_grads<Traits::kBlockM, Traits::kBlockN>(
-              rule, smem.stats(stage), mask, mask.block_fully_visible(y0, y0 + Traits::kBlockN, key0, key_end), key0,
+              rule, smem.stats(stage), mask,
+              mask.block_fully_visible(y0, y0 + Traits::kBlockN, key0, key0 + Traits::kBlockM), key0,
               y0, scale_s2, scale_t2, score_mma, acc_s, acc_t);
         };
         if (n_tiles > 0) {

@@ -72,8 +72,7 @@ struct ForwardPolicy {
   __device__ __forceinline__ void reduce_tile(const Rows& w, const Rows& o) {
     CUTE_UNROLL
     for (int i = 0; i < size<0>(w); ++i) {
-      if (!kMasked && state[i].max_w != neg_infinity<float>() && state[i].max_o != neg_infinity<float>() &&
-          add_row_terms<false, true>(i, w, o))
+      if (!kMasked && state[i].has_maxima() && add_row_terms<false, true>(i, w, o))
         continue;
       // kChains independent partial maxima and sums per row: one running value per quantity would make every
       // column wait for the previous one (the kernel is latency-bound at 8 warps per SM: ncu's top stall is

@@ -336,7 +336,8 @@ void run_grad_kernel_sm90(const AttentionKLParams& p, cudaStream_t stream) {
 // The Hopper dK kernel's traits: the producer warpgroup's statistics warp stages the rule's per-query-row inputs.
 // kStages: 4, the fused kernel's 3 (its dS and dQ tiles take the shared memory of the fourth).
 template <typename Element, int kDimS, int kDimT, typename Rule, int kStages = 4>
-using DkTraitsSm90 = KernelTraitsSm90<Element, kDimS, kDimT, 64, kStages, 4, /*kProducerRegisters=*/40, Rule::kRowStats>;
+using DkTraitsSm90 =
+    KernelTraitsSm90<Element, kDimS, kDimT, 64, kStages, 4, /*kProducerRegisters=*/40, Rule::kRowStats>;
 template <typename Element, int kDimS, int kDimT, typename Rule>
 using FusedBackwardTraitsSm90 = FusedGradTraitsSm90<DkTraitsSm90<Element, kDimS, kDimT, Rule, /*kStages=*/3>>;
 

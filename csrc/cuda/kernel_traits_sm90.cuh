@@ -17,6 +17,12 @@ namespace cuda {
 
 using namespace cute;
 
+// Floats per stage of staged per-Y-row statistics: the dK kernel's kRowStats score-gradient inputs per row, plus (an
+// aggregated teacher's, kernels that stage statistics) the base-2 LSE of the item's teacher head per row.
+constexpr int staged_row_floats(int block_n, int row_stats, bool aggregated_teacher) {
+  return block_n * (row_stats + (aggregated_teacher && row_stats > 0 ? 1 : 0));
+}
+
 // Shared-memory tile [kRows, kDim] in the K-major 128-byte-swizzle layout that wgmma reads through a
 // descriptor (and TMA writes).
 template <typename Element, int kRows, int kDim>
@@ -78,7 +84,7 @@ struct KernelTraitsSm90 {
   static constexpr int kStageBytes = YTileS::kElements * int(sizeof(Element)) + kTeacherStageBytes;
   // Floats per stage: the dK kernel's per-Y-row statistics, then (aggregated teacher, kernels that stage statistics:
   // the dK kernel) the base-2 LSEs of the item's teacher head by Y row (aggregated_teacher_sm90.cuh).
-  static constexpr int kStageStats = kBlockN * kRowStats + (kAggregatedTeacher && kRowStats > 0 ? kBlockN : 0);
+  static constexpr int kStageStats = staged_row_floats(kBlockN, kRowStats, kAggregatedTeacher);
   // Tiles (each a multiple of 1024 bytes, the 128-byte swizzle's period), the per-stage statistics, then the
   // mbarriers.
   static constexpr int kStatsOffset = kXBytes + kStages * kStageBytes;
@@ -101,9 +107,10 @@ struct FusedGradTraitsSm90 : Base {
                 "the fused backward runs 64-row query tiles against 128 keys at student head dim 128");
   static constexpr bool kFusedDq = true;
   using DsTile = GmmaSmemTile<Element, Base::kBlockM, Base::kBlockN>;
-  using DqMma = decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<Base::kDimS / 2>, _16>,
-                                                             GMMA::Major::MN, GMMA::Major::MN>(),
-                                        Layout<Shape<_1, _2, _1>>{}));
+  using DqMma = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<Base::kDimS / 2>, _16>, GMMA::Major::MN,
+                           GMMA::Major::MN>(),
+      Layout<Shape<_1, _2, _1>>{}));
   // Floats per staged dQ row: 8 of padding put the 8 rows that a warp's float2 stores cover on distinct banks, and
   // keep each row 16-byte aligned for the bulk reductions.
   static constexpr int kDqPitch = Base::kDimS + 8;
@@ -120,7 +127,7 @@ constexpr int aggregated_stages_sm90() {
   constexpr int kMaxSmem = 227 * 1024, kBlockM = 128;
   constexpr int x_bytes = kBlockM * kDimS * int(sizeof(Element));
   constexpr int stage_bytes = (kBlockN * (kDimS + kDimT) + kBlockM * kDimT) * int(sizeof(Element)) +
-                              kBlockN * (kRowStats > 0 ? kRowStats + 1 : 0) * int(sizeof(float)) +
+                              staged_row_floats(kBlockN, kRowStats, /*aggregated_teacher=*/true) * int(sizeof(float)) +
                               2 * int(sizeof(uint64_t));
   constexpr int fit = (kMaxSmem - x_bytes - int(sizeof(uint64_t))) / stage_bytes;
   static_assert(fit >= 2, "an aggregated-teacher stream needs two stages");

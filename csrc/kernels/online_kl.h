@@ -62,6 +62,9 @@ struct OnlineKLState {
     sum_w = sum_o = acc = T(0);
   }
 
+  // True once the row has seen an allowed key: both running maxima are finite.
+  SKL_HOST_DEVICE bool has_maxima() const { return max_w != neg_infinity<T>() && max_o != neg_infinity<T>(); }
+
   // Raise the running maxima to cover a new tile whose maxima are tile_max_w / tile_max_o, rescaling
   // the sums. A row with nothing seen yet (max = -inf) keeps factor 1, never exp(-inf - -inf) = NaN.
   SKL_HOST_DEVICE void rescale(T tile_max_w, T tile_max_o) {
@@ -115,7 +118,7 @@ struct OnlineKLState {
 
   // add_sums for sums of relative_key_terms. A row that has seen no key (max = -inf) has only zero terms.
   SKL_HOST_DEVICE void add_relative_sums(T batch_sum_w, T batch_sum_o, T batch_weighted) {
-    if (max_w != neg_infinity<T>() && max_o != neg_infinity<T>())
+    if (has_maxima())
       batch_weighted = fused_multiply_add(max_w - max_o, batch_sum_w, batch_weighted);
     add_sums(batch_sum_w, batch_sum_o, batch_weighted);
   }
