@@ -60,17 +60,19 @@ void check_teacher_grad_grouping(bool teacher_grad, const at::Tensor& k_s, const
 
 // Which student-only backward runs: the fused one (one kernel per key block that also adds each query tile's dQ share
 // into an fp32 workspace with atomics: not bitwise deterministic) or the two-kernel one (a dQ and a dK kernel, one
-// writer per gradient row: deterministic). STREAMKL_FUSED_BACKWARD=1 / 0 picks one on both paths; unset, the Hopper
-// path runs the fused backward (it recomputes the scores once rather than twice: measured faster on H100,
-// bench/RESULTS.md) and the Ampere path the two-kernel one (its fused kernel measured slower). Under
+// writer per gradient row: deterministic). STREAMKL_FUSED_BACKWARD=1 / 0 picks one wherever the fused kernel exists;
+// unset, by_default decides: the Hopper path runs the fused backward in the padded layout (it recomputes the scores
+// once rather than twice: measured faster on H100, bench/RESULTS.md session 10), the varlen layout and the Ampere path
+// the two-kernel one (the Ampere fused kernel measured slower; the Hopper fused kernel's fix for varlen key blocks that
+// end inside a 128-key block awaits its device validation, so there it runs on request only). Under
 // torch.use_deterministic_algorithms(True) the two-kernel backward always runs. Read at every call (tests switch it).
-bool use_fused_backward(bool hopper_path) {
+bool use_fused_backward(bool by_default) {
   if (at::globalContext().deterministicAlgorithms()) return false;
   const char* v = std::getenv("STREAMKL_FUSED_BACKWARD");
   const std::string choice = v == nullptr ? "" : v;
   TORCH_CHECK_VALUE(choice.empty() || choice == "0" || choice == "1",
                     "streamkl: STREAMKL_FUSED_BACKWARD must be 0 or 1 (or unset), got '", choice, "'");
-  return choice.empty() ? hopper_path : choice == "1";
+  return choice.empty() ? by_default : choice == "1";
 }
 
 // Which kernels run on compute capability 9.x: the Hopper path (wgmma, sm_90a) by default, for every divergence at
@@ -204,7 +206,7 @@ Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const Backw
   // The Hopper-path backward takes student gradients only, every divergence; aggregated teachers have their own on
   // both paths (student gradients only, every divergence, two kernels). The fused backward (use_fused_backward) runs
   // on the Hopper path at student head dim 128 when both sides group query heads alike (one teacher key block per CTA;
-  // key heads are dim 1 in both layouts), on the Ampere path in the padded layout for the KL at head dims up to 128
+  // key heads are dim 1 in both layouts; by default in the padded layout only), on the Ampere path in the padded layout for the KL at head dims up to 128
   // (run_attention_kl_bwd_fused).
   const bool aggregated = p.teacher_head_group > 1;
   const bool padded = layout.batch_dim >= 0;
@@ -217,13 +219,13 @@ Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const Backw
     launch = lookup_launcher(cuda::KernelFamily::kBackwardSm90, in);
     fused = launch != nullptr && in.k_s.size(1) == in.k_t.size(1) &&
             cuda::fused_backward_sm90_supports(static_cast<int>(in.q_s.size(-1))) &&
-            use_fused_backward(/*hopper_path=*/true);
+            use_fused_backward(/*by_default=*/padded);
   }
   if (launch == nullptr) {
     launch = find_launcher(cuda::KernelFamily::kBackward, in);
     fused = padded && !teacher_grad && !aggregated && p.divergence != Divergence::kJsd &&
             cuda::fused_backward_supports(static_cast<int>(in.q_s.size(-1)), static_cast<int>(in.q_t.size(-1))) &&
-            use_fused_backward(/*hopper_path=*/false);
+            use_fused_backward(/*by_default=*/false);
   }
   // The dQ kernel writes every query row and the dK kernel every key row (zeros where nothing is seen; in
   // the varlen layout each row belongs to exactly one sequence), so the outputs need no memset; only empty
