@@ -38,14 +38,9 @@ struct DqStateSm90 {
 template <typename Traits, typename Acc, typename AccGrad>
 __device__ __forceinline__ void accumulate_score_grad_product(const StreamSmemSm90<Traits>& smem, int stage,
                                                               const Acc& acc_s, AccGrad& acc_grad) {
-  typename Traits::GradMmaS grad_mma;
   Tensor ds = convert_fragment<typename Traits::Element>(acc_s);
   Tensor ds_a = make_tensor(ds.data(), wgmma_acc_as_operand_a(ds.layout()));
-  Tensor y_s = make_tensor(make_smem_ptr(smem.y_s(stage)), typename Traits::YTileS::LayoutTransposed{});
-  warpgroup_fence_operand(ds_a);
-  warpgroup_products_begin(acc_grad);
-  warpgroup_gemm_rs(grad_mma, acc_grad, ds_a, y_s, threadIdx.x);
-  warpgroup_commit_batch();
+  issue_score_grad_product(smem, stage, ds_a, acc_grad);
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc_grad);
 }

@@ -71,20 +71,15 @@ template <typename Traits, typename Acc, typename AccDk, typename AccDq>
 __device__ __forceinline__ void fused_grad_products(const StreamSmemSm90<Traits>& smem, int stage,
                                                     const Acc& acc_s, AccDk& acc_dk, AccDq& acc_dq) {
   using Element = typename Traits::Element;
-  // The dS tile is free: the previous tile's dQ products, its readers, completed before the barrier in
-  // reduce_dq_tile.
+  // The dS tile is free: its readers, the previous tile's dQ products, completed before the previous tile's
+  // kDqTileFree barrier (stage_dq_tile), which every MMA thread reaches only after waiting for its own.
   Element* ds_tile = smem.ds;
   store_ds_tile<Traits>(ds_tile, acc_s);
   cutlass::arch::fence_view_async_shared();  // the plain stores, before the wgmma (async proxy) reads them
 
-  typename Traits::GradMmaS dk_mma;
   Tensor ds = convert_fragment<Element>(acc_s);
   Tensor ds_a = make_tensor(ds.data(), wgmma_acc_as_operand_a(ds.layout()));
-  Tensor q_s = make_tensor(make_smem_ptr(smem.y_s(stage)), typename Traits::YTileS::LayoutTransposed{});
-  warpgroup_fence_operand(ds_a);
-  warpgroup_products_begin(acc_dk);
-  warpgroup_gemm_rs(dk_mma, acc_dk, ds_a, q_s, threadIdx.x);
-  warpgroup_commit_batch();
+  issue_score_grad_product(smem, stage, ds_a, acc_dk);  // dK_s += dS^T Q_s
 
   cutlass::arch::NamedBarrier::sync(Traits::kNMmaThreads, kDsTileStored);  // both warpgroups' dS rows are stored
   Tensor ds_rows = make_tensor(make_smem_ptr(ds_tile), typename Traits::DsTile::LayoutTransposed{});  // [query, key]

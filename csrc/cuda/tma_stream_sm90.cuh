@@ -179,6 +179,20 @@ __device__ __forceinline__ void issue_score_products(TiledMma score_mma, const S
   warpgroup_commit_batch();
 }
 
+// One batch with acc_grad += dS Y_s: the score gradients ds_a (converted, as wgmma's register A operand) times the
+// stage's Y_s tile read transposed (the gradient kernels' dQ_s += dS K_s, dK_s += dS^T Q_s), committed; the caller
+// waits for it, then fences acc_grad (and ds_a, if it lives on).
+template <typename Traits, typename DsA, typename AccGrad>
+__device__ __forceinline__ void issue_score_grad_product(const StreamSmemSm90<Traits>& smem, int stage, DsA& ds_a,
+                                                         AccGrad& acc_grad) {
+  typename Traits::GradMmaS grad_mma;
+  Tensor y_s = make_tensor(make_smem_ptr(smem.y_s(stage)), typename Traits::YTileS::LayoutTransposed{});
+  warpgroup_fence_operand(ds_a);
+  warpgroup_products_begin(acc_grad);
+  warpgroup_gemm_rs(grad_mma, acc_grad, ds_a, y_s, threadIdx.x);
+  warpgroup_commit_batch();
+}
+
 // The producer role of a CTA owning query rows [row0, row_end) of (sequence seq, head h) whose key range starts at
 // key_begin: one thread of the producer warpgroup issues the copies.
 template <typename Traits>
