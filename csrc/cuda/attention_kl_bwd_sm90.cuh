@@ -177,11 +177,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 }
 
 // A CTA owns kBlockM keys of one student key head (its split's part of their query rows) and streams the query tiles
-// of every query head that reads it, accumulating dK_s over the group (one writer per dK row). With
-// FusedGradTraitsSm90 it also adds each tile's dQ share into p.dq_accum (fused_dq_sm90.cuh) through warp 2 of the
-// producer warpgroup. Teacher key heads must
+// of every query head that reads it, accumulating dK_s over the group (one writer per dK row). Teacher key heads must
 // group the query heads the same way (the launcher checks), so the teacher's X block is the same for the whole group;
-// an aggregated teacher's X block travels with each item instead (aggregated_teacher_sm90.cuh).
+// an aggregated teacher's X block travels with each item instead (aggregated_teacher_sm90.cuh). With
+// FusedGradTraitsSm90 the kernel also adds each tile's dQ share into p.dq_accum (fused_dq_sm90.cuh), warp 2 of the
+// producer warpgroup issuing the reductions.
 template <typename Traits, typename ScoreGrads>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     attention_kl_bwd_dk_sm90_kernel(const AttentionKLParams p, const __grid_constant__ StreamTmaLoads<Traits> tma) {

@@ -59,8 +59,8 @@ void check_teacher_grad_grouping(bool teacher_grad, const at::Tensor& k_s, const
 }
 
 // Which student-only backward runs: the fused one (one kernel per key block that also adds each query tile's dQ share
-// into an fp32 workspace with atomics: not bitwise deterministic) or the two-kernel one (a dQ and a dK kernel, one
-// writer per gradient row: deterministic). STREAMKL_FUSED_BACKWARD=1 / 0 picks one wherever the fused kernel exists;
+// into an fp32 workspace, the reductions in no fixed order: not bitwise deterministic) or the two-kernel one (a dQ
+// and a dK kernel, one writer per gradient row: deterministic). STREAMKL_FUSED_BACKWARD=1 / 0 picks one wherever the fused kernel exists;
 // unset, by_default decides: the Hopper path runs the fused backward in the padded layout (it recomputes the scores
 // once rather than twice: measured faster on H100, bench/RESULTS.md session 10), the varlen layout and the Ampere path
 // the two-kernel one (the Ampere fused kernel measured slower; the Hopper fused kernel's fix for varlen key blocks that
@@ -206,8 +206,8 @@ Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const Backw
   // The Hopper-path backward takes student gradients only, every divergence; aggregated teachers have their own on
   // both paths (student gradients only, every divergence, two kernels). The fused backward (use_fused_backward) runs
   // on the Hopper path at student head dim 128 when both sides group query heads alike (one teacher key block per CTA;
-  // key heads are dim 1 in both layouts; by default in the padded layout only), on the Ampere path in the padded layout for the KL at head dims up to 128
-  // (run_attention_kl_bwd_fused).
+  // key heads are dim 1 in both layouts; by default in the padded layout only), on the Ampere path in the padded
+  // layout for the KL at head dims up to 128 (run_attention_kl_bwd_fused).
   const bool aggregated = p.teacher_head_group > 1;
   const bool padded = layout.batch_dim >= 0;
   cuda::LaunchFn launch = nullptr;
