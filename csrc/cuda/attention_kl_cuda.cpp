@@ -59,12 +59,12 @@ void check_teacher_grad_grouping(bool teacher_grad, const at::Tensor& k_s, const
 }
 
 // Which student-only backward runs: the fused one (one kernel per key block that also adds each query tile's dQ share
-// into an fp32 workspace, the reductions in no fixed order: not bitwise deterministic) or the two-kernel one (a dQ
-// and a dK kernel, one writer per gradient row: deterministic). STREAMKL_FUSED_BACKWARD=1 / 0 picks one wherever the fused kernel exists;
-// unset, by_default decides: the Hopper path runs the fused backward in the padded layout (it recomputes the scores
-// once rather than twice: measured faster on H100, bench/RESULTS.md session 10), the varlen layout and the Ampere path
-// the two-kernel one (the Ampere fused kernel measured slower; the Hopper fused kernel's fix for varlen key blocks that
-// end inside a 128-key block awaits its device validation, so there it runs on request only). Under
+// into an fp32 workspace, the reductions in no fixed order: not bitwise deterministic) or the two-kernel one (a dQ and
+// a dK kernel, one writer per gradient row: deterministic). STREAMKL_FUSED_BACKWARD=1 / 0 picks one wherever the fused
+// kernel exists; unset, by_default decides: the Hopper path runs the fused backward in the padded layout (it recomputes
+// the scores once rather than twice: measured faster on H100, bench/RESULTS.md session 10), the varlen layout and the
+// Ampere path the two-kernel one (the Ampere fused kernel measured slower; the Hopper fused kernel's fix for varlen key
+// blocks that end inside a 128-key block awaits its device validation, so there it runs on request only). Under
 // torch.use_deterministic_algorithms(True) the two-kernel backward always runs. Read at every call (tests switch it).
 bool use_fused_backward(bool by_default) {
   if (at::globalContext().deterministicAlgorithms()) return false;
