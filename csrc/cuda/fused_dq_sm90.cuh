@@ -50,18 +50,18 @@ __device__ __forceinline__ auto make_dq_tile_accumulator() {
   return partition_fragment_C(typename Traits::DqMma{}, Shape<Int<Traits::kBlockN>, Int<Traits::kDimS>>{});
 }
 
-// This thread's score gradients dS^T (the fp32 score accumulator, [kBlockM keys, kBlockN query rows]) into a dS
-// tile, converted, a column pair (one 32-bit store) at a time.
-template <typename Traits, typename Acc>
-__device__ __forceinline__ void store_ds_tile(typename Traits::Element* ds_tile, const Acc& acc_s) {
+// This thread's score gradients dS^T (the score accumulator converted to the element type, [kBlockM keys, kBlockN
+// query rows]) into a dS tile, a column pair (one 32-bit store) at a time.
+template <typename Traits, typename Ds>
+__device__ __forceinline__ void store_ds_tile(typename Traits::Element* ds_tile, const Ds& ds) {
   using Element = typename Traits::Element;
   struct alignas(4) Pair {
     Element first, second;
   };
   Tensor tile = make_tensor(make_smem_ptr(ds_tile), typename Traits::DsTile::Layout{});
   for_each_row_pair<Traits::kBlockM, Traits::kBlockN>(
-      typename Traits::TiledMma{}, acc_s, Traits::kBlockM, threadIdx.x, [&](int row, int col, float v0, float v1) {
-        *reinterpret_cast<Pair*>(&tile(row, col)) = Pair{static_cast<Element>(v0), static_cast<Element>(v1)};
+      typename Traits::TiledMma{}, ds, Traits::kBlockM, threadIdx.x, [&](int row, int col, Element v0, Element v1) {
+        *reinterpret_cast<Pair*>(&tile(row, col)) = Pair{v0, v1};
       });
 }
 
@@ -74,10 +74,10 @@ __device__ __forceinline__ void fused_grad_products(const StreamSmemSm90<Traits>
   // The dS tile is free: its readers, the previous tile's dQ products, completed before the previous tile's
   // kDqTileFree barrier (stage_dq_tile), which every MMA thread reaches only after waiting for its own.
   Element* ds_tile = smem.ds;
-  store_ds_tile<Traits>(ds_tile, acc_s);
+  Tensor ds = convert_fragment<Element>(acc_s);  // once, for the tile and for the dK product's register operand
+  store_ds_tile<Traits>(ds_tile, ds);
   cutlass::arch::fence_view_async_shared();  // the plain stores, before the wgmma (async proxy) reads them
 
-  Tensor ds = convert_fragment<Element>(acc_s);
   Tensor ds_a = make_tensor(ds.data(), wgmma_acc_as_operand_a(ds.layout()));
   issue_score_grad_product(smem, stage, ds_a, acc_dk);  // dK_s += dS^T Q_s
 

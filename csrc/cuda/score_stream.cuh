@@ -175,8 +175,8 @@ __device__ __forceinline__ auto accumulator_coords(TiledMma tiled_mma, int tid) 
   return make_tensor(c.data(), acc_as_rows_cols(c.layout()));
 }
 
-// Visit an fp32 accumulator [kRows, kCols] as (row, col, value at col, value at col + 1) for each of this thread's
-// column pairs (adjacent in the MMA layout), rows at or past valid_rows skipped.
+// Visit an accumulator [kRows, kCols] (fp32, or converted) as (row, col, value at col, value at col + 1) for each of
+// this thread's column pairs (adjacent in the MMA layout), rows at or past valid_rows skipped.
 template <int kRows, int kCols, typename TiledMma, typename Acc, typename Visit>
 __device__ __forceinline__ void for_each_row_pair(TiledMma tiled_mma, const Acc& acc, int valid_rows, int tid,
                                                   Visit&& visit) {
