@@ -9,11 +9,15 @@ import sys
 import torch
 
 import streamkl
-from streamkl import attention_kl, attention_kl_reference
+from streamkl import attention_kl, attention_kl_reference, attention_kl_varlen, attention_kl_varlen_reference
 
 
 def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    """Relative error of a against b, with a floor of 1e-6 per element on b's norm: where the exact result is
+    0 (e.g. the teacher gradients of a one-key row, whose softmax is exactly 1), fp32 rounding of log-probabilities
+    leaves ~1e-9 in ours, which is an absolute error, not a relative one."""
+    floor = 1e-6 * max(b.numel(), 1) ** 0.5
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(floor)).item()
 
 
 def check(B, H, Nq, Nk, Ds, Dt, causal, div, dtype, teacher_grad, gen, r=1):
@@ -47,6 +51,32 @@ def check(B, H, Nq, Nk, Ds, Dt, causal, div, dtype, teacher_grad, gen, r=1):
     return ok
 
 
+def check_varlen(lengths_q, lengths_k, H, D, causal, div, gen):
+    """Packed sequences (student-only gradients): at D=128 on Hopper this is the varlen fused backward when
+    STREAMKL_FUSED_BACKWARD=1 (the two-kernel one otherwise). Sequences of different query and key lengths, so
+    tiles end inside a sequence and next to another sequence's keys."""
+    dev = "cuda"
+    cu = lambda lens: torch.tensor([0] + list(lens), device=dev).cumsum(0).to(torch.int32)
+    cu_q, cu_k = cu(lengths_q), cu(lengths_k)
+    mk = lambda n: (torch.randn(n, H, D, device=dev, generator=gen) * 1.5).to(torch.bfloat16)
+    q_s, k_s, q_t, k_t = mk(sum(lengths_q)), mk(sum(lengths_k)), mk(sum(lengths_q)), mk(sum(lengths_k))
+    q_s.requires_grad_(True)
+    k_s.requires_grad_(True)
+    out = attention_kl_varlen(q_s, k_s, q_t, k_t, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=causal,
+                              divergence=div)
+    ref_inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in (q_s, k_s, q_t, k_t)]
+    ref = attention_kl_varlen_reference(*ref_inputs, cu_q, cu_k, causal=causal, divergence=div)
+    g = torch.rand_like(out)
+    grads = torch.autograd.grad(out, (q_s, k_s), g)
+    grads_ref = torch.autograd.grad(ref, ref_inputs[:2], g.double())
+    errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, grads_ref)]
+    nan = any(torch.isnan(x).any().item() for x in (out, *grads))
+    ok = not nan and errs[0] < 1e-2 and all(e < 3e-2 for e in errs[1:])
+    print(f"{'ok ' if ok else 'BAD'} varlen q={lengths_q} k={lengths_k} H={H} D={D} causal={causal} {div:8s} "
+          f"errs={' '.join(f'{e:.2e}' for e in errs)} nan={nan}")
+    return ok
+
+
 def main():
     gen = torch.Generator(device="cuda").manual_seed(1234)
     ok = True
@@ -74,7 +104,8 @@ def main():
              (1, 2, 200, 300, 256, 256, True, "reverse", torch.bfloat16, True),
              (1, 2, 200, 300, 256, 256, True, "jsd:0.3", torch.bfloat16, True),
              (1, 2, 333, 444, 64, 64, True, "jsd:0.7", torch.float16, True)]
-    if len(sys.argv) > 1 and sys.argv[1] == "--small":  # one tiny case each way, for compute-sanitizer
+    small = len(sys.argv) > 1 and sys.argv[1] == "--small"
+    if small:  # one tiny case each way, for compute-sanitizer
         cases, extra = [(1, 2, 100, 130, 64, 128, True, "forward", torch.bfloat16, True),
                         (1, 2, 130, 100, 128, 64, True, "reverse", torch.bfloat16, False),
                         (1, 2, 100, 130, 64, 128, True, "jsd:0.3", torch.bfloat16, True),
@@ -82,12 +113,19 @@ def main():
                         (1, 2, 200, 150, 128, 128, True, "jsd:0.5", torch.bfloat16, False),  # fused Hopper backward
                         (1, 1, 100, 130, 64, 128, True, "reverse", torch.bfloat16, False, 3),
                         (1, 1, 130, 100, 128, 64, False, "jsd:0.4", torch.bfloat16, False, 4)], []
-    for c in cases + extra:
+    varlen_cases = [((70, 130, 33), (90, 200, 33), 2, 128, True, "forward"),
+                    ((150, 60), (150, 61), 2, 128, False, "reverse")]
+    if not small:
+        varlen_cases += [((1000, 77, 513), (1000, 300, 513), 3, 128, True, "jsd"),
+                         ((1000, 77, 513), (900, 300, 600), 2, 64, False, "forward")]
+    checks = [(check, c[:10] + (gen,) + c[10:]) for c in cases + extra]  # c[10:]: the aggregated teacher's r
+    checks += [(check_varlen, c + (gen,)) for c in varlen_cases]
+    for fn, c in checks:
         try:
-            ok &= check(*c[:10], gen, *c[10:])  # c[10:]: the aggregated teacher's r, when given
+            ok &= fn(*c)
         except Exception as e:  # report every case, then fail
             ok = False
-            print("ERR", c, repr(e)[:300])
+            print("ERR", c[:-1], repr(e)[:300])
     print("CORRECTNESS", "PASS" if ok else "FAIL")
     sys.exit(0 if ok else 1)
 

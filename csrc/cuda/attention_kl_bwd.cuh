@@ -248,9 +248,10 @@ struct DkPolicy : GradPolicyBase<Traits, kTeacherGrad> {
 
   template <typename TiledMma, typename Acc>
   __device__ void consume(TiledMma tiled_mma, Acc& acc_s, Acc& acc_t, int y0, int stage) {
-    const int key_end = min_of(key0 + kBlockM, mask.seqlen_k);
+    // The unclipped tile end: a tile reaching past seqlen_k is never "fully visible", so its zero-filled keys
+    // go through the mask and get dS = 0 (the fused dQ reads dS for every key of the tile).
     key_tile_score_grads<kBlockM, kBlockN>(score_grads, smem->stats(stage), mask,
-                                           mask.block_fully_visible(y0, y0 + kBlockN, key0, key_end), key0, y0,
+                                           mask.block_fully_visible(y0, y0 + kBlockN, key0, key0 + kBlockM), key0, y0,
                                            scale_s2, scale_t2, tiled_mma, acc_s, acc_t);
     accumulate_grad_products<Traits, kTeacherGrad>(tiled_mma, acc_s, acc_t, grads.s, grads.t,
                                                    smem->y_s_transposed(stage), smem->y_t_transposed(stage));
