@@ -2,7 +2,7 @@
 student head dim 128 with the same number of key heads on both sides run ONE kernel (the dK kernel instantiated with
 FusedGradTraitsSm90, which also adds each query tile's dQ share into an fp32 workspace) plus the dQ epilogue
 (sum_split_partials_kernel), instead of the dQ kernel and the dK kernel. STREAMKL_FUSED_BACKWARD: unset = fused on the
-Hopper path in the padded layout only (varlen: on request, pending a device run of its fix), "0" = the two-kernel
+Hopper path (padded and varlen layouts), "0" = the two-kernel
 backward everywhere, "1" = fused on both paths (the Ampere path's fused kernel in the padded layout for the KL only),
 anything else is refused; torch.use_deterministic_algorithms(True) always runs the two-kernel backward.
 
@@ -175,11 +175,9 @@ RAGGED = [(37, 70), (0, 9), (5, 0), (200, 131), (1, 250), (300, 97)]
 @pytest.mark.parametrize("dims", DIMS)
 @pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_fused_varlen(monkeypatch, dims, causal, divergence):
-    """Packed sequences through the fused kernel, which runs there on request only (STREAMKL_FUSED_BACKWARD=1) until
-    this test has passed on a GPU with the fix for key blocks that end inside a 128-key block (session 10: before the
-    fix, non-causal dQ took in the next sequence's keys)."""
-    monkeypatch.setenv("STREAMKL_FUSED_BACKWARD", "1")
+def test_fused_varlen(dims, causal, divergence):
+    """Packed sequences through the fused kernel (the default there). Key blocks end inside a 128-key block next to
+    the following sequence's keys, which must get dS = 0 (before the session-10 fix, non-causal dQ took them in)."""
     seed = seed_of("fused-varlen", dims, causal, divergence)
     tensors, layout = varlen_inputs(RAGGED, 4, 2, 2, *dims, seed=seed, dtype=torch.bfloat16, device=DEVICE,
                                     teacher_requires_grad=False)
@@ -198,11 +196,13 @@ def test_fused_varlen(monkeypatch, dims, causal, divergence):
 
 
 @requires_hopper
-def test_varlen_runs_the_two_kernel_backward_by_default():
-    tensors, layout = varlen_inputs(RAGGED, 4, 2, 2, 128, 128, seed=seed_of("fused-varlen-default"),
+def test_varlen_two_kernel_backward_on_request(monkeypatch):
+    """STREAMKL_FUSED_BACKWARD=0 runs the deterministic two-kernel backward in the varlen layout too."""
+    monkeypatch.setenv("STREAMKL_FUSED_BACKWARD", "0")
+    tensors, layout = varlen_inputs(RAGGED, 4, 2, 2, 128, 128, seed=seed_of("fused-varlen-two-kernel"),
                                     dtype=torch.bfloat16, device=DEVICE, teacher_requires_grad=False)
     out = streamkl.attention_kl_varlen(*tensors, *layout)
-    grad_out = upstream_grad(tuple(out.shape), seed_of("fused-varlen-default"), device=DEVICE)
+    grad_out = upstream_grad(tuple(out.shape), seed_of("fused-varlen-two-kernel"), device=DEVICE)
     grads, names = _backward(out, tensors, grad_out)
     assert not _fused_ran(names) and any(HOPPER_DQ_KERNEL in n for n in names), names
     _, ref_grads = varlen_reference_grads(tensors, layout, grad_out)

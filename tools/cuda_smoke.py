@@ -52,8 +52,8 @@ def check(B, H, Nq, Nk, Ds, Dt, causal, div, dtype, teacher_grad, gen, r=1):
 
 
 def check_varlen(lengths_q, lengths_k, H, D, causal, div, gen):
-    """Packed sequences (student-only gradients): at D=128 on Hopper this is the varlen fused backward when
-    STREAMKL_FUSED_BACKWARD=1 (the two-kernel one otherwise). Sequences of different query and key lengths, so
+    """Packed sequences (student-only gradients): at D=128 on Hopper this is the varlen fused backward unless
+    STREAMKL_FUSED_BACKWARD=0. Sequences of different query and key lengths, so
     tiles end inside a sequence and next to another sequence's keys."""
     dev = "cuda"
     cu = lambda lens: torch.tensor([0] + list(lens), device=dev).cumsum(0).to(torch.int32)

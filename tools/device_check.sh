@@ -26,7 +26,7 @@ summary+=("pytest cuda (STREAMKL_CUDA_PATH=ampere): $(tail -1 "$OUT/pytest_cuda_
 python3 tools/cuda_smoke.py > "$OUT/smoke.log" 2>&1
 summary+=("smoke: $(grep -c '^ok' "$OUT/smoke.log") ok, $(grep -c '^BAD\|^ERR' "$OUT/smoke.log") bad")
 # STREAMKL_FUSED_BACKWARD=1: the fused student-only backward wherever one exists (the default run above already takes
-# the Hopper one at D_s=128 in the padded layout; this adds it in the varlen layout and the Ampere path's padded KL).
+# the Hopper one at D_s=128; this adds the Ampere path's padded-KL one).
 STREAMKL_FUSED_BACKWARD=1 python3 tools/cuda_smoke.py > "$OUT/smoke_fused.log" 2>&1
 summary+=("smoke (STREAMKL_FUSED_BACKWARD=1): $(grep -c '^ok' "$OUT/smoke_fused.log") ok, $(grep -c '^BAD\|^ERR' "$OUT/smoke_fused.log") bad")
 for tool in memcheck racecheck; do

@@ -61,10 +61,9 @@ void check_teacher_grad_grouping(bool teacher_grad, const at::Tensor& k_s, const
 // Which student-only backward runs: the fused one (one kernel per key block that also adds each query tile's dQ share
 // into an fp32 workspace, the reductions in no fixed order: not bitwise deterministic) or the two-kernel one (a dQ and
 // a dK kernel, one writer per gradient row: deterministic). STREAMKL_FUSED_BACKWARD=1 / 0 picks one wherever the fused
-// kernel exists; unset, by_default decides: the Hopper path runs the fused backward in the padded layout (it recomputes
-// the scores once rather than twice: measured faster on H100, bench/RESULTS.md session 10), the varlen layout and the
-// Ampere path the two-kernel one (the Ampere fused kernel measured slower; the Hopper fused kernel's fix for varlen key
-// blocks that end inside a 128-key block awaits its device validation, so there it runs on request only). Under
+// kernel exists; unset, by_default decides: the Hopper path runs the fused backward in both layouts (it recomputes the
+// scores once rather than twice: measured faster on H100, bench/RESULTS.md sessions 10 and 11), the Ampere path the
+// two-kernel one (its fused kernel measured slower). Under
 // torch.use_deterministic_algorithms(True) the two-kernel backward always runs. Read at every call (tests switch it).
 bool use_fused_backward(bool by_default) {
   if (at::globalContext().deterministicAlgorithms()) return false;
@@ -206,8 +205,8 @@ Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const Backw
   // The Hopper-path backward takes student gradients only, every divergence; aggregated teachers have their own on
   // both paths (student gradients only, every divergence, two kernels). The fused backward (use_fused_backward) runs
   // on the Hopper path at student head dim 128 when both sides group query heads alike (one teacher key block per CTA;
-  // key heads are dim 1 in both layouts; by default in the padded layout only), on the Ampere path in the padded
-  // layout for the KL at head dims up to 128 (run_attention_kl_bwd_fused).
+  // key heads are dim 1 in both layouts; by default in both layouts), on the Ampere path in the padded layout for the
+  // KL at head dims up to 128 (run_attention_kl_bwd_fused; on request only: slower than its two kernels).
   const bool aggregated = p.teacher_head_group > 1;
   const bool padded = layout.batch_dim >= 0;
   cuda::LaunchFn launch = nullptr;
@@ -219,7 +218,7 @@ Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const Backw
     launch = lookup_launcher(cuda::KernelFamily::kBackwardSm90, in);
     fused = launch != nullptr && in.k_s.size(1) == in.k_t.size(1) &&
             cuda::fused_backward_sm90_supports(static_cast<int>(in.q_s.size(-1))) &&
-            use_fused_backward(/*by_default=*/padded);
+            use_fused_backward(/*by_default=*/true);
   }
   if (launch == nullptr) {
     launch = find_launcher(cuda::KernelFamily::kBackward, in);
