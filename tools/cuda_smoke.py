@@ -13,11 +13,22 @@ from streamkl import attention_kl, attention_kl_reference, attention_kl_varlen, 
 
 
 def rel(a, b):
-    """Relative error of a against b, with a floor of 1e-6 per element on b's norm: where the exact result is
-    0 (e.g. the teacher gradients of a one-key row, whose softmax is exactly 1), fp32 rounding of log-probabilities
-    leaves ~1e-9 in ours, which is an absolute error, not a relative one."""
-    floor = 1e-6 * max(b.numel(), 1) ** 0.5
+    """Relative error of a against b, with a floor of 1e-4 per element on b's norm (far below the divergences and
+    gradients of these inputs, ~1e-2 and up): where the exact result is 0 (a one-key row, whose softmax is exactly 1:
+    divergence and teacher gradients 0), fp32 rounding of log-probabilities leaves 1e-9 to 1e-7 in ours, an
+    absolute error, not a relative one."""
+    floor = 1e-4 * max(b.numel(), 1) ** 0.5
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(floor)).item()
+
+
+def grade(label, out, ref, grads, grads_ref):
+    """Print one ok/BAD line for a case: the output within 1e-2 of the float64 reference (norm-relative), every
+    gradient within 3e-2, no NaN. Returns whether it passed."""
+    errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, grads_ref)]
+    nan = any(torch.isnan(x).any().item() for x in (out, *grads))
+    ok = not nan and errs[0] < 1e-2 and all(e < 3e-2 for e in errs[1:])
+    print(f"{'ok ' if ok else 'BAD'} {label} errs={' '.join(f'{e:.2e}' for e in errs)} nan={nan}")
+    return ok
 
 
 def check(B, H, Nq, Nk, Ds, Dt, causal, div, dtype, teacher_grad, gen, r=1):
@@ -43,18 +54,14 @@ def check(B, H, Nq, Nk, Ds, Dt, causal, div, dtype, teacher_grad, gen, r=1):
     wrt_ref = [t for t in ref_inputs if t.requires_grad]
     grads = torch.autograd.grad(out, wrt, g)
     grads_ref = torch.autograd.grad(ref, wrt_ref, g.double())
-    errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, grads_ref)]
-    nan = any(torch.isnan(x).any().item() for x in (out, *grads))
-    ok = not nan and errs[0] < 1e-2 and all(e < 3e-2 for e in errs[1:])
-    print(f"{'ok ' if ok else 'BAD'} B={B} H={H} Nq={Nq} Nk={Nk} Ds={Ds} Dt={Dt} causal={causal} {div:8s} "
-          f"{str(dtype)[6:]:8s} tgrad={teacher_grad} r={r} errs={' '.join(f'{e:.2e}' for e in errs)} nan={nan}")
-    return ok
+    return grade(f"B={B} H={H} Nq={Nq} Nk={Nk} Ds={Ds} Dt={Dt} causal={causal} {div:8s} {str(dtype)[6:]:8s} "
+                 f"tgrad={teacher_grad} r={r}", out, ref, grads, grads_ref)
 
 
 def check_varlen(lengths_q, lengths_k, H, D, causal, div, gen):
-    """Packed sequences (student-only gradients): at D=128 on Hopper this is the varlen fused backward unless
-    STREAMKL_FUSED_BACKWARD=0. Sequences of different query and key lengths, so
-    tiles end inside a sequence and next to another sequence's keys."""
+    """Packed sequences (student-only gradients): on Hopper at D=128 the varlen fused backward unless
+    STREAMKL_FUSED_BACKWARD=0. Query and key lengths differ, so key blocks end inside a sequence, next to another
+    sequence's keys."""
     dev = "cuda"
     cu = lambda lens: torch.tensor([0] + list(lens), device=dev).cumsum(0).to(torch.int32)
     cu_q, cu_k = cu(lengths_q), cu(lengths_k)
@@ -69,12 +76,8 @@ def check_varlen(lengths_q, lengths_k, H, D, causal, div, gen):
     g = torch.rand_like(out)
     grads = torch.autograd.grad(out, (q_s, k_s), g)
     grads_ref = torch.autograd.grad(ref, ref_inputs[:2], g.double())
-    errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, grads_ref)]
-    nan = any(torch.isnan(x).any().item() for x in (out, *grads))
-    ok = not nan and errs[0] < 1e-2 and all(e < 3e-2 for e in errs[1:])
-    print(f"{'ok ' if ok else 'BAD'} varlen q={lengths_q} k={lengths_k} H={H} D={D} causal={causal} {div:8s} "
-          f"errs={' '.join(f'{e:.2e}' for e in errs)} nan={nan}")
-    return ok
+    return grade(f"varlen q={lengths_q} k={lengths_k} H={H} D={D} causal={causal} {div:8s}", out, ref, grads,
+                 grads_ref)
 
 
 def main():
