@@ -41,6 +41,9 @@ __device__ __forceinline__ void consume_forward_tiles(Policy& policy, const Stre
     issue_score_products(tiled_mma, smem, tile % kStages, acc_s, acc_t);
   };
 
+  constexpr int kGroup = Traits::kGroup;
+  // The second pair holds the next tile's scores; with kGroup == 1 (one tile per group, the three-warpgroup forward at
+  // head dim 64) no product runs ahead, and the pair is never touched.
   Tensor acc_s0 = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor acc_t0 = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor acc_s1 = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -50,12 +53,13 @@ __device__ __forceinline__ void consume_forward_tiles(Policy& policy, const Stre
   // product is pending (C7515), which undefined values would cause.
   clear(acc_s0);
   clear(acc_t0);
-  clear(acc_s1);
-  clear(acc_t1);
-  warpgroup_fence_operand(acc_s1);
-  warpgroup_fence_operand(acc_t1);
+  if constexpr (kGroup > 1) {
+    clear(acc_s1);
+    clear(acc_t1);
+    warpgroup_fence_operand(acc_s1);
+    warpgroup_fence_operand(acc_t1);
+  }
 
-  constexpr int kGroup = Traits::kGroup;
   // Products past the last tile are issued anyway (they read a stage the producer no longer writes and are never
   // consumed), so the batch count at each wait is the same on every path.
   auto step = [&](auto& cur_s, auto& cur_t, auto& next_s, auto& next_t, int tile, auto last_in_group) {
