@@ -62,6 +62,14 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
     Returns:
         float32 tensor (float64 for float64 inputs): statistics are accumulated in fp32 whatever the
         input dtype. Gradients flow to ``q_s, k_s``, and to ``q_t, k_t`` when they require grad.
+
+    Memory and determinism (CUDA): the forward keeps 12 bytes per query row. On Hopper GPUs the backward with
+    student-only gradients at student head dim 128 (both sides with the same number of key heads, no aggregated
+    teacher) is fused, the fastest: it adds dQ into an fp32 workspace of ``B * H * N_q * D_s * 4`` bytes through
+    reductions in no fixed order, so ``q_s.grad`` is not bitwise reproducible (``k_s.grad`` is). Under
+    ``torch.use_deterministic_algorithms(True)``, or with the environment variable ``STREAMKL_FUSED_BACKWARD=0``,
+    a two-kernel backward runs instead: deterministic, no workspace, about 10% slower at N=8192 (bench/RESULTS.md).
+    The other configurations, and the CPU, are deterministic.
     """
     where = "streamkl.attention_kl"
     check_attention_tensors(q_s, k_s, q_t, k_t, where=where, teacher_head_reduce=teacher_head_reduce)
