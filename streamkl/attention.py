@@ -68,8 +68,9 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
     teacher) is fused, the fastest: it adds dQ into an fp32 workspace of ``B * H * N_q * D_s * 4`` bytes through
     reductions in no fixed order, so ``q_s.grad`` is not bitwise reproducible (``k_s.grad`` is). Under
     ``torch.use_deterministic_algorithms(True)``, or with the environment variable ``STREAMKL_FUSED_BACKWARD=0``,
-    a two-kernel backward runs instead: deterministic, no workspace, about 10% slower at N=8192 (bench/RESULTS.md).
-    The other configurations, and the CPU, are deterministic.
+    a two-kernel backward runs instead: deterministic, no workspace, about 9% slower at N=8192 (bench/RESULTS.md).
+    ``STREAMKL_FUSED_BACKWARD=1`` also fuses the Ampere path's KL backward (padded layout; slower there, and not
+    bitwise reproducible either); otherwise every other configuration, and the CPU, is deterministic.
     """
     where = "streamkl.attention_kl"
     check_attention_tensors(q_s, k_s, q_t, k_t, where=where, teacher_head_reduce=teacher_head_reduce)

@@ -121,14 +121,14 @@ def main():
     if not small:
         varlen_cases += [((1000, 77, 513), (1000, 300, 513), 3, 128, True, "jsd"),
                          ((1000, 77, 513), (900, 300, 600), 2, 64, False, "forward")]
-    checks = [(check, c[:10] + (gen,) + c[10:]) for c in cases + extra]  # c[10:]: the aggregated teacher's r
-    checks += [(check_varlen, c + (gen,)) for c in varlen_cases]
-    for fn, c in checks:
+    checks = [(check, c, c[:10] + (gen,) + c[10:]) for c in cases + extra]  # c[10:]: the aggregated teacher's r
+    checks += [(check_varlen, c, c + (gen,)) for c in varlen_cases]
+    for fn, case, args in checks:
         try:
-            ok &= fn(*c)
+            ok &= fn(*args)
         except Exception as e:  # report every case, then fail
             ok = False
-            print("ERR", c[:-1], repr(e)[:300])
+            print("ERR", case, repr(e)[:300])
     print("CORRECTNESS", "PASS" if ok else "FAIL")
     sys.exit(0 if ok else 1)
 
