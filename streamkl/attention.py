@@ -66,7 +66,9 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
     Memory and determinism (CUDA): the forward keeps 12 bytes per query row. On Hopper GPUs the backward with
     student-only gradients at student head dim 128 (both sides with the same number of key heads, no aggregated
     teacher) is fused, the fastest: it adds dQ into an fp32 workspace of ``B * H * N_q * D_s * 4`` bytes through
-    reductions in no fixed order, so ``q_s.grad`` is not bitwise reproducible (``k_s.grad`` is). Under
+    reductions in no fixed order, so ``q_s.grad`` is not bitwise reproducible (``k_s.grad`` is). The workspace is
+    capped at ``STREAMKL_DQ_WORKSPACE_MB`` MiB (default 1024): a larger problem runs the fused kernel over ranges of
+    key heads, each with a workspace of its own (at least one key head per run, whatever the cap). Under
     ``torch.use_deterministic_algorithms(True)``, or with the environment variable ``STREAMKL_FUSED_BACKWARD=0``,
     a two-kernel backward runs instead: deterministic, no workspace, about 9% slower at N=8192 (bench/RESULTS.md).
     ``STREAMKL_FUSED_BACKWARD=1`` also fuses the Ampere path's KL backward (padded layout; slower there, and not

@@ -40,7 +40,8 @@ def attention_kl_varlen(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
         ``q_t, k_t``. The cu_seqlens values are checked by the op (ValueError). CUDA (float16 / bfloat16) runs
         all three divergences; teacher gradients on CUDA need ``H_kv`` equal on both sides, as in
         :func:`streamkl.attention_kl`, whose note on memory and determinism (the fused Hopper backward's fp32
-        ``[total_q, H, D_s]`` dQ workspace, ``STREAMKL_FUSED_BACKWARD``) applies here too.
+        ``[total_q, H, D_s]`` dQ workspace, its cap ``STREAMKL_DQ_WORKSPACE_MB``, ``STREAMKL_FUSED_BACKWARD``) applies
+        here too.
     """
     where = "streamkl.attention_kl_varlen"
     check_varlen_tensors(q_s, k_s, q_t, k_t, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, where=where)

@@ -349,3 +349,109 @@ def test_ampere_path_fused_on_request(monkeypatch, divergence):
     assert sum(EPILOGUE_KERNEL in n for n in names) == 1, names
     _, ref_grads = reference_grads(inputs, grad_out, causal=True, divergence=divergence)
     assert_grads_close(grads, ref_grads, GRAD_TOL)
+
+
+# ------------------------------------------------------------------------------------- dQ workspace cap
+def _expected_runs(numel_q, kv_heads, budget_mib):
+    """Key-head runs of the fused backward under STREAMKL_DQ_WORKSPACE_MB (as attention_kl_cuda.cpp plans them)."""
+    per_kv_head = numel_q // kv_heads * 4
+    per_run = min(kv_heads, max(budget_mib * 2**20 // per_kv_head, 1))
+    return -(-kv_heads // per_run)
+
+
+def _capped_and_whole(monkeypatch, run_backward, budget_mib):
+    """(gradients, kernel names) of run_backward() with the workspace capped at budget_mib MiB, then uncapped; splits
+    off both times, so that each key block is one CTA and dK is computed the same way in both."""
+    monkeypatch.setenv("STREAMKL_STREAM_SPLITS", "1")
+    monkeypatch.setenv("STREAMKL_DQ_WORKSPACE_MB", str(budget_mib))
+    capped = run_backward()
+    monkeypatch.delenv("STREAMKL_DQ_WORKSPACE_MB")
+    return capped, run_backward()
+
+
+@requires_hopper
+@pytest.mark.parametrize("kv,budget_mib", [(4, 1), (4, 3), (2, 1)], ids=["kv4-cap1", "kv4-cap3", "kv2-cap1"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_fused_dq_workspace_cap_runs_by_key_heads(monkeypatch, kv, budget_mib, divergence):
+    """Above STREAMKL_DQ_WORKSPACE_MB the fused backward runs once per range of key heads (each run a launch of the
+    fused kernel with its own fp32 dQ workspace; kv4-cap3 has an uneven last run): gradients match the reference,
+    dQ is close to the uncapped run's and dK is bit for bit the same (one writer per row, the same CTAs)."""
+    seed = seed_of("fused-cap", kv, budget_mib, divergence)
+    inputs = gqa_inputs(2, 4, kv, kv, 1000, 700, 128, 64, seed=seed, dtype=torch.bfloat16, device=DEVICE,
+                        teacher_requires_grad=False)
+    kwargs = dict(causal=True, **divergence)
+    grad_out = upstream_grad((2, 4, 1000), seed, device=DEVICE)
+
+    def run():
+        return _backward(streamkl.attention_kl(*inputs, **kwargs), inputs, grad_out)
+
+    (capped, names), (whole, whole_names) = _capped_and_whole(monkeypatch, run, budget_mib)
+    runs = _expected_runs(inputs[0].numel(), kv, budget_mib)
+    assert runs > 1
+    _assert_fused(names)
+    assert sum(FUSED_KERNEL in n for n in names) == runs, names
+    assert sum(FUSED_KERNEL in n for n in whole_names) == 1, whole_names
+    _, ref_grads = reference_grads(inputs, grad_out, **kwargs)
+    assert_grads_close(capped, ref_grads, GRAD_TOL)
+    assert_grads_close(capped[:1], whole[:1], 1e-2, names=("q_s",))
+    assert torch.equal(capped[1], whole[1])
+
+
+@requires_hopper
+def test_fused_dq_workspace_cap_varlen_and_broadcast_grad(monkeypatch):
+    """The capped runs in the packed layout (per-row inputs [total_q, H]) with the gradient of a mean (one value
+    broadcast to every row, read in place)."""
+    seed = seed_of("fused-cap-varlen")
+    tensors, layout = varlen_inputs(RAGGED, 4, 2, 2, 128, 128, seed=seed, dtype=torch.bfloat16, device=DEVICE,
+                                    teacher_requires_grad=False)
+    kwargs = dict(causal=True)
+    wrt = [t for t in tensors if t.requires_grad]
+
+    def run():
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            got = torch.autograd.grad(streamkl.attention_kl_varlen(*tensors, *layout, **kwargs).mean(), wrt)
+            torch.cuda.synchronize()
+        return list(got), [e.name for e in prof.events()]
+
+    (capped, names), (whole, _) = _capped_and_whole(monkeypatch, run, 1)
+    runs = _expected_runs(tensors[0].numel(), 2, 1)
+    assert runs == 2
+    assert sum(FUSED_KERNEL in n for n in names) == runs, names
+    rows = (tensors[0].shape[0], 4)  # [total_q, H]: the mean's gradient is 1 / (total_q * H) on every row
+    _, ref_grads = varlen_reference_grads(tensors, layout, torch.full(rows, 1.0 / (rows[0] * rows[1]), device=DEVICE),
+                                          **kwargs)
+    assert_grads_close(capped + [None, None], ref_grads, GRAD_TOL)
+    assert torch.equal(capped[1], whole[1])
+
+
+@requires_hopper
+@pytest.mark.parametrize("value", ["0", "-5", "lots"])
+def test_bad_dq_workspace_cap_is_refused(monkeypatch, value):
+    monkeypatch.setenv("STREAMKL_DQ_WORKSPACE_MB", value)
+    q_s, k_s, q_t, k_t = make_inputs(1, 2, 64, 64, 128, 128, seed=seed_of("fused-cap-bad", value),
+                                     dtype=torch.bfloat16, device=DEVICE)
+    q_s.requires_grad_(True)
+    out = streamkl.attention_kl(q_s, k_s, q_t, k_t)
+    with pytest.raises(ValueError, match="STREAMKL_DQ_WORKSPACE_MB"):
+        out.sum().backward()
+
+
+def test_ampere_path_fused_dq_workspace_cap(monkeypatch):
+    """The Ampere path's fused backward (on request) runs by key heads under the cap too."""
+    monkeypatch.setenv("STREAMKL_CUDA_PATH", "ampere")
+    monkeypatch.setenv("STREAMKL_FUSED_BACKWARD", "1")
+    seed = seed_of("fused-cap-ampere")
+    inputs = make_inputs(2, 3, 1000, 333, 128, 64, seed=seed, dtype=torch.bfloat16, device=DEVICE)
+    inputs[0].requires_grad_(True)
+    inputs[1].requires_grad_(True)
+    grad_out = upstream_grad((2, 3, 1000), seed, device=DEVICE)
+
+    def run():
+        return _backward(streamkl.attention_kl(*inputs, causal=True), inputs, grad_out)
+
+    (capped, names), (whole, _) = _capped_and_whole(monkeypatch, run, 1)
+    assert sum("attention_kl_bwd_dk_kernel" in n for n in names) == 3, names
+    assert not _two_kernel_ran(names), names
+    _, ref_grads = reference_grads(inputs, grad_out, causal=True)
+    assert_grads_close(capped, ref_grads, GRAD_TOL)
+    assert torch.equal(capped[1], whole[1])

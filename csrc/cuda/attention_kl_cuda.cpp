@@ -3,6 +3,7 @@
 // validation shared with the CPU path (csrc/ops), then one forward and one backward path for both layouts and all
 // divergences that runs the tensor-core kernels from the registry (the launchers branch on the divergence). No
 // fallback: an unsupported configuration raises an error naming what is supported.
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <tuple>
@@ -198,6 +199,73 @@ ForwardOutputs run_forward(AttentionKLParams& p, const KernelInputs& in, const a
   return out;
 }
 
+// Queues the backward kernels of p (its gradient outputs set) on the current stream. fused: the fused backward, which
+// adds the student's dQ into a zeroed fp32 workspace shaped and laid out like q_s (and dq_s, allocated alike).
+void launch_backward(const AttentionKLParams& p, const at::Tensor& q_s, cuda::LaunchFn launch, bool fused) {
+  LaunchWorkspace workspace(q_s);
+  AttentionKLParams k = with_launch_workspace(kernel_attention_params(p), workspace);
+  at::Tensor dq_accum;
+  if (fused) {
+    dq_accum = at::zeros(q_s.sizes(), q_s.options().dtype(at::kFloat));
+    k.dq_accum = dq_accum.data_ptr();
+  }
+  launch(k, c10::cuda::getCurrentCUDAStream());
+}
+
+// The fused backward's fp32 dQ workspace is as large as q_s in fp32 (8 GiB at a million tokens, 16 heads, D_s = 128:
+// as much as dQ and dK together), so it is capped at STREAMKL_DQ_WORKSPACE_MB MiB (default 1024): a larger problem
+// runs over ranges of key heads (and the query heads that read them), each with a workspace of its own. Returns the
+// key heads per run (all of them when the whole workspace fits; at least one, whatever the cap). Read at every call.
+int64_t fused_backward_kv_heads_per_run(const KernelInputs& in) {
+  const char* v = std::getenv("STREAMKL_DQ_WORKSPACE_MB");
+  const std::string s = v == nullptr ? "" : v;
+  int64_t budget_mib = 1024;
+  if (!s.empty()) {
+    char* end = nullptr;
+    const long long n = std::strtoll(s.c_str(), &end, 10);
+    // (No number in the message: a c10::Error whose message has digits crashes some torch builds' printers.)
+    TORCH_CHECK_VALUE(end != s.c_str() && *end == '\0' && n >= 1 && n <= (int64_t(1) << 30),
+                      "streamkl: STREAMKL_DQ_WORKSPACE_MB must be a positive whole number of MiB, got '", s, "'");
+    budget_mib = n;
+  }
+  const int64_t kv_heads = in.k_s.size(1);  // key heads are dim 1 in both layouts
+  const int64_t bytes_per_kv_head = in.q_s.numel() / kv_heads * int64_t(sizeof(float));
+  const int64_t fit = (budget_mib << 20) / std::max<int64_t>(bytes_per_kv_head, 1);
+  return std::min(kv_heads, std::max<int64_t>(fit, 1));
+}
+
+// The fused backward of p (gradient outputs set to dq_s / dk_s) as runs over kv_per_run key heads at a time, each a
+// problem of its own through the same kernels: views of the inputs and of dK (every key row is written), compact
+// copies of the per-row inputs (the kernels index them by the run's head count), and dQ into a compact buffer copied
+// into dq_s after the run (the fp32 workspace is laid out like the dQ the kernels write). Heads are dim 1 of the
+// inputs and of the per-row tensors in both layouts; the fused backward has as many key heads on both sides.
+void run_fused_backward_by_heads(const AttentionKLParams& p, const KernelInputs& in, const BackwardRowInputs& rows,
+                                 const at::Tensor& jsd_stats, at::Tensor& dq_s, at::Tensor& dk_s, int64_t kv_per_run,
+                                 cuda::LaunchFn launch, const TensorLayout& layout) {
+  const int64_t kv_heads = in.k_s.size(1), group = in.q_s.size(1) / kv_heads;
+  for (int64_t kv0 = 0; kv0 < kv_heads; kv0 += kv_per_run) {
+    const int64_t n_kv = std::min(kv_per_run, kv_heads - kv0), h0 = kv0 * group, n_h = n_kv * group;
+    auto query_heads = [&](const at::Tensor& t) { return t.narrow(1, h0, n_h); };
+    auto key_heads = [&](const at::Tensor& t) { return t.narrow(1, kv0, n_kv); };
+    const KernelInputs run_in(query_heads(in.q_s), key_heads(in.k_s), query_heads(in.q_t), key_heads(in.k_t));
+    const BackwardRowInputs run_rows{
+        rows.grad_kl_broadcast ? query_heads(rows.grad_kl) : query_heads(rows.grad_kl).contiguous(),
+        query_heads(rows.kl).contiguous(), query_heads(rows.lse_s).contiguous(),
+        query_heads(rows.lse_t).contiguous(), rows.grad_kl_broadcast};
+    const at::Tensor run_stats = jsd_stats.defined() ? query_heads(jsd_stats).contiguous() : at::Tensor();
+    at::Tensor run_dq = at::empty(run_in.q_s.sizes(), dq_s.options());
+    at::Tensor run_dk = key_heads(dk_s);
+    at::Tensor no_teacher_grad = at::empty({0}, dq_s.options());
+    AttentionKLParams run = p;
+    point_params_at_inputs(run, run_in.q_s, run_in.k_s, run_in.q_t, run_in.k_t, layout);
+    set_backward_params(run, run_rows, run_dq, run_dk, no_teacher_grad, no_teacher_grad, /*teacher_grad=*/false,
+                        layout);
+    if (run_stats.defined()) run.jsd_stats = const_cast<void*>(run_stats.data_ptr());
+    launch_backward(run, run_in.q_s, launch, /*fused=*/true);
+    query_heads(dq_s).copy_(run_dq);
+  }
+}
+
 // Both layouts' backward, every divergence. p: the layout's parameters without the backward fields; jsd_stats: the
 // forward's JSD statistics (read only for Divergence::kJsd).
 Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const BackwardRowInputs& rows,
@@ -240,15 +308,12 @@ Gradients run_backward(AttentionKLParams& p, const KernelInputs& in, const Backw
   if (empty_problem) return {dq_s, dk_s, dq_t, dk_t};
   set_backward_params(p, rows, dq_s, dk_s, dq_t, dk_t, teacher_grad, layout);
   if (jsd) p.jsd_stats = const_cast<void*>(stats.data_ptr());
-  LaunchWorkspace workspace(in.q_s);
-  AttentionKLParams k = with_launch_workspace(kernel_attention_params(p), workspace);
-  // The fused backward adds the student's dQ into this zeroed fp32 workspace, shaped and laid out like dq_s.
-  at::Tensor dq_accum;
-  if (fused) {
-    dq_accum = at::zeros(in.q_s.sizes(), in.q_s.options().dtype(at::kFloat));
-    k.dq_accum = dq_accum.data_ptr();
+  const int64_t kv_heads_per_run = fused ? fused_backward_kv_heads_per_run(in) : in.k_s.size(layout.head_dim);
+  if (kv_heads_per_run < in.k_s.size(layout.head_dim)) {
+    run_fused_backward_by_heads(p, in, rows, stats, dq_s, dk_s, kv_heads_per_run, launch, layout);
+  } else {
+    launch_backward(p, in.q_s, launch, fused);
   }
-  launch(k, c10::cuda::getCurrentCUDAStream());
   return {dq_s, dk_s, dq_t, dk_t};
 }
 

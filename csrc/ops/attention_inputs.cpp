@@ -196,6 +196,13 @@ AttentionKLParams make_layout_params(const at::Tensor& q_s, const at::Tensor& k_
   return p;
 }
 
+void point_params_at_inputs(AttentionKLParams& p, const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                            const at::Tensor& k_t, const TensorLayout& layout) {
+  fill_side(p.student, q_s, k_s, p.student.scale, layout);
+  fill_side(p.teacher, q_t, k_t, p.teacher.scale, layout);
+  p.num_heads = static_cast<int>(q_s.size(layout.head_dim));
+}
+
 AttentionKLParams make_attention_params(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
                                         const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
                                         Divergence divergence) {

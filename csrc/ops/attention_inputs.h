@@ -101,6 +101,12 @@ AttentionKLParams make_layout_params(const at::Tensor& q_s, const at::Tensor& k_
                                      const at::Tensor& k_t, double scale_s, double scale_t, const MaskOptions& mask,
                                      Divergence divergence, const TensorLayout& layout);
 
+// Points p's operands at (views of) the four inputs: pointers, strides, head dims, row extents and head counts, its
+// other fields (scales, mask, layout, divergence, outputs) kept. How a backend runs a slice of a problem, e.g. a range
+// of heads, through the same kernels.
+void point_params_at_inputs(AttentionKLParams& p, const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t,
+                            const at::Tensor& k_t, const TensorLayout& layout);
+
 // The backward's per-row inputs, shape-checked against q_s's leading dims ([B, H, N_q] padded, [total_q, H]
 // varlen) and made contiguous in the statistics dtype; a grad_kl that broadcasts one value to every row (all strides
 // 0) is kept as it is (grad_kl_broadcast). Keep the struct alive until the kernels have run.
