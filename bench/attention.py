@@ -40,7 +40,7 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -201,6 +201,14 @@ def flops_for(method: str, pass_name: str, batch: int, heads: int, n: int, d: in
     sdpa = method.startswith("sdpa")
     products = 2 if pass_name == "fwd" else (7 if sdpa else 6)
     return bm.attention_flops(batch, heads, n, n, d, causal=causal, products=products)
+
+
+def exps_for(method: str, pass_name: str, batch: int, heads: int, n: int, causal: bool) -> float:
+    """Exponentials of one call: per visible score pair, the KL forward takes 2 (one per side) and its backward 2
+    more (recomputed probabilities); SDPA's forward 1 and its backward 1."""
+    per_pair = 1 if method.startswith("sdpa") else 2
+    passes = 1 if pass_name == "fwd" else 2
+    return per_pair * passes * batch * heads * n * n / (2 if causal else 1)
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -452,8 +460,11 @@ def _nearest(values, target):
     return min(values, key=lambda v: (abs(math.log(v / target)), -v)) if values else None
 
 
-def summary(records, want_n: int, want_d: int, sol_method: str) -> List[str]:
-    """Ratio lines ours / speed-of-light (cuDNN on GPU) and TFLOP/s at (N, D) or the nearest measured."""
+def summary(records, want_n: int, want_d: int, sol_method: str, gpu: Optional[Tuple[int, float]] = None,
+            batch: int = 1, heads: int = 16) -> List[str]:
+    """Ratio lines ours / speed-of-light (cuDNN on GPU) and TFLOP/s at (N, D) or the nearest measured; on a GPU
+    (gpu = (SMs, clock GHz)) also each one's time against the hardware floors of its tensor-core work and its
+    exponentials (hardware_floor_ms): time / (tensor + exp) near 1 means the two units run one after the other."""
     keys = _cell_keys(records)
     d = _nearest(sorted({k[0] for k in keys}), want_d)
     n = _nearest(sorted({k[2] for k in keys if k[0] == d}), want_n)
@@ -471,6 +482,29 @@ def summary(records, want_n: int, want_d: int, sol_method: str) -> List[str]:
             ours_tf = f"{ours.tflops:.3g}" if ours_ok else "-"
             sol_tf = f"{sol.tflops:.3g}" if sol_ok else "-"
             parts.append(f"{pass_name} {ratio} ({ours_tf} vs {sol_tf} TFLOP/s)")
+        lines.append(f"  {'causal' if causal else 'full  '}: " + "; ".join(parts))
+    if gpu is not None:
+        lines += floor_lines(records, d, n, sol_method, gpu, batch, heads)
+    return lines
+
+
+def floor_lines(records, d: int, n: int, sol_method: str, gpu: Tuple[int, float], batch: int, heads: int) -> List[str]:
+    """Time / (tensor + exp floor) and time / max(tensor, exp floor) of ours and the speed-of-light method."""
+    sms, clock = gpu
+    lines = [f"hardware floors at N={n} D={d} ({sms} SMs at {clock:.2f} GHz: {bm.TENSOR_FLOPS_PER_CLOCK_PER_SM} "
+             f"tensor flops and {bm.EX2_PER_CLOCK_PER_SM} ex2 per clock per SM): time / (tensor + exp), "
+             f"time / max(tensor, exp)"]
+    for causal in sorted({k[1] for k in _cell_keys(records)}):
+        parts = []
+        for pass_name in PASSES:
+            for method in ("ours", sol_method):
+                r = _find(records, method, d, n, causal, pass_name)
+                if not (r and r.ok):
+                    continue
+                t, e = bm.hardware_floor_ms(flops_for(method, pass_name, batch, heads, n, d, causal),
+                                            exps_for(method, pass_name, batch, heads, n, causal), sms, clock)
+                parts.append(f"{pass_name} {method} {r.time_ms / (t + e):.2f} / {r.time_ms / max(t, e):.2f} "
+                             f"(T {t:.3g}, E {e:.3g} ms)")
         lines.append(f"  {'causal' if causal else 'full  '}: " + "; ".join(parts))
     return lines
 
@@ -553,7 +587,9 @@ def print_report(args, device, env: dict, records, elapsed: float) -> None:
     if agreement:
         print(agreement)
     sol = "sdpa_cudnn" if device.type == "cuda" else "sdpa_math"
-    lines = summary(records, args.summary_n, args.summary_d, sol)
+    gpu = ((torch.cuda.get_device_properties(device).multi_processor_count, args.clock_ghz)
+           if device.type == "cuda" else None)
+    lines = summary(records, args.summary_n, args.summary_d, sol, gpu, args.batch, args.heads)
     if lines:
         print()
         print("\n".join(lines))
@@ -598,6 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "80%% of available memory)")
     p.add_argument("--summary-n", type=int, default=8192, help="N of the summary line (nearest measured)")
     p.add_argument("--summary-d", type=int, default=128, help="D of the summary line (nearest measured)")
+    p.add_argument("--clock-ghz", type=float, default=1.83,
+                   help="SM clock of the hardware-floor lines (1.83: the clock of the H100's 989 TFLOP/s; under "
+                        "load the clock is often lower, which raises the floors)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", metavar="DIR", help="write attention_bench.json (and .png with matplotlib) here")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display on stderr")

@@ -34,9 +34,6 @@ except ImportError:  # run from a source checkout without `pip install -e .`
 from streamkl import benchmark as bm  # noqa: E402
 from streamkl.reference import attention_kl_reference  # noqa: E402
 
-EX2_PER_CLOCK_PER_SM = 16
-
-
 def _int_list(text):
     return [int(x) for x in text.replace(",", " ").split()]
 
@@ -100,7 +97,7 @@ def run_ours(n, args, device, dtype):
            "fwd_tflops": flops_fwd / fwd_ms / 1e9, "fwd_bwd_tflops": (flops_fwd + flops_bwd) / fwd_bwd_ms / 1e9}
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        ceiling = EX2_PER_CLOCK_PER_SM * sms * args.clock_ghz * 1e9
+        ceiling = bm.EX2_PER_CLOCK_PER_SM * sms * args.clock_ghz * 1e9
         row["fwd_exp_share"] = exps / (fwd_ms * 1e-3) / ceiling
     del q_s, k_s, q_t, k_t
     bm.free_memory(device)

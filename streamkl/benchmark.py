@@ -382,6 +382,20 @@ def attention_flops(batch: int, heads: int, n_q: int, n_k: int, head_dim: int, *
     return flops / 2 if causal else flops
 
 
+# Hopper (H100/H200) per-SM rates: dense bf16/fp16 tensor-core flops (989 TFLOP/s = 132 SMs x 4096 x 1.83 GHz) and the
+# MUFU unit's ex2 (16 per clock per SM). Both scale with the SM clock.
+TENSOR_FLOPS_PER_CLOCK_PER_SM = 4096
+EX2_PER_CLOCK_PER_SM = 16
+
+
+def hardware_floor_ms(flops: float, exps: float, sms: int, clock_ghz: float) -> Tuple[float, float]:
+    """(tensor_ms, exp_ms): the time ``flops`` of tensor-core work and ``exps`` exponentials take at the peak rates of
+    ``sms`` SMs at ``clock_ghz``. A kernel that overlaps the two perfectly needs max of them; one that does not, their
+    sum."""
+    clocks_per_ms = sms * clock_ghz * 1e6
+    return (flops / (TENSOR_FLOPS_PER_CLOCK_PER_SM * clocks_per_ms), exps / (EX2_PER_CLOCK_PER_SM * clocks_per_ms))
+
+
 def format_bytes(n: Optional[float]) -> str:
     """``1536`` -> ``"1.5 KiB"``; ``None`` -> ``"-"``."""
     if n is None:
