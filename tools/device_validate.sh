@@ -6,6 +6,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/streamkl_out}
 mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the in-place build, for the scripts under tools/ too
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} STREAMKL_CUDA_ARCHS=${STREAMKL_CUDA_ARCHS:-90}
 start=$(date +%s)
 deadline=$(( start + ${1:-570} ))
