@@ -5,6 +5,7 @@
 # its depth (half the tensor-core work), and both. Each build is timed by tools/forward_ab.py next to SDPA-cuDNN, the
 # SM clock and board power sampled every 100 ms meanwhile. If the forward's time were max(tensor, MUFU), halving the
 # products would not move it; if it were their sum, it would drop by half the tensor time.
+# Not yet run on a device (written in session 12, when no device time was left for it).
 # Usage (device, repo root): bash tools/experiments/floor_probe.sh   (logs: $OUT/floor_probe.tgz; the in-place build
 # stays for the benchmarks that follow)
 set -uo pipefail
