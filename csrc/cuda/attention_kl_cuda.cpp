@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "../ops/attention_entry_points.h"
+#include "env_budget.h"
 #include "kernel_registry.h"
 #include "launch_workspace.h"
 
@@ -213,24 +214,14 @@ void launch_backward(const AttentionKLParams& p, const at::Tensor& q_s, cuda::La
 }
 
 // The fused backward's fp32 dQ workspace is as large as q_s in fp32 (8 GiB at a million tokens, 16 heads, D_s = 128:
-// as much as dQ and dK together), so it is capped at STREAMKL_DQ_WORKSPACE_MB MiB (default 1024): a larger problem
-// runs over ranges of key heads (and the query heads that read them), each with a workspace of its own. Returns the
-// key heads per run (all of them when the whole workspace fits; at least one, whatever the cap). Read at every call.
+// as much as dQ and dK together), so it is capped at STREAMKL_DQ_WORKSPACE_MB MiB (default 1024; env_budget.h): a
+// larger problem runs over ranges of key heads (and the query heads that read them), each with a workspace of its own.
+// Returns the key heads per run (all of them when the whole workspace fits; at least one, whatever the cap).
 int64_t fused_backward_kv_heads_per_run(const KernelInputs& in) {
-  const char* v = std::getenv("STREAMKL_DQ_WORKSPACE_MB");
-  const std::string s = v == nullptr ? "" : v;
-  int64_t budget_mib = 1024;
-  if (!s.empty()) {
-    char* end = nullptr;
-    const long long n = std::strtoll(s.c_str(), &end, 10);
-    // (No number in the message: a c10::Error whose message has digits crashes some torch builds' printers.)
-    TORCH_CHECK_VALUE(end != s.c_str() && *end == '\0' && n >= 1 && n <= (int64_t(1) << 30),
-                      "streamkl: STREAMKL_DQ_WORKSPACE_MB must be a positive whole number of MiB, got '", s, "'");
-    budget_mib = n;
-  }
+  const int64_t budget = workspace_budget_bytes_from_env("STREAMKL_DQ_WORKSPACE_MB", 1024.0);
   const int64_t kv_heads = in.k_s.size(1);  // key heads are dim 1 in both layouts
   const int64_t bytes_per_kv_head = in.q_s.numel() / kv_heads * int64_t(sizeof(float));
-  const int64_t fit = (budget_mib << 20) / std::max<int64_t>(bytes_per_kv_head, 1);
+  const int64_t fit = budget / std::max<int64_t>(bytes_per_kv_head, 1);
   return std::min(kv_heads, std::max<int64_t>(fit, 1));
 }
 

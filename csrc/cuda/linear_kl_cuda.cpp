@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include "../ops/linear_inputs.h"
+#include "env_budget.h"
 #include "linear_kl_epilogue.h"
 #include "linear_kl_gemm.h"
 #include "linear_vocab_chunks.h"
@@ -57,19 +58,9 @@ at::Tensor gemm_ready(const at::Tensor& t) {
 
 bool fits_int(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
 
-// Budget of the per-chunk workspaces, from STREAMKL_LINEAR_WORKSPACE_MB (MiB, fractions allowed), read at every
-// call so that tests and benchmarks can change it.
+// Budget of the per-chunk workspaces, from STREAMKL_LINEAR_WORKSPACE_MB.
 int64_t workspace_budget_bytes() {
-  double mib = cuda::kDefaultLinearWorkspaceMiB;
-  const char* env = std::getenv("STREAMKL_LINEAR_WORKSPACE_MB");
-  if (env != nullptr && *env != '\0') {
-    char* end = nullptr;
-    mib = std::strtod(env, &end);
-    TORCH_CHECK_VALUE(end != env && *end == '\0' && std::isfinite(mib) && mib > 0,
-                      "streamkl: STREAMKL_LINEAR_WORKSPACE_MB must be a positive number of MiB, got '",
-                      std::string(env), "'");
-  }
-  return static_cast<int64_t>(mib * 1024.0 * 1024.0);
+  return workspace_budget_bytes_from_env("STREAMKL_LINEAR_WORKSPACE_MB", cuda::kDefaultLinearWorkspaceMiB);
 }
 
 // The inputs checked (shared validation) and laid out for cuBLAS and the epilogue kernels.
